@@ -1,0 +1,279 @@
+#!/usr/bin/env bash
+# A real local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) built
+# from Go modules at a pinned release, plus kubectl and helm. No container engine, no kubelet.
+#
+#   scripts/local-cluster.sh up     build what is missing, start on loopback, wait for /readyz
+#   scripts/local-cluster.sh down   stop exactly the processes `up` started
+#   scripts/local-cluster.sh env    print `export` lines for KUBECONFIG and PATH (eval them)
+#   scripts/local-cluster.sh build  only build (or find in the cache) the binaries
+#
+# State (certificates, kubeconfig, logs, pids, etcd data) lives in $ACS_DEV_DIR (default .dev/).
+# Builds are cached under $ACS_CACHE_DIR (default ~/.cache/acs-identity-operator), keyed by the
+# hash of the Go wrapper module, so only the first run compiles.
+# Optional: ACS_APISERVER_PORT pins the API server port; ACS_WATCH_PID makes the cluster stop
+# itself when that process ends (tests use it so that nothing outlives a crashed test run).
+set -euo pipefail
+
+K8S_VERSION=v1.37.2
+HELM_MODULE=helm.sh/helm/v3
+HELM_VERSION=v3.22.0
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+state=${ACS_DEV_DIR:-$repo/.dev}
+cache=${ACS_CACHE_DIR:-$HOME/.cache/acs-identity-operator}
+module_dir=$repo/tests/controlplane
+export GOSUMDB=off # the checksum database is not reachable here; go.sum is checked in
+export GOFLAGS=-mod=mod
+export GOTOOLCHAIN=local
+
+die() {
+  echo "local-cluster: error: $*" >&2
+  exit 1
+}
+say() { echo "local-cluster: $*" >&2; }
+
+module_hash() {
+  cat "$module_dir/go.mod" "$module_dir/go.sum" "$module_dir/cmd/k8s/main.go" |
+    sha256sum | cut -c1-16
+}
+bin_dir() { echo "$cache/controlplane-$K8S_VERSION-$(module_hash)/bin"; }
+helm_bin() { echo "$cache/helm-$HELM_VERSION/helm"; }
+
+# Runs a long command in the background, printing what it is doing and the elapsed time every
+# 20 s instead of minutes of silence; the full output goes to $log.
+run_with_progress() {
+  local what=$1 log=$2
+  shift 2
+  local start=$SECONDS
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 20); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      local last
+      last=$(grep -v '^go: downloading' "$log" | tail -n 1 | cut -c1-80)
+      say "building $what: $((SECONDS - start))s elapsed, $(wc -l <"$log") packages so far${last:+ (last: $last)}"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -n 20 "$log" >&2
+    die "building $what failed after $((SECONDS - start))s; full log: $log"
+  fi
+  say "built $what in $((SECONDS - start))s"
+}
+
+build() {
+  command -v go >/dev/null || die "the Go toolchain is not installed (need go >= 1.26 on PATH to build the control plane)"
+  mkdir -p "$state"
+  local bin
+  bin=$(bin_dir)
+  if [ ! -x "$bin/k8s" ]; then
+    say "building Kubernetes $K8S_VERSION (etcd, kube-apiserver, kube-controller-manager, kubectl) into $bin; the first build takes 15-30 minutes on 2 cores"
+    local ver_pkg=k8s.io/component-base/version client_ver_pkg=k8s.io/client-go/pkg/version
+    local minor=${K8S_VERSION#v1.}
+    minor=${minor%%.*}
+    local ldflags="-s -w"
+    for pkg in $ver_pkg $client_ver_pkg; do
+      ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+    done
+    mkdir -p "$bin.tmp"
+    run_with_progress "the control plane" "$state/build.log" \
+      go -C "$module_dir" build -v -o "$bin.tmp/k8s" -ldflags "$ldflags" ./cmd/k8s
+    for name in etcd kube-apiserver kube-controller-manager kubectl; do
+      ln -sf k8s "$bin.tmp/$name"
+    done
+    rm -rf "$bin" && mv "$bin.tmp" "$bin"
+  fi
+  if [ ! -x "$(helm_bin)" ]; then
+    say "building helm $HELM_VERSION"
+    mkdir -p "$(dirname "$(helm_bin)")"
+    run_with_progress "helm" "$state/build-helm.log" \
+      env GOBIN="$(dirname "$(helm_bin)")" go install -v \
+      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+      "$HELM_MODULE/cmd/helm@$HELM_VERSION"
+  fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+require_free_port() {
+  if ! python3 -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1",int(sys.argv[1])))' "$1" 2>/dev/null; then
+    die "port $1 on 127.0.0.1 is already taken (by another process); free it or choose another with ACS_APISERVER_PORT"
+  fi
+}
+
+gen_certs() {
+  local pki=$state/pki
+  rm -rf "$pki" && mkdir -p "$pki"
+  (
+    cd "$pki"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 \
+      -subj "/CN=acs-local-cluster-ca" 2>/dev/null
+    issue() { # name subject [subjectAltName]
+      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+      local ext=$1.ext
+      : >"$ext"
+      [ -n "${3:-}" ] && echo "subjectAltName=$3" >"$ext"
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+        -extfile "$ext" -out "$1.crt" 2>/dev/null
+    }
+    issue apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    issue admin "/O=system:masters/CN=admin"
+    issue controller-manager "/CN=system:kube-controller-manager"
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  )
+}
+
+write_kubeconfig() { # file user
+  local pki=$state/pki
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:$apiserver_port
+    certificate-authority-data: $(base64 -w0 "$pki/ca.crt")
+users:
+- name: $2
+  user:
+    client-certificate-data: $(base64 -w0 "$pki/$2.crt")
+    client-key-data: $(base64 -w0 "$pki/$2.key")
+contexts:
+- name: local
+  context: {cluster: local, user: $2}
+current-context: local
+EOF
+}
+
+readyz() {
+  curl -sf --max-time 2 --cacert "$state/pki/ca.crt" --cert "$state/pki/admin.crt" \
+    --key "$state/pki/admin.key" "https://127.0.0.1:$1/readyz" 2>/dev/null
+}
+
+running() {
+  [ -f "$state/pids" ] || return 1
+  local name pid
+  while read -r name pid; do
+    kill -0 "$pid" 2>/dev/null || return 1
+  done <"$state/pids"
+}
+
+start() { # name args...
+  local name=$1
+  shift
+  setsid "$(bin_dir)/$name" "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
+  echo "$name $!" >>"$state/pids"
+}
+
+up() {
+  if running && readyz "$(cat "$state/apiserver-port")" >/dev/null; then
+    say "already running (kubeconfig: $state/kubeconfig)"
+    return 0
+  fi
+  [ -f "$state/pids" ] && down
+  local build_start=$SECONDS
+  build
+  local build_secs=$((SECONDS - build_start)) start_at=$SECONDS
+  command -v openssl >/dev/null || die "openssl is needed to generate the cluster's certificates"
+  apiserver_port=${ACS_APISERVER_PORT:-$(free_port)}
+  require_free_port "$apiserver_port"
+  local etcd_port etcd_peer_port
+  etcd_port=$(free_port)
+  etcd_peer_port=$(free_port)
+  rm -rf "$state/etcd" "$state/logs" && mkdir -p "$state/logs"
+  : >"$state/pids"
+  gen_certs
+  echo "$apiserver_port" >"$state/apiserver-port"
+  readlink -f "$(bin_dir)/k8s" >"$state/binary"
+  write_kubeconfig "$state/kubeconfig" admin
+  write_kubeconfig "$state/controller-manager.kubeconfig" controller-manager
+  local pki=$state/pki
+  start etcd --name local --data-dir "$state/etcd" --unsafe-no-fsync \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+    --initial-cluster "local=http://127.0.0.1:$etcd_peer_port" --listen-metrics-urls "" \
+    --quota-backend-bytes 8589934592 --log-level warn
+  start kube-apiserver --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$apiserver_port" \
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --api-audiences https://kubernetes.default.svc.cluster.local \
+    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged --profiling=false \
+    --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 --v 1
+  start kube-controller-manager --kubeconfig "$state/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$state/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$state/controller-manager.kubeconfig" \
+    --controllers garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller \
+    --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
+    --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
+    --kube-api-qps 200 --kube-api-burst 400 --profiling=false --v 1
+  if [ -n "${ACS_WATCH_PID:-}" ]; then
+    # Stops the cluster once the watched process (a test run) is gone, however it ended.
+    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" down' _ \
+      "$ACS_WATCH_PID" "$repo/scripts/local-cluster.sh" >/dev/null 2>&1 </dev/null &
+  fi
+  local deadline=$((SECONDS + 90))
+  until readyz "$apiserver_port" | grep -q '^ok$'; do
+    local name pid
+    while read -r name pid; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        tail -n 15 "$state/logs/$name.log" >&2
+        down >/dev/null 2>&1 || true
+        die "$name exited during start; its log: $state/logs/$name.log"
+      fi
+    done <"$state/pids"
+    if [ $SECONDS -ge $deadline ]; then
+      down >/dev/null 2>&1 || true
+      die "kube-apiserver was not ready within 90s; logs in $state/logs/"
+    fi
+    sleep 0.5
+  done
+  say "ready: Kubernetes $K8S_VERSION on https://127.0.0.1:$apiserver_port (build ${build_secs}s, start $((SECONDS - start_at))s)"
+  say "use it with: eval \"\$(scripts/local-cluster.sh env)\""
+}
+
+down() {
+  [ -f "$state/pids" ] || {
+    say "not running"
+    return 0
+  }
+  local name pid pids=()
+  while read -r name pid; do
+    # Only signal a pid that still runs the binary we started (pids get reused).
+    if [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$(cat "$state/binary" 2>/dev/null)" ]; then
+      kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+    fi
+  done < <(tac "$state/pids")
+  local deadline=$((SECONDS + 15))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  rm -f "$state/pids"
+  say "stopped"
+}
+
+env_lines() {
+  echo "export KUBECONFIG=$state/kubeconfig"
+  echo "export PATH=$(bin_dir):$(dirname "$(helm_bin)"):\$PATH"
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+env) env_lines ;;
+build) build ;;
+*)
+  echo "usage: $0 up|down|env|build" >&2
+  exit 2
+  ;;
+esac

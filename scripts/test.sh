@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting and lints, unit tests, Microsoft's SDK against the emulator,
+# and integration tests on a real local control plane. Exits non-zero when anything fails and
+# leaves no process running.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+source scripts/lib/toolchain.sh
+
+step() { echo "==> $*"; }
+
+step "formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "building the binaries"
+cargo build --workspace --bins --locked
+
+export ACS_DEV_DIR=$repo/.dev/test
+export ACS_WATCH_PID=$$
+trap 'scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
+step "starting the local control plane"
+scripts/local-cluster.sh up
+eval "$(scripts/local-cluster.sh env)"
+export ACS_TEST_REUSE_CLUSTER=1
+
+if [ -x tests/conformance/run.sh ]; then
+  step "Microsoft's azure-communication-identity SDK against acs-emulator"
+  tests/conformance/run.sh
+fi
+
+step "unit and integration tests"
+cargo test --workspace --locked
