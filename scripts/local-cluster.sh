@@ -208,7 +208,7 @@ up() {
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --api-audiences https://kubernetes.default.svc.cluster.local \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged --profiling=false \
-    --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 --v 1
+    --endpoint-reconciler-type none --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 --v 1
   start kube-controller-manager --kubeconfig "$state/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$state/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$state/controller-manager.kubeconfig" \
