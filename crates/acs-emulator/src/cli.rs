@@ -1,0 +1,232 @@
+//! The command line: `acs-emulator --listen 127.0.0.1:PORT --access-key BASE64KEY [--http]
+//! [--tls-dir DIR] [--admin] [--no-limits] …`.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use acs::AccessKey;
+use base64::Engine as _;
+use clap::Parser;
+
+use crate::{Config, Faults, Transport};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "acs-emulator",
+    version,
+    about = "A local stand-in for the Azure Communication Services identity API.",
+    long_about = "A local stand-in for the Azure Communication Services identity API.\n\nPrints one line, the connection string, on stdout once it accepts connections."
+)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port (the printed line tells which).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The resource's access key (base64); a random one is generated if omitted.
+    #[arg(long, value_name = "BASE64KEY")]
+    access_key: Option<String>,
+    /// Serve plain HTTP instead of HTTPS.
+    #[arg(long)]
+    http: bool,
+    /// Where the CA (ca.crt, ca.key) is kept and reused; a per-process temporary directory
+    /// if omitted.
+    #[arg(long, value_name = "DIR", conflicts_with = "http")]
+    tls_dir: Option<PathBuf>,
+    /// Serve the /_emulator/ admin endpoints (stats, token validation, runtime config).
+    #[arg(long)]
+    admin: bool,
+    /// Turn the service limits (429 + Retry-After) off.
+    #[arg(long)]
+    no_limits: bool,
+    /// Override one limit, e.g. `--limit issueAccessToken=5` (repeatable). Names:
+    /// createIdentity, createIdentityWithToken, issueAccessToken, deleteIdentity,
+    /// revokeAccessTokens.
+    #[arg(long = "limit", value_name = "OPERATION=N")]
+    limits: Vec<String>,
+    /// Length of the sliding limit window.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    limit_window_seconds: u64,
+    /// Keep identities in this file (a JSON-lines journal) across restarts.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    /// The resource GUID in identity ids and tokens (random, or the state file's, if omitted).
+    #[arg(long, value_name = "GUID")]
+    resource_id: Option<String>,
+    /// Token lifetimes in minutes really last that many seconds (time scale 60).
+    #[arg(long, conflicts_with = "time_scale")]
+    minutes_are_seconds: bool,
+    /// Token lifetimes run this many times faster than real time.
+    #[arg(long, value_name = "FACTOR")]
+    time_scale: Option<f64>,
+    /// Fraction of API requests answered 500.
+    #[arg(long = "fail-500", value_name = "FRACTION", default_value_t = 0.0)]
+    fail500: f64,
+    /// Fraction of API requests answered 503.
+    #[arg(long = "fail-503", value_name = "FRACTION", default_value_t = 0.0)]
+    fail503: f64,
+    /// Latency added to every API request.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    latency_ms: u64,
+}
+
+/// What the command line asked for.
+pub enum Command {
+    Run(Box<Config>),
+    /// `--help` or `--version`: print this and exit successfully.
+    Print(String),
+}
+
+/// Parses the command line into a [`Config`]. Errors are one line.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                return Ok(Command::Print(e.to_string()));
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return Err(format!(
+                "{} (see --help)",
+                first.trim_start_matches("error: ")
+            ));
+        }
+    };
+    let access_key = match &args.access_key {
+        Some(text) => AccessKey::from_base64(text)
+            .map_err(|_| "--access-key is not valid base64 (or is empty)".to_owned())?,
+        None => {
+            let bytes: [u8; 32] = rand::random();
+            AccessKey::from_base64(&base64::engine::general_purpose::STANDARD.encode(bytes))
+                .expect("a fresh key is valid")
+        }
+    };
+    if let Some(id) = args.resource_id.as_deref().filter(|id| !is_guid(id)) {
+        return Err(format!(
+            "--resource-id `{id}` is not a GUID like 0d3c0f6e-8f0a-4c2e-9a53-1f8b9d1a2b3c"
+        ));
+    }
+    let mut config = Config::new(access_key);
+    config.listen = args.listen;
+    config.transport = if args.http {
+        Transport::Http
+    } else {
+        Transport::Https {
+            tls_dir: args.tls_dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("acs-emulator-tls-{}", std::process::id()))
+            }),
+        }
+    };
+    config.admin = args.admin;
+    config.state_file = args.state;
+    config.resource_id = args.resource_id;
+    let settings = &mut config.settings;
+    settings.limits.enabled = !args.no_limits;
+    settings.limits.window_seconds = args.limit_window_seconds;
+    for spec in &args.limits {
+        let (name, value) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--limit `{spec}` is not OPERATION=N"))?;
+        let value = value
+            .parse()
+            .map_err(|_| format!("--limit `{spec}`: `{value}` is not a whole number"))?;
+        settings
+            .limits
+            .set_by_name(name, value)
+            .map_err(|e| format!("--limit: {e}"))?;
+    }
+    settings.time_scale = match (args.minutes_are_seconds, args.time_scale) {
+        (true, _) => 60.0,
+        (false, Some(scale)) => scale,
+        (false, None) => 1.0,
+    };
+    settings.faults = Faults {
+        fail500: args.fail500,
+        fail503: args.fail503,
+        latency_ms: args.latency_ms,
+    };
+    settings.validate()?;
+    Ok(Command::Run(Box::new(config)))
+}
+
+fn is_guid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Config, String> {
+        let args = std::iter::once("acs-emulator")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        match parse(args)? {
+            Command::Run(config) => Ok(*config),
+            Command::Print(text) => Err(format!("printed {text}")),
+        }
+    }
+
+    #[test]
+    fn the_documented_command_line_parses() {
+        let config = run(&[
+            "--listen",
+            "127.0.0.1:8443",
+            "--access-key",
+            "YWNzLW9wZXJhdG9yLXRlc3Qta2V5LTAxMjM0NTY3ODk=",
+            "--tls-dir",
+            "/tmp/x",
+            "--admin",
+            "--no-limits",
+            "--minutes-are-seconds",
+            "--limit",
+            "issueAccessToken=5",
+        ])
+        .unwrap();
+        assert_eq!(config.listen.port(), 8443);
+        assert_eq!(
+            config.transport,
+            Transport::Https {
+                tls_dir: "/tmp/x".into()
+            }
+        );
+        assert!(config.admin);
+        assert!(!config.settings.limits.enabled);
+        assert_eq!(config.settings.limits.issue_access_token, 5);
+        assert_eq!(config.settings.time_scale, 60.0);
+        let http = run(&["--http", "--access-key", "a2V5"]).unwrap();
+        assert_eq!(http.transport, Transport::Http);
+        assert_eq!(http.access_key.to_base64(), "a2V5");
+    }
+
+    #[test]
+    fn a_key_is_generated_when_omitted() {
+        let a = run(&["--http"]).unwrap();
+        let b = run(&["--http"]).unwrap();
+        assert_eq!(a.access_key.bytes().len(), 32);
+        assert_ne!(a.access_key, b.access_key);
+    }
+
+    #[test]
+    fn bad_flags_get_one_line_errors_without_the_key() {
+        for args in [
+            &["--frobnicate"][..],
+            &["--listen", "nowhere"],
+            &["--access-key", "not base64!"],
+            &["--limit", "issueAccessToken"],
+            &["--limit", "bogus=1"],
+            &["--fail-500", "2"],
+            &["--resource-id", "xyz"],
+            &["--http", "--tls-dir", "/tmp"],
+        ] {
+            let err = run(args).err().unwrap();
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            assert!(!err.contains("not base64!"), "{err}");
+        }
+    }
+}
