@@ -1,0 +1,777 @@
+//! The emulator served in-process and driven over loopback with signed requests.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use acs::AccessKey;
+use acs::wire::{AccessToken, CreateIdentityResponse, ErrorResponse, IdentityDetails};
+use acs_emulator::{Clock, Config, Emulator, ManualClock, SigningKey, Transport};
+use base64::Engine as _;
+use jiff::Timestamp;
+use serde_json::{Value, json};
+
+const KEY: &str = "YWNzLW9wZXJhdG9yLXRlc3Qta2V5LTAxMjM0NTY3ODk=";
+const V: &str = "api-version=2023-10-01";
+const PREVIEW: &str = "api-version=2025-03-02-preview";
+
+/// One RSA key for every emulator of this test binary: generating one costs ~100 ms.
+fn signing_key() -> SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate().unwrap()).clone()
+}
+
+fn config() -> Config {
+    let mut config = Config::new(AccessKey::from_base64(KEY).unwrap());
+    config.admin = true;
+    config.signing_key = Some(signing_key());
+    config
+}
+
+/// Starts `config` with a manual clock and returns a client signing with that clock's time.
+async fn start_manual(mut config: Config) -> (Emulator, Client, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(Timestamp::now()));
+    config.clock = clock.clone();
+    let emulator = acs_emulator::start(config).await.unwrap();
+    let client = Client::new(&emulator, clock.clone());
+    (emulator, client, clock)
+}
+
+async fn start(config: Config) -> (Emulator, Client) {
+    let emulator = acs_emulator::start(config).await.unwrap();
+    let client = Client::new(&emulator, Arc::new(acs_emulator::SystemClock));
+    (emulator, client)
+}
+
+struct Client {
+    http: reqwest::Client,
+    endpoint: String,
+    key: AccessKey,
+    clock: Arc<dyn Clock>,
+}
+
+impl Client {
+    fn new(emulator: &Emulator, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            endpoint: emulator.endpoint(),
+            key: AccessKey::from_base64(KEY).unwrap(),
+            clock,
+        }
+    }
+
+    fn host(&self) -> &str {
+        self.endpoint.split_once("://").unwrap().1
+    }
+
+    /// A request signed over `signed_body` at `date`, sending `body`.
+    async fn raw(
+        &self,
+        key: &AccessKey,
+        method: &str,
+        target: &str,
+        date: Timestamp,
+        signed_body: &[u8],
+        body: &[u8],
+    ) -> reqwest::Response {
+        let date = acs::signing::http_date(date);
+        let signed =
+            acs::signing::sign_request(key, method, target, self.host(), &date, signed_body);
+        self.http
+            .request(
+                method.parse().unwrap(),
+                format!("{}{target}", self.endpoint),
+            )
+            .header("x-ms-date", signed.date)
+            .header("x-ms-content-sha256", signed.content_hash)
+            .header("authorization", signed.authorization)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn send(&self, method: &str, target: &str, body: &str) -> reqwest::Response {
+        let now = self.clock.now();
+        self.raw(
+            &self.key,
+            method,
+            target,
+            now,
+            body.as_bytes(),
+            body.as_bytes(),
+        )
+        .await
+    }
+
+    async fn create(&self, body: &str) -> CreateIdentityResponse {
+        let response = self.send("POST", &format!("/identities?{V}"), body).await;
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
+    }
+
+    async fn issue(&self, id: &str, minutes: u32) -> reqwest::Response {
+        let body = json!({"scopes": ["chat", "voip"], "expiresInMinutes": minutes}).to_string();
+        self.send(
+            "POST",
+            &format!("/identities/{}/:issueAccessToken?{V}", encode(id)),
+            &body,
+        )
+        .await
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let mut request = self.http.request(
+            method.parse().unwrap(),
+            format!("{}/_emulator/{path}", self.endpoint),
+        );
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{method} {path}");
+        response.json().await.unwrap()
+    }
+
+    async fn validate(&self, token: &str) -> Value {
+        self.admin("POST", "validate", Some(json!({ "token": token })))
+            .await
+    }
+}
+
+/// As the sync SDK sends ids.
+fn encode(id: &str) -> String {
+    id.replace(':', "%3A")
+}
+
+async fn error_of(response: reqwest::Response) -> ErrorResponse {
+    response.json().await.unwrap()
+}
+
+fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    assert!(
+        !payload.contains(['-', '_']),
+        "the Python SDK could not decode {payload}"
+    );
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn expires_on_second(token: &AccessToken) -> i64 {
+    acs::wire::parse_expires_on(&token.expires_on)
+        .unwrap()
+        .as_second()
+}
+
+#[tokio::test]
+async fn the_quickstart_flow_with_exact_status_codes() {
+    let (emulator, client) = start(config()).await;
+    // The SDK's create_user: Content-Type application/json and Content-Length 0.
+    let bare = client.create("").await;
+    assert!(bare.access_token.is_none());
+    let prefix = format!("8:acs:{}_", emulator.resource_id());
+    assert!(
+        bare.identity.id.starts_with(&prefix),
+        "{}",
+        bare.identity.id
+    );
+    assert!(client.create("{}").await.access_token.is_none());
+
+    let with_token = client
+        .create(r#"{"createTokenWithScopes": ["chat", "voip"], "expiresInMinutes": 60}"#)
+        .await;
+    let token = with_token.access_token.unwrap();
+    let c = claims(&token.token);
+    assert_eq!(
+        c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
+        3600
+    );
+    assert_eq!(c["exp"].as_i64().unwrap(), expires_on_second(&token));
+    assert_eq!(c["acsScope"], "chat,voip");
+    assert_eq!(
+        c["skypeid"],
+        with_token.identity.id.strip_prefix("8:").unwrap()
+    );
+    assert_eq!(c["resourceId"], emulator.resource_id());
+    assert_eq!(c["csi"], c["iat"].to_string());
+    // Seven fractional digits and +00:00, as the service writes it.
+    assert!(token.expires_on.ends_with("+00:00"), "{}", token.expires_on);
+    assert_eq!(token.expires_on.split('.').nth(1).unwrap().len(), 7 + 6);
+
+    // The default lifetime is 24 h.
+    let id = bare.identity.id;
+    let response = client
+        .send(
+            "POST",
+            &format!("/identities/{}/:issueAccessToken?{V}", encode(&id)),
+            r#"{"scopes": ["voip"]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let day: AccessToken = response.json().await.unwrap();
+    let c = claims(&day.token);
+    assert_eq!(
+        c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
+        86_400
+    );
+    assert_eq!(client.validate(&day.token).await["status"], "valid");
+
+    let revoke = format!("/identities/{}/:revokeAccessTokens?{V}", encode(&id));
+    let response = client.send("POST", &revoke, "").await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(client.validate(&day.token).await["status"], "revoked");
+    // A token issued right after the revoke (same second) is valid.
+    let fresh: AccessToken = client.issue(&id, 60).await.json().await.unwrap();
+    assert_eq!(client.validate(&fresh.token).await["valid"], true);
+
+    let delete = format!("/identities/{}?{V}", encode(&id));
+    assert_eq!(client.send("DELETE", &delete, "").await.status(), 204);
+    assert_eq!(client.validate(&fresh.token).await["status"], "deleted");
+    // A retried delete succeeds again; everything else about the identity is gone.
+    assert_eq!(client.send("DELETE", &delete, "").await.status(), 204);
+    let refused = client.issue(&id, 60).await;
+    assert_eq!(refused.status(), 404);
+    assert_eq!(error_of(refused).await.error.code, "IdentityNotFound");
+    assert_eq!(client.send("POST", &revoke, "").await.status(), 404);
+    let never = format!("/identities/{}?{V}", encode(&format!("{prefix}nope")));
+    assert_eq!(client.send("DELETE", &never, "").await.status(), 404);
+
+    let stats = client.admin("GET", "stats", None).await;
+    assert_eq!(stats["identitiesAlive"], 2);
+    assert_eq!(stats["identitiesDeleted"], 1);
+    assert_eq!(stats["tokensIssued"], 3);
+    assert_eq!(stats["requests"]["createIdentity"]["201"], 2);
+    assert_eq!(stats["requests"]["createIdentityWithToken"]["201"], 1);
+    assert_eq!(stats["requests"]["issueAccessToken"]["404"], 1);
+    assert_eq!(stats["requests"]["deleteIdentity"]["204"], 2);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn percent_encoded_and_raw_ids_both_verify() {
+    let (emulator, client) = start(config()).await;
+    let id = client.create("").await.identity.id;
+    let body = r#"{"scopes": ["chat"], "expiresInMinutes": 60}"#;
+    for target in [
+        format!("/identities/{}/:issueAccessToken?{V}", encode(&id)),
+        format!("/identities/{id}/:issueAccessToken?{V}"),
+    ] {
+        let response = client.send("POST", &target, body).await;
+        assert_eq!(response.status(), 200, "{target}");
+    }
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn authentication_failures_are_401_with_the_service_messages() {
+    let (emulator, client) = start(config()).await;
+    let target = format!("/identities?{V}");
+    let now = Timestamp::now();
+
+    let wrong = AccessKey::from_base64("d3Jvbmcta2V5").unwrap();
+    let response = client.raw(&wrong, "POST", &target, now, b"", b"").await;
+    assert_eq!(response.status(), 401);
+    let error = error_of(response).await.error;
+    assert_eq!(
+        (error.code.as_str(), error.message.as_str()),
+        ("Denied", "Denied by the resource provider.")
+    );
+
+    let tampered = client
+        .raw(
+            &client.key,
+            "POST",
+            &target,
+            now,
+            b"{}",
+            br#"{"customId":"x"}"#,
+        )
+        .await;
+    assert_eq!(tampered.status(), 401);
+    assert_eq!(
+        error_of(tampered).await.error.message,
+        "Request 'x-ms-content-sha256' differs from generated content hash."
+    );
+
+    let late = now - jiff::SignedDuration::from_mins(16);
+    assert_eq!(
+        client
+            .raw(&client.key, "POST", &target, late, b"", b"")
+            .await
+            .status(),
+        401
+    );
+    let early = now + jiff::SignedDuration::from_mins(16);
+    assert_eq!(
+        client
+            .raw(&client.key, "POST", &target, early, b"", b"")
+            .await
+            .status(),
+        401
+    );
+    let within = now - jiff::SignedDuration::from_mins(14);
+    assert_eq!(
+        client
+            .raw(&client.key, "POST", &target, within, b"", b"")
+            .await
+            .status(),
+        201
+    );
+
+    // Signed for one target, sent to another.
+    let date = acs::signing::http_date(now);
+    let signed = acs::signing::sign_request(
+        &client.key,
+        "POST",
+        "/identities?api-version=2025-06-30",
+        client.host(),
+        &date,
+        b"",
+    );
+    let moved = client
+        .http
+        .post(format!("{}{target}", client.endpoint))
+        .header("x-ms-date", signed.date)
+        .header("x-ms-content-sha256", signed.content_hash)
+        .header("authorization", signed.authorization)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), 401);
+    let unsigned = client
+        .http
+        .post(format!("{}{target}", client.endpoint))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    assert_eq!(error_of(unsigned).await.error.code, "Denied");
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn api_versions_and_bad_input_are_400_without_retry_after() {
+    let (emulator, client) = start(config()).await;
+    for version in [
+        "2025-06-30",
+        "2026-09-23",
+        "2025-03-02-preview",
+        "2021-03-07",
+    ] {
+        let response = client
+            .send("POST", &format!("/identities?api-version={version}"), "")
+            .await;
+        assert_eq!(response.status(), 201, "{version}");
+    }
+    let unknown = client
+        .send("POST", "/identities?api-version=2099-01-01", "")
+        .await;
+    assert_eq!(unknown.status(), 400);
+    assert_eq!(error_of(unknown).await.error.code, "UnsupportedApiVersion");
+    let missing = client.send("POST", "/identities", "").await;
+    assert_eq!(missing.status(), 400);
+
+    let id = client.create("").await.identity.id;
+    for minutes in [30, 59, 1441] {
+        let response = client.issue(&id, minutes).await;
+        assert_eq!(response.status(), 400, "{minutes}");
+        assert!(response.headers().get("retry-after").is_none());
+        assert_eq!(error_of(response).await.error.code, "ValidationError");
+    }
+    for body in [
+        r#"{"scopes": ["admin"]}"#,
+        r#"{"scopes": []}"#,
+        r#"{"scopes": ["chat"], "expiresInMinutes": -5}"#,
+        "not json",
+    ] {
+        let target = format!("/identities/{}/:issueAccessToken?{V}", encode(&id));
+        assert_eq!(
+            client.send("POST", &target, body).await.status(),
+            400,
+            "{body}"
+        );
+    }
+    let unknown_route = client
+        .send("POST", &format!("/teamsUser/:exchangeAccessToken?{V}"), "")
+        .await;
+    assert_eq!(unknown_route.status(), 404);
+    assert!(error_of(unknown_route).await.error.message.len() > 1);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_1001st_issue_in_a_window_gets_429_with_retry_after() {
+    let (emulator, client, clock) = start_manual(config()).await;
+    let id = client.create("").await.identity.id;
+    let body = r#"{"scopes": ["voip"], "expiresInMinutes": 60}"#;
+    let target = format!("/identities/{}/:issueAccessToken?{V}", encode(&id));
+    for _ in 0..1000 {
+        assert_eq!(client.send("POST", &target, body).await.status(), 200);
+    }
+    clock.advance(Duration::from_secs(10));
+    let refused = client.send("POST", &target, body).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "20");
+    assert_eq!(error_of(refused).await.error.code, "TooManyRequests");
+    // Other operations have their own budgets.
+    assert_eq!(
+        client
+            .send("POST", &format!("/identities?{V}"), "")
+            .await
+            .status(),
+        201
+    );
+    clock.advance(Duration::from_secs(20));
+    assert_eq!(client.send("POST", &target, body).await.status(), 200);
+    let stats = client.admin("GET", "stats", None).await;
+    assert_eq!(stats["throttled"], 1);
+    assert_eq!(stats["requests"]["issueAccessToken"]["429"], 1);
+
+    // Limits can be lowered at runtime, and turned off.
+    client
+        .admin(
+            "PATCH",
+            "config",
+            Some(json!({"limits": {"revokeAccessTokens": 2, "windowSeconds": 5}})),
+        )
+        .await;
+    let revoke = format!("/identities/{}/:revokeAccessTokens?{V}", encode(&id));
+    assert_eq!(client.send("POST", &revoke, "").await.status(), 204);
+    assert_eq!(client.send("POST", &revoke, "").await.status(), 204);
+    let refused = client.send("POST", &revoke, "").await;
+    assert_eq!(refused.headers()["retry-after"], "5");
+    client
+        .admin(
+            "PATCH",
+            "config",
+            Some(json!({"limits": {"enabled": false}})),
+        )
+        .await;
+    assert_eq!(client.send("POST", &revoke, "").await.status(), 204);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_custom_id_makes_create_idempotent_in_the_preview() {
+    let (emulator, client) = start(config()).await;
+    let target = format!("/identities?{PREVIEW}");
+    let body =
+        r#"{"customId": "alice", "createTokenWithScopes": ["chat"], "expiresInMinutes": 60}"#;
+    let first = client.send("POST", &target, body).await;
+    assert_eq!(first.status(), 201);
+    let first: CreateIdentityResponse = first.json().await.unwrap();
+    let again = client.send("POST", &target, body).await;
+    assert_eq!(again.status(), 200);
+    let again: CreateIdentityResponse = again.json().await.unwrap();
+    assert_eq!(again.identity, first.identity);
+    assert!(again.access_token.is_some());
+    // A different customId, or a version without customIds, makes a new identity.
+    let bob: CreateIdentityResponse = client
+        .send("POST", &target, r#"{"customId": "bob"}"#)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(bob.identity, first.identity);
+    let old = client
+        .send(
+            "POST",
+            &format!("/identities?{V}"),
+            r#"{"customId": "alice"}"#,
+        )
+        .await;
+    assert_eq!(old.status(), 201);
+
+    let id = first.identity.id;
+    let get = format!("/identities/{}?{PREVIEW}", encode(&id));
+    let details: IdentityDetails = client.send("GET", &get, "").await.json().await.unwrap();
+    assert_eq!(details.id, id);
+    assert_eq!(details.custom_id.as_deref(), Some("alice"));
+    assert!(details.last_token_issued_at.is_some());
+    let raw_get = format!("/identities/{id}?{PREVIEW}");
+    assert_eq!(client.send("GET", &raw_get, "").await.status(), 200);
+    assert_eq!(
+        client
+            .send("GET", &format!("/identities/{}?{V}", encode(&id)), "")
+            .await
+            .status(),
+        404
+    );
+
+    // Deleting frees the customId: the next create makes a new identity.
+    assert_eq!(client.send("DELETE", &get, "").await.status(), 204);
+    assert_eq!(client.send("GET", &get, "").await.status(), 404);
+    let reborn = client
+        .send("POST", &target, r#"{"customId": "alice"}"#)
+        .await;
+    assert_eq!(reborn.status(), 201);
+    let reborn: CreateIdentityResponse = reborn.json().await.unwrap();
+    assert_ne!(reborn.identity.id, id);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_time_scale_shortens_real_lifetimes() {
+    let mut cfg = config();
+    cfg.settings.time_scale = 60.0;
+    let (emulator, client, clock) = start_manual(cfg).await;
+    let id = client.create("").await.identity.id;
+    let before = clock.now();
+    let token: AccessToken = client.issue(&id, 60).await.json().await.unwrap();
+    let c = claims(&token.token);
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 60);
+    assert_eq!(c["exp"].as_i64().unwrap(), expires_on_second(&token));
+    let expires = acs::wire::parse_expires_on(&token.expires_on).unwrap();
+    // expiresOn has 100 ns resolution.
+    let lifetime = expires.duration_since(before);
+    assert!(
+        lifetime <= jiff::SignedDuration::from_secs(60),
+        "{lifetime:?}"
+    );
+    assert!(lifetime > jiff::SignedDuration::from_secs(60) - jiff::SignedDuration::from_nanos(100));
+    assert_eq!(client.validate(&token.token).await["status"], "valid");
+    clock.advance(Duration::from_secs(59));
+    assert_eq!(client.validate(&token.token).await["status"], "valid");
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(client.validate(&token.token).await["status"], "expired");
+
+    // 24 h at 60x is 24 min; the scale can change at runtime.
+    client
+        .admin("PATCH", "config", Some(json!({"timeScale": 3600})))
+        .await;
+    let token: AccessToken = client.issue(&id, 1440).await.json().await.unwrap();
+    let c = claims(&token.token);
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 24);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn validation_rejects_foreign_and_malformed_tokens() {
+    let (emulator, client) = start(config()).await;
+    assert_eq!(client.validate("abc").await["status"], "malformed");
+    let id = client.create("").await.identity.id;
+    let token: AccessToken = client.issue(&id, 60).await.json().await.unwrap();
+    let parts: Vec<&str> = token.token.split('.').collect();
+    let forged_claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        serde_json::to_vec(&json!({"skypeid": "acs:x", "exp": 9_999_999_999_i64})).unwrap(),
+    );
+    let forged = format!("{}.{forged_claims}.{}", parts[0], parts[2]);
+    let verdict = client.validate(&forged).await;
+    assert_eq!(verdict["status"], "badSignature");
+    assert_eq!(verdict["valid"], false);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn faults_and_outages() {
+    let (emulator, client) = start(config()).await;
+    let target = format!("/identities?{V}");
+    client
+        .admin("PATCH", "config", Some(json!({"faults": {"fail500": 1.0}})))
+        .await;
+    let failed = client.send("POST", &target, "").await;
+    assert_eq!(failed.status(), 500);
+    assert_eq!(error_of(failed).await.error.code, "InternalServerError");
+    client
+        .admin(
+            "PATCH",
+            "config",
+            Some(json!({"faults": {"fail500": 0.0, "fail503": 1.0}})),
+        )
+        .await;
+    assert_eq!(client.send("POST", &target, "").await.status(), 503);
+    client
+        .admin(
+            "PATCH",
+            "config",
+            Some(json!({"faults": {"fail503": 0.0, "latencyMs": 150}})),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    assert_eq!(client.send("POST", &target, "").await.status(), 201);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    client
+        .admin("PATCH", "config", Some(json!({"faults": {"latencyMs": 0}})))
+        .await;
+
+    client
+        .admin(
+            "POST",
+            "outage",
+            Some(json!({"mode": "unavailable", "seconds": 60})),
+        )
+        .await;
+    assert_eq!(client.send("POST", &target, "").await.status(), 503);
+    assert_eq!(
+        client.admin("GET", "config", None).await["outage"]["mode"],
+        "unavailable"
+    );
+    client.admin("DELETE", "outage", None).await;
+    assert_eq!(client.send("POST", &target, "").await.status(), 201);
+
+    client
+        .admin(
+            "POST",
+            "outage",
+            Some(json!({"mode": "refuse", "seconds": 0.4})),
+        )
+        .await;
+    // Requests on the open connection are dropped unanswered; new connections are refused.
+    let on_open = client
+        .http
+        .post(format!("{}{target}", client.endpoint))
+        .send()
+        .await;
+    assert!(on_open.is_err());
+    let fresh = reqwest::Client::new();
+    let refused = fresh
+        .post(format!("{}{target}", client.endpoint))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(refused.is_connect(), "{refused:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(client.send("POST", &target, "").await.status(), 201);
+
+    let bad = client
+        .http
+        .patch(format!("{}/_emulator/config", client.endpoint))
+        .json(&json!({"faults": {"fail500": 2.0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_admin_prefix_is_off_without_admin() {
+    let mut cfg = config();
+    cfg.admin = false;
+    let (emulator, client) = start(cfg).await;
+    let response = client
+        .http
+        .get(format!("{}/_emulator/stats", client.endpoint))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn https_with_the_emulators_own_ca() {
+    let dir = tempdir("https");
+    let mut cfg = config();
+    cfg.transport = Transport::Https {
+        tls_dir: dir.clone(),
+    };
+    let emulator = acs_emulator::start(cfg.clone()).await.unwrap();
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    assert_eq!(emulator.ca_cert_pem().unwrap().as_bytes(), ca);
+    assert!(
+        emulator
+            .connection_string()
+            .starts_with("endpoint=https://127.0.0.1:")
+    );
+    for host in ["127.0.0.1", "localhost"] {
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap();
+        let endpoint = format!("https://{host}:{}", emulator.local_addr().port());
+        let client = Client {
+            http,
+            endpoint,
+            key: AccessKey::from_base64(KEY).unwrap(),
+            clock: Arc::new(acs_emulator::SystemClock),
+        };
+        client.create("").await;
+    }
+    emulator.shutdown().await;
+    // A restart reuses the CA, so clients keep trusting it.
+    let again = acs_emulator::start(cfg).await.unwrap();
+    assert_eq!(again.ca_cert_pem().unwrap().as_bytes(), ca);
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let client = Client {
+        http,
+        endpoint: again.endpoint(),
+        key: AccessKey::from_base64(KEY).unwrap(),
+        clock: Arc::new(acs_emulator::SystemClock),
+    };
+    client.create("").await;
+    again.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let dir = tempdir("state");
+    let mut cfg = config();
+    cfg.signing_key = None;
+    cfg.state_file = Some(dir.join("state.jsonl"));
+    let (emulator, client) = start(cfg.clone()).await;
+    let body =
+        r#"{"customId": "carol", "createTokenWithScopes": ["chat"], "expiresInMinutes": 60}"#;
+    let created: CreateIdentityResponse = client
+        .send("POST", &format!("/identities?{PREVIEW}"), body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let gone = client.create("").await.identity.id;
+    assert_eq!(
+        client
+            .send("DELETE", &format!("/identities/{}?{V}", encode(&gone)), "")
+            .await
+            .status(),
+        204
+    );
+    let resource = emulator.resource_id().to_owned();
+    emulator.shutdown().await;
+
+    let (emulator, client) = start(cfg).await;
+    assert_eq!(emulator.resource_id(), resource);
+    let again = client
+        .send("POST", &format!("/identities?{PREVIEW}"), body)
+        .await;
+    assert_eq!(again.status(), 200);
+    let again: CreateIdentityResponse = again.json().await.unwrap();
+    assert_eq!(again.identity, created.identity);
+    // Tokens minted before the restart still verify: the signing key was kept.
+    let old = created.access_token.unwrap();
+    assert_eq!(client.validate(&old.token).await["status"], "valid");
+    assert_eq!(client.issue(&gone, 60).await.status(), 404);
+    let stats = client.admin("GET", "stats", None).await;
+    assert_eq!(
+        (
+            stats["identitiesAlive"].as_u64(),
+            stats["identitiesDeleted"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    emulator.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "acs-emulator-test-{name}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u64 {
+    Timestamp::now().as_nanosecond() as u64
+}
