@@ -74,7 +74,12 @@ impl ConnectionString {
     pub fn parse(text: &str, allow_http: bool) -> Result<Self, ConnectionStringError> {
         let mut endpoint = None;
         let mut key = None;
-        for part in text.trim().split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in text
+            .trim()
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             let Some((name, value)) = part.split_once('=') else {
                 // Never echo a part that might be the key itself.
                 let shown = if part.len() > 16 { "<elided>" } else { part };
@@ -162,7 +167,10 @@ mod tests {
         let cases = [
             (format!("accesskey={KEY}"), MissingEndpoint),
             ("endpoint=https://r/".to_owned(), MissingKey),
-            ("endpoint=https://r/;accesskey=not base64!".to_owned(), KeyNotBase64),
+            (
+                "endpoint=https://r/;accesskey=not base64!".to_owned(),
+                KeyNotBase64,
+            ),
             (
                 format!("endpoint=http://r/;accesskey={KEY}"),
                 EndpointNotHttps("http://r".into()),
@@ -173,24 +181,32 @@ mod tests {
             ),
         ];
         for (text, expected) in cases {
-            assert_eq!(ConnectionString::parse(&text, false), Err(expected), "{text}");
+            assert_eq!(
+                ConnectionString::parse(&text, false),
+                Err(expected),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn http_is_accepted_when_allowed() {
-        let parsed =
-            ConnectionString::parse(&format!("endpoint=http://127.0.0.1:1/;accesskey={KEY}"), true)
-                .unwrap();
+        let parsed = ConnectionString::parse(
+            &format!("endpoint=http://127.0.0.1:1/;accesskey={KEY}"),
+            true,
+        )
+        .unwrap();
         assert_eq!(parsed.endpoint, "http://127.0.0.1:1");
     }
 
     #[test]
     fn the_key_never_shows_in_debug_or_errors() {
         let parsed =
-            ConnectionString::parse(&format!("endpoint=https://r/;accesskey={KEY}"), false).unwrap();
+            ConnectionString::parse(&format!("endpoint=https://r/;accesskey={KEY}"), false)
+                .unwrap();
         assert!(!format!("{parsed:?}").contains(KEY));
-        let err = ConnectionString::parse(&format!("endpoint=https://r/;{KEY}"), false).unwrap_err();
+        let err =
+            ConnectionString::parse(&format!("endpoint=https://r/;{KEY}"), false).unwrap_err();
         assert!(!err.to_string().contains(KEY));
     }
 }

@@ -3,8 +3,16 @@
 //! This crate knows nothing of Kubernetes: connection strings, HMAC request signing, the JSON
 //! wire types, and (in [`client`]) an async HTTPS client with retries and rate limiting.
 
+pub mod client;
 pub mod connection;
+pub mod error;
+pub mod ratelimit;
+pub mod retry;
 pub mod signing;
 pub mod wire;
 
+pub use client::{AcsClient, BuildError, ClientOptions, CreatedIdentity, Observer, RequestOutcome};
 pub use connection::{AccessKey, ConnectionString, ConnectionStringError};
+pub use error::{Error, ServiceError};
+pub use ratelimit::{Operation, RateLimits};
+pub use retry::RetryPolicy;

@@ -21,7 +21,13 @@ pub const API_VERSIONS: &[&str] = &[
 ];
 
 /// Token scopes the service accepts.
-pub const SCOPES: &[&str] = &["chat", "voip", "chat.join", "chat.join.limited", "voip.join"];
+pub const SCOPES: &[&str] = &[
+    "chat",
+    "voip",
+    "chat.join",
+    "chat.join.limited",
+    "voip.join",
+];
 /// Bounds of `expiresInMinutes`.
 pub const MIN_TOKEN_MINUTES: u32 = 60;
 pub const MAX_TOKEN_MINUTES: u32 = 1440;
@@ -144,7 +150,9 @@ mod tests {
         let time = parse_expires_on(text).unwrap();
         assert_eq!(format_expires_on(time), text);
         assert_eq!(
-            parse_expires_on("2026-11-24T10:00:00Z").unwrap().as_second(),
+            parse_expires_on("2026-11-24T10:00:00Z")
+                .unwrap()
+                .as_second(),
             time.as_second()
         );
     }

@@ -1,0 +1,602 @@
+//! The async ACS identity client: signs every request, retries transient failures and waits
+//! for the shared per-resource rate limits before sending.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::error::{Error, ServiceError, root_cause};
+use crate::ratelimit::{Operation, RateLimits};
+use crate::retry::{self, RetryPolicy};
+use crate::wire::{
+    API_VERSION_WITH_CUSTOM_ID, AccessToken, CreateIdentityRequest, CreateIdentityResponse,
+    ErrorResponse, IdentityDetails, IssueTokenRequest,
+};
+use crate::{AccessKey, ConnectionString, signing};
+
+/// Receives what the client does, for metrics. Every method defaults to doing nothing.
+pub trait Observer: Send + Sync {
+    /// One HTTP exchange finished (each retry is one more).
+    fn on_request(&self, _operation: Operation, _outcome: RequestOutcome, _duration: Duration) {}
+    /// The service answered 429.
+    fn on_throttled(&self, _operation: Operation) {}
+    /// Time spent waiting for the client-side rate limiter before one attempt (often zero).
+    fn on_rate_limit_wait(&self, _operation: Operation, _waited: Duration) {}
+}
+
+struct NoObserver;
+
+impl Observer for NoObserver {}
+
+/// How one HTTP exchange ended. `Display` gives a bounded label: the status code, `timeout`
+/// or `connection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    Status(u16),
+    Timeout,
+    Connection,
+}
+
+impl fmt::Display for RequestOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestOutcome::Status(status) => write!(f, "{status}"),
+            RequestOutcome::Timeout => f.write_str("timeout"),
+            RequestOutcome::Connection => f.write_str("connection"),
+        }
+    }
+}
+
+/// How to build an [`AcsClient`].
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// PEM certificates trusted in addition to the public web roots (`--acs-ca-file`, e.g. the
+    /// emulator's private CA).
+    pub extra_ca_pem: Option<Vec<u8>>,
+    /// Timeout of one HTTP exchange, body included.
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// The limiters to wait on; `None` shares the process-wide ones of the endpoint
+    /// ([`RateLimits::for_endpoint`]).
+    pub rate_limits: Option<Arc<RateLimits>>,
+    pub observer: Arc<dyn Observer>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            extra_ca_pem: None,
+            request_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+            rate_limits: None,
+            observer: Arc::new(NoObserver),
+        }
+    }
+}
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("extra_ca_pem", &self.extra_ca_pem.as_ref().map(Vec::len))
+            .field("request_timeout", &self.request_timeout)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "the extra CA certificates are not valid PEM: {cause}; pass the PEM file of the CA that signed the ACS endpoint's certificate"
+    )]
+    InvalidCaPem {
+        cause: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error(
+        "the extra CA file holds no PEM certificate; pass the PEM file of the CA that signed the ACS endpoint's certificate"
+    )]
+    EmptyCaPem,
+    #[error("the connection string's endpoint `{0}` is not a valid URL")]
+    InvalidEndpoint(String),
+    #[error("could not set up the HTTPS client: {cause}")]
+    HttpClient {
+        cause: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// An identity `create_identity_with_token` made or found, with a fresh token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedIdentity {
+    pub id: String,
+    pub token: AccessToken,
+    /// `true` for 201 (new), `false` for 200 (the customId already had this identity).
+    pub created: bool,
+}
+
+/// A client of one ACS resource. Cheap to clone; clones share connections and rate limits.
+#[derive(Clone)]
+pub struct AcsClient {
+    inner: Arc<Inner>,
+    retry: RetryPolicy,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: Url,
+    /// The authority as reqwest sends it in `Host` (the URL parser lower-cases it and drops a
+    /// default port), which is what the service verifies the signature against.
+    host: String,
+    key: AccessKey,
+    request_timeout: Duration,
+    limits: Arc<RateLimits>,
+    observer: Arc<dyn Observer>,
+}
+
+impl fmt::Debug for AcsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcsClient")
+            .field("endpoint", &self.inner.base.as_str())
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What is sent for one operation, whatever the attempt.
+struct Call {
+    operation: Operation,
+    method: Method,
+    url: Url,
+    /// The request-target exactly as sent, which is what is signed.
+    target: String,
+    body: Option<Vec<u8>>,
+    success: &'static [StatusCode],
+}
+
+/// Characters kept as they are in a path segment: RFC 3986 unreserved, as the Python SDK's
+/// `quote(id, safe='')` does, so `8:acs:x_y` goes out as `8%3Aacs%3Ax_y`.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `/identities/{id}{suffix}` with the id percent-encoded.
+fn identity_path(id: &str, suffix: &str) -> String {
+    format!("/identities/{}{suffix}", utf8_percent_encode(id, SEGMENT))
+}
+
+impl AcsClient {
+    pub fn new(connection: ConnectionString, options: ClientOptions) -> Result<Self, BuildError> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("acs-identity-operator/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(options.request_timeout);
+        if let Some(pem) = &options.extra_ca_pem {
+            let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|source| {
+                BuildError::InvalidCaPem {
+                    cause: root_cause(&source),
+                    source,
+                }
+            })?;
+            if certificates.is_empty() {
+                return Err(BuildError::EmptyCaPem);
+            }
+            // Added to, not instead of, the built-in web roots: the same operator may talk to
+            // real ACS and to an emulator.
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().map_err(|source| BuildError::HttpClient {
+            cause: root_cause(&source),
+            source,
+        })?;
+        let invalid = || BuildError::InvalidEndpoint(connection.endpoint.clone());
+        let base = Url::parse(&connection.endpoint).map_err(|_| invalid())?;
+        let host = match (base.host_str().ok_or_else(invalid)?, base.port()) {
+            (host, Some(port)) => format!("{host}:{port}"),
+            (host, None) => host.to_owned(),
+        };
+        let limits = options
+            .rate_limits
+            .unwrap_or_else(|| RateLimits::for_endpoint(&connection.endpoint));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                host,
+                key: connection.key,
+                request_timeout: options.request_timeout,
+                limits,
+                observer: options.observer,
+            }),
+            retry: options.retry,
+        })
+    }
+
+    /// The same client (connections, limits) with another retry policy.
+    pub fn with_retry_policy(&self, retry: RetryPolicy) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            retry,
+        }
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// The rate limits this client waits on.
+    pub fn rate_limits(&self) -> &Arc<RateLimits> {
+        &self.inner.limits
+    }
+
+    /// `POST /identities` with a `customId`: creates the identity (201) or finds the one that
+    /// customId already has (200), and issues a token either way.
+    pub async fn create_identity_with_token(
+        &self,
+        custom_id: &str,
+        scopes: &[String],
+        expires_in_minutes: u32,
+    ) -> Result<CreatedIdentity, Error> {
+        let body = CreateIdentityRequest {
+            create_token_with_scopes: Some(scopes.to_vec()),
+            expires_in_minutes: Some(expires_in_minutes),
+            custom_id: Some(custom_id.to_owned()),
+        };
+        let call = self.call(
+            Operation::CreateIdentity,
+            Method::POST,
+            "/identities",
+            Some(json(&body)),
+            &[StatusCode::CREATED, StatusCode::OK],
+        );
+        let (status, bytes) = self.execute(&call).await?;
+        let response: CreateIdentityResponse = decode(call.operation, status, &bytes)?;
+        let token = response
+            .access_token
+            .ok_or_else(|| Error::UnexpectedResponse {
+                operation: call.operation,
+                status: status.as_u16(),
+                detail: "the answer carries no accessToken although scopes were requested".into(),
+            })?;
+        Ok(CreatedIdentity {
+            id: response.identity.id,
+            token,
+            created: status == StatusCode::CREATED,
+        })
+    }
+
+    /// `POST /identities/{id}/:issueAccessToken`.
+    pub async fn issue_token(
+        &self,
+        id: &str,
+        scopes: &[String],
+        expires_in_minutes: u32,
+    ) -> Result<AccessToken, Error> {
+        let body = IssueTokenRequest {
+            scopes: scopes.to_vec(),
+            expires_in_minutes: Some(expires_in_minutes),
+        };
+        let call = self.call(
+            Operation::IssueToken,
+            Method::POST,
+            &identity_path(id, "/:issueAccessToken"),
+            Some(json(&body)),
+            &[StatusCode::OK],
+        );
+        let (status, bytes) = self.execute(&call).await?;
+        decode(call.operation, status, &bytes)
+    }
+
+    /// `POST /identities/{id}/:revokeAccessTokens`: every token issued so far stops working.
+    pub async fn revoke_tokens(&self, id: &str) -> Result<(), Error> {
+        // An empty body with Content-Type, as the SDK sends it.
+        let call = self.call(
+            Operation::RevokeTokens,
+            Method::POST,
+            &identity_path(id, "/:revokeAccessTokens"),
+            Some(Vec::new()),
+            &[StatusCode::NO_CONTENT],
+        );
+        self.execute(&call).await.map(drop)
+    }
+
+    /// `DELETE /identities/{id}`: deletes the identity, its tokens and its data. An identity that
+    /// is already gone is [`Error::NotFound`], which a caller cleaning up treats as done.
+    pub async fn delete_identity(&self, id: &str) -> Result<(), Error> {
+        let call = self.call(
+            Operation::DeleteIdentity,
+            Method::DELETE,
+            &identity_path(id, ""),
+            None,
+            &[StatusCode::NO_CONTENT],
+        );
+        self.execute(&call).await.map(drop)
+    }
+
+    /// `GET /identities/{id}` (preview): the identity's customId and last token issue time.
+    pub async fn get_identity(&self, id: &str) -> Result<IdentityDetails, Error> {
+        let call = self.call(
+            Operation::GetIdentity,
+            Method::GET,
+            &identity_path(id, ""),
+            None,
+            &[StatusCode::OK],
+        );
+        let (status, bytes) = self.execute(&call).await?;
+        decode(call.operation, status, &bytes)
+    }
+
+    fn call(
+        &self,
+        operation: Operation,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        success: &'static [StatusCode],
+    ) -> Call {
+        let mut url = self.inner.base.clone();
+        url.set_path(path);
+        url.set_query(Some(&format!("api-version={API_VERSION_WITH_CUSTOM_ID}")));
+        // Sign what the URL serialises to, not the string we built: the parser may normalise it.
+        let target = format!("{}?{}", url.path(), url.query().unwrap_or_default());
+        Call {
+            operation,
+            method,
+            url,
+            target,
+            body,
+            success,
+        }
+    }
+
+    /// Sends `call` until it succeeds or the retry policy gives up, waiting for the rate
+    /// limiter before every attempt (retries count against the service's limits too).
+    async fn execute(&self, call: &Call) -> Result<(StatusCode, Vec<u8>), Error> {
+        let operation = call.operation;
+        let mut first_attempt = None;
+        let mut last_error = None;
+        let mut retry = 0;
+        loop {
+            let waited = self.inner.limits.acquire(operation).await;
+            self.inner.observer.on_rate_limit_wait(operation, waited);
+            let started = *first_attempt.get_or_insert_with(Instant::now);
+            let Some(timeout) = self
+                .retry
+                .attempt_timeout(self.inner.request_timeout, started.elapsed())
+            else {
+                return Err(last_error.unwrap_or(Error::Timeout {
+                    after: Duration::ZERO,
+                }));
+            };
+            let error = match self.attempt(call, timeout).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            let Some(delay) =
+                self.retry
+                    .delay_for(&error, retry, started.elapsed(), rand::random::<f64>())
+            else {
+                return Err(error);
+            };
+            tracing::debug!(
+                operation = operation.as_str(),
+                error = error.metric_label(),
+                retry,
+                delay_ms = delay.as_millis() as u64,
+                "retrying ACS request"
+            );
+            tokio::time::sleep(delay).await;
+            last_error = Some(error);
+            retry += 1;
+        }
+    }
+
+    /// One signed HTTP exchange.
+    async fn attempt(
+        &self,
+        call: &Call,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Vec<u8>), Error> {
+        let inner = &*self.inner;
+        let body = call.body.as_deref().unwrap_or_default();
+        let signed = signing::sign_request(
+            &inner.key,
+            call.method.as_str(),
+            &call.target,
+            &inner.host,
+            &signing::http_date(jiff::Timestamp::now()),
+            body,
+        );
+        let mut authorization =
+            HeaderValue::from_str(&signed.authorization).expect("base64 and ASCII only");
+        authorization.set_sensitive(true);
+        let mut request = inner
+            .http
+            .request(call.method.clone(), call.url.clone())
+            .timeout(timeout)
+            .header(ACCEPT, "application/json")
+            .header("x-ms-date", signed.date)
+            .header("x-ms-content-sha256", signed.content_hash)
+            .header(AUTHORIZATION, authorization);
+        if let Some(body) = &call.body {
+            request = request
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+
+        let start = Instant::now();
+        let exchange = async {
+            let response = request.send().await?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            Ok::<_, reqwest::Error>((status, headers, response.bytes().await?.to_vec()))
+        }
+        .await;
+        let duration = start.elapsed();
+
+        let (status, headers, bytes) = match exchange {
+            Ok(answer) => answer,
+            Err(source) => {
+                let (error, outcome) = if source.is_timeout() {
+                    (Error::Timeout { after: timeout }, RequestOutcome::Timeout)
+                } else {
+                    let error = Error::Connection {
+                        endpoint: inner.base.as_str().trim_end_matches('/').to_owned(),
+                        cause: root_cause(&source),
+                        source,
+                    };
+                    (error, RequestOutcome::Connection)
+                };
+                inner.observer.on_request(call.operation, outcome, duration);
+                return Err(error);
+            }
+        };
+        inner.observer.on_request(
+            call.operation,
+            RequestOutcome::Status(status.as_u16()),
+            duration,
+        );
+        if call.success.contains(&status) {
+            return Ok((status, bytes));
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            inner.observer.on_throttled(call.operation);
+        }
+        Err(classify(call, status, &headers, &bytes))
+    }
+}
+
+fn json<T: serde::Serialize>(body: &T) -> Vec<u8> {
+    serde_json::to_vec(body).expect("wire types always serialise")
+}
+
+/// Parses a success body. The serde message is left out: it can quote the body, which may
+/// hold a token.
+fn decode<T: DeserializeOwned>(
+    operation: Operation,
+    status: StatusCode,
+    bytes: &[u8],
+) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|error| Error::UnexpectedResponse {
+        operation,
+        status: status.as_u16(),
+        detail: format!(
+            "the body is not the expected JSON ({:?} error at line {} column {})",
+            error.classify(),
+            error.line(),
+            error.column()
+        ),
+    })
+}
+
+/// The typed error of a non-success answer.
+fn classify(call: &Call, status: StatusCode, headers: &HeaderMap, bytes: &[u8]) -> Error {
+    let parsed = serde_json::from_slice::<ErrorResponse>(bytes).ok();
+    let service = || match &parsed {
+        Some(body) => ServiceError {
+            status: status.as_u16(),
+            code: body.error.code.clone(),
+            message: body.error.message.clone(),
+        },
+        None => ServiceError {
+            status: status.as_u16(),
+            code: status.canonical_reason().unwrap_or("Unknown").to_owned(),
+            message: no_error_body(headers, bytes),
+        },
+    };
+    match status {
+        StatusCode::BAD_REQUEST => Error::BadRequest(service()),
+        StatusCode::UNAUTHORIZED => Error::Unauthorized(service()),
+        StatusCode::NOT_FOUND => Error::NotFound(service()),
+        StatusCode::TOO_MANY_REQUESTS => Error::Throttled {
+            error: service(),
+            retry_after: retry::retry_after(headers, jiff::Timestamp::now()),
+        },
+        status if status.is_server_error() => Error::Unavailable(service()),
+        _ => {
+            let expected: Vec<_> = call.success.iter().map(StatusCode::as_str).collect();
+            let got = match &parsed {
+                Some(body) => format!("{}: {}", body.error.code, body.error.message),
+                None => no_error_body(headers, bytes),
+            };
+            Error::UnexpectedResponse {
+                operation: call.operation,
+                status: status.as_u16(),
+                detail: format!("expected HTTP {}; {got}", expected.join(" or ")),
+            }
+        }
+    }
+}
+
+/// Describes a body that is not an ACS error without quoting it (a proxy's HTML page, or a
+/// success body that could hold a token).
+fn no_error_body(headers: &HeaderMap, bytes: &[u8]) -> String {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("no content type");
+    format!(
+        "the answer carries no ACS error body ({content_type}, {} bytes)",
+        bytes.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_percent_encoded_in_paths() {
+        let cases = [
+            ("8:acs:x_y", "", "/identities/8%3Aacs%3Ax_y"),
+            (
+                "8:acs:0e3c-4f_00000021",
+                "/:issueAccessToken",
+                "/identities/8%3Aacs%3A0e3c-4f_00000021/:issueAccessToken",
+            ),
+            ("a/b?c#d e", "", "/identities/a%2Fb%3Fc%23d%20e"),
+            ("x.y~z", "", "/identities/x.y~z"),
+        ];
+        for (id, suffix, expected) in cases {
+            assert_eq!(identity_path(id, suffix), expected, "{id}");
+        }
+    }
+
+    #[test]
+    fn the_signed_target_is_the_one_sent() {
+        let connection = ConnectionString::parse(
+            "endpoint=https://R.communication.azure.com:443/;accesskey=a2V5",
+            false,
+        )
+        .unwrap();
+        let client = AcsClient::new(connection, ClientOptions::default()).unwrap();
+        assert_eq!(client.inner.host, "r.communication.azure.com");
+        let call = client.call(
+            Operation::IssueToken,
+            Method::POST,
+            &identity_path("8:acs:x_y", "/:issueAccessToken"),
+            None,
+            &[StatusCode::OK],
+        );
+        assert_eq!(
+            call.target,
+            "/identities/8%3Aacs%3Ax_y/:issueAccessToken?api-version=2025-03-02-preview"
+        );
+        assert_eq!(
+            call.url.as_str(),
+            format!("https://r.communication.azure.com{}", call.target)
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! What can go wrong talking to ACS. Messages say what to fix and never carry the access key or
+//! a token: only the service's error `code`/`message`, status codes, the endpoint and ids.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::ratelimit::Operation;
+
+/// The error body ACS returned, with the HTTP status it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+/// A failed ACS call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "ACS rejected the access key ({0}): check the accesskey in the connection Secret and that this machine's clock is correct"
+    )]
+    Unauthorized(ServiceError),
+    #[error(
+        "ACS rejected the request as invalid ({0}): check the scopes and the token lifetime (60..=1440 minutes)"
+    )]
+    BadRequest(ServiceError),
+    #[error("ACS has no such identity ({0})")]
+    NotFound(ServiceError),
+    #[error("ACS is throttling requests ({error}){}", retry_after_text(.retry_after))]
+    Throttled {
+        error: ServiceError,
+        retry_after: Option<Duration>,
+    },
+    #[error("ACS is unavailable ({0}); try again later")]
+    Unavailable(ServiceError),
+    #[error(
+        "ACS did not answer within {after:?}: check the network path to the endpoint, or raise the request timeout"
+    )]
+    Timeout { after: Duration },
+    #[error(
+        "could not reach ACS at {endpoint}: {cause}; check the endpoint in the connection string, DNS, network policies and, for a private CA, --acs-ca-file"
+    )]
+    Connection {
+        endpoint: String,
+        cause: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("ACS answered {} with an unexpected response (HTTP {status}): {detail}", .operation.as_str())]
+    UnexpectedResponse {
+        operation: Operation,
+        status: u16,
+        detail: String,
+    },
+}
+
+fn retry_after_text(retry_after: &Option<Duration>) -> String {
+    match retry_after {
+        Some(after) => format!("; it asked to retry after {}s", after.as_secs()),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// A bounded label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Unauthorized(_) => "unauthorized",
+            Error::BadRequest(_) => "bad_request",
+            Error::NotFound(_) => "not_found",
+            Error::Throttled { .. } => "throttled",
+            Error::Unavailable(_) => "unavailable",
+            Error::Timeout { .. } => "timeout",
+            Error::Connection { .. } => "connection",
+            Error::UnexpectedResponse { .. } => "unexpected_response",
+        }
+    }
+
+    /// Whether trying again later may succeed (throttling, 5xx, timeouts, connection failures).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Throttled { .. }
+                | Error::Unavailable(_)
+                | Error::Timeout { .. }
+                | Error::Connection { .. }
+        )
+    }
+
+    /// The HTTP status, when the service answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::UnexpectedResponse { status, .. } => Some(*status),
+            _ => self.service_error().map(|error| error.status),
+        }
+    }
+
+    /// The service's error code and message, when it sent them.
+    pub fn service_error(&self) -> Option<&ServiceError> {
+        match self {
+            Error::Unauthorized(error)
+            | Error::BadRequest(error)
+            | Error::NotFound(error)
+            | Error::Throttled { error, .. }
+            | Error::Unavailable(error) => Some(error),
+            Error::Timeout { .. } | Error::Connection { .. } | Error::UnexpectedResponse { .. } => {
+                None
+            }
+        }
+    }
+
+    /// How long the service asked us to wait (429 `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The innermost cause of an error chain: for a failed connection that is the useful part
+/// ("Connection refused", "invalid peer certificate: UnknownIssuer").
+pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(status: u16) -> ServiceError {
+        ServiceError {
+            status,
+            code: "Denied".into(),
+            message: "Denied by the resource provider.".into(),
+        }
+    }
+
+    #[test]
+    fn messages_are_actionable() {
+        assert_eq!(
+            Error::Unauthorized(service(401)).to_string(),
+            "ACS rejected the access key (401 Denied: Denied by the resource provider.): check the accesskey in the connection Secret and that this machine's clock is correct"
+        );
+        let throttled = Error::Throttled {
+            error: service(429),
+            retry_after: Some(Duration::from_secs(7)),
+        };
+        assert!(throttled.to_string().ends_with("retry after 7s"));
+        assert_eq!(throttled.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(throttled.status(), Some(429));
+        let unexpected = Error::UnexpectedResponse {
+            operation: Operation::DeleteIdentity,
+            status: 200,
+            detail: "expected 204".into(),
+        };
+        assert_eq!(
+            unexpected.to_string(),
+            "ACS answered delete_identity with an unexpected response (HTTP 200): expected 204"
+        );
+        assert_eq!(unexpected.status(), Some(200));
+    }
+
+    #[test]
+    fn only_transient_errors_are_transient() {
+        assert!(Error::Unavailable(service(503)).is_transient());
+        assert!(
+            Error::Timeout {
+                after: Duration::from_secs(1)
+            }
+            .is_transient()
+        );
+        for permanent in [
+            Error::Unauthorized(service(401)),
+            Error::BadRequest(service(400)),
+            Error::NotFound(service(404)),
+        ] {
+            assert!(!permanent.is_transient(), "{}", permanent.metric_label());
+        }
+    }
+}
