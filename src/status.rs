@@ -1,0 +1,497 @@
+//! The Ready condition, computed from what a reconcile pass ended with. Pure.
+//!
+//! Every failure the user can see is a [`Failure`]: it names the condition reason, writes the
+//! actionable message, and says how soon to retry. Messages are built from names and ACS error
+//! texts only, never from a key or a token.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{DeletionPolicy, InvalidSpec, READY_CONDITION, reason};
+use crate::refresh::FailureKind;
+
+/// Something that kept a reconcile pass from its goal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    ConnectionSecretNotFound {
+        secret: String,
+        key: String,
+    },
+    ConnectionSecretKeyMissing {
+        secret: String,
+        key: String,
+    },
+    InvalidConnectionString {
+        secret: String,
+        key: String,
+        error: acs::ConnectionStringError,
+    },
+    /// ACS answered 401: the key is wrong or was rotated.
+    AuthenticationFailed {
+        secret: String,
+        acs_message: String,
+    },
+    /// ACS answered 400.
+    InvalidRequest {
+        acs_code: String,
+        acs_message: String,
+    },
+    /// ACS has no identity of that id (an adopted `spec.identityId`, or one deleted out of band).
+    IdentityNotFound {
+        identity_id: String,
+    },
+    InvalidSpec(InvalidSpec),
+    /// A Secret of the wanted name exists and is not controlled by this resource.
+    SecretConflict {
+        secret_name: String,
+    },
+    /// ACS answered 429.
+    Throttled {
+        retry_after: Option<Duration>,
+    },
+    /// 5xx, timeout or connection failure; `detail` says which (status code or error kind).
+    AcsUnavailable {
+        detail: String,
+    },
+}
+
+impl Failure {
+    /// The condition (and event) reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::ConnectionSecretNotFound { .. } => reason::CONNECTION_SECRET_NOT_FOUND,
+            Failure::ConnectionSecretKeyMissing { .. } => reason::CONNECTION_SECRET_KEY_MISSING,
+            Failure::InvalidConnectionString { .. } => reason::INVALID_CONNECTION_STRING,
+            Failure::AuthenticationFailed { .. } => reason::AUTHENTICATION_FAILED,
+            Failure::InvalidRequest { .. } => reason::INVALID_REQUEST,
+            Failure::IdentityNotFound { .. } => reason::IDENTITY_NOT_FOUND,
+            Failure::InvalidSpec(_) => reason::INVALID_SPEC,
+            Failure::SecretConflict { .. } => reason::SECRET_CONFLICT,
+            Failure::Throttled { .. } => reason::THROTTLED,
+            Failure::AcsUnavailable { .. } => reason::ACS_UNAVAILABLE,
+        }
+    }
+
+    /// How the retry is paced (see [`crate::refresh::retry_delay`]).
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Failure::Throttled { retry_after } => FailureKind::Throttled {
+                retry_after: *retry_after,
+            },
+            Failure::AcsUnavailable { .. } => FailureKind::Transient,
+            _ => FailureKind::UserError,
+        }
+    }
+
+    /// What is wrong and what to do about it.
+    pub fn message(&self) -> String {
+        match self {
+            Failure::ConnectionSecretNotFound { secret, key } => format!(
+                "Secret {secret:?} with the ACS connection string was not found in this namespace; \
+                 create it with the connection string under key {key:?}, or fix spec.connectionSecretRef.name"
+            ),
+            Failure::ConnectionSecretKeyMissing { secret, key } => format!(
+                "Secret {secret:?} has no key {key:?}; put the ACS connection string under that key, \
+                 or fix spec.connectionSecretRef.key"
+            ),
+            Failure::InvalidConnectionString { secret, key, error } => {
+                format!("Secret {secret:?} key {key:?}: {error}")
+            }
+            Failure::AuthenticationFailed {
+                secret,
+                acs_message,
+            } => format!(
+                "ACS rejected the access key (401: {acs_message}); put the resource's current \
+                 connection string into Secret {secret:?}"
+            ),
+            Failure::InvalidRequest {
+                acs_code,
+                acs_message,
+            } => format!(
+                "ACS rejected the request (400 {acs_code}: {acs_message}); check spec.scopes and spec.tokenLifetime"
+            ),
+            Failure::IdentityNotFound { identity_id } => format!(
+                "ACS has no identity {identity_id:?}; if it came from spec.identityId, recreate this \
+                 resource with an existing identityId, or without one to create a new identity"
+            ),
+            Failure::InvalidSpec(error) => format!(
+                "{error}; the installed CRD may be outdated: apply crds/communicationidentity.yaml"
+            ),
+            Failure::SecretConflict { secret_name } => format!(
+                "Secret {secret_name:?} exists and is not owned by this CommunicationIdentity; the operator \
+                 will not overwrite it: delete it, or set spec.secretName to another name"
+            ),
+            Failure::Throttled {
+                retry_after: Some(after),
+            } => format!(
+                "ACS is throttling requests (429); retrying in {}s",
+                after.as_secs().max(1)
+            ),
+            Failure::Throttled { retry_after: None } => {
+                "ACS is throttling requests (429); retrying with backoff".to_owned()
+            }
+            Failure::AcsUnavailable { detail } => {
+                format!("ACS is unavailable ({detail}); retrying with backoff")
+            }
+        }
+    }
+}
+
+/// How a reconcile pass ended, as far as readiness goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome<'a> {
+    /// The Secret holds a token for the current spec.
+    TokenCurrent {
+        secret_name: &'a str,
+        expires_on: Timestamp,
+    },
+    /// The pass failed. `token_valid_until` is set only while the resource's own Secret still
+    /// holds an unexpired token for the current spec: workloads are then unaffected for now.
+    Failed {
+        failure: &'a Failure,
+        token_valid_until: Option<Timestamp>,
+    },
+    /// The resource is being deleted; `blocked_by` is what keeps the cleanup in ACS waiting.
+    Deleting {
+        policy: DeletionPolicy,
+        blocked_by: Option<&'a Failure>,
+    },
+}
+
+/// The Ready condition for `outcome`. Its lastTransitionTime is kept from `previous` while the
+/// status (True/False) stays the same, so it tells when readiness last changed.
+///
+/// Ready is True exactly while the Secret holds an unexpired token for the current spec; a
+/// failure meanwhile (ACS down, a rotated key) shows as the reason of a True condition.
+pub fn ready_condition(
+    outcome: Outcome<'_>,
+    generation: Option<i64>,
+    now: Timestamp,
+    previous: &[Condition],
+) -> Condition {
+    let (ready, reason, message) = match outcome {
+        Outcome::TokenCurrent {
+            secret_name,
+            expires_on,
+        } => (
+            true,
+            reason::TOKEN_ISSUED,
+            format!("Secret {secret_name:?} holds a token valid until {expires_on}"),
+        ),
+        Outcome::Failed {
+            failure,
+            token_valid_until: Some(valid_until),
+        } if valid_until > now => (
+            true,
+            failure.reason(),
+            format!(
+                "{}; the token in the Secret stays valid until {valid_until}",
+                failure.message()
+            ),
+        ),
+        Outcome::Failed { failure, .. } => (false, failure.reason(), failure.message()),
+        Outcome::Deleting { policy, blocked_by } => {
+            let action = match policy {
+                DeletionPolicy::Delete => "deleting the identity in ACS",
+                DeletionPolicy::RevokeTokens => "revoking the identity's tokens in ACS",
+                DeletionPolicy::Retain => "leaving the identity in ACS (deletionPolicy Retain)",
+            };
+            let message = match blocked_by {
+                Some(failure) => format!("Waiting to finish {action}: {}", failure.message()),
+                None => format!("Being deleted: {action}"),
+            };
+            (false, reason::DELETING, message)
+        }
+    };
+    let status = if ready { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == READY_CONDITION && c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: READY_CONDITION.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// `conditions` with `condition` in place of the one of its type.
+pub fn with_condition(conditions: &[Condition], condition: Condition) -> Vec<Condition> {
+    let mut updated: Vec<Condition> = conditions
+        .iter()
+        .filter(|c| c.type_ != condition.type_)
+        .cloned()
+        .collect();
+    updated.push(condition);
+    updated
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> Timestamp {
+        "2026-11-24T10:00:00Z".parse().unwrap()
+    }
+
+    fn hours(n: i64) -> jiff::SignedDuration {
+        jiff::SignedDuration::from_hours(n)
+    }
+
+    fn every_failure() -> Vec<Failure> {
+        vec![
+            Failure::ConnectionSecretNotFound {
+                secret: "acs-connection".into(),
+                key: "connectionString".into(),
+            },
+            Failure::ConnectionSecretKeyMissing {
+                secret: "acs-connection".into(),
+                key: "connectionString".into(),
+            },
+            Failure::InvalidConnectionString {
+                secret: "acs-connection".into(),
+                key: "connectionString".into(),
+                error: acs::ConnectionStringError::KeyNotBase64,
+            },
+            Failure::AuthenticationFailed {
+                secret: "acs-connection".into(),
+                acs_message: "Denied".into(),
+            },
+            Failure::InvalidRequest {
+                acs_code: "InvalidScope".into(),
+                acs_message: "bad scope".into(),
+            },
+            Failure::IdentityNotFound {
+                identity_id: "8:acs:r_1".into(),
+            },
+            Failure::InvalidSpec(InvalidSpec::DuplicateScopes),
+            Failure::SecretConflict {
+                secret_name: "alice-acs-token".into(),
+            },
+            Failure::Throttled {
+                retry_after: Some(Duration::from_secs(30)),
+            },
+            Failure::Throttled { retry_after: None },
+            Failure::AcsUnavailable {
+                detail: "503".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn ready_conditions() {
+        let unavailable = Failure::AcsUnavailable {
+            detail: "503".into(),
+        };
+        let conflict = Failure::SecretConflict {
+            secret_name: "alice-acs-token".into(),
+        };
+        let cases = [
+            (
+                "token current",
+                Outcome::TokenCurrent {
+                    secret_name: "alice-acs-token",
+                    expires_on: now() + hours(24),
+                },
+                "True",
+                reason::TOKEN_ISSUED,
+                "Secret \"alice-acs-token\" holds a token valid until 2026-11-25T10:00:00Z",
+            ),
+            (
+                "ACS down while the token is still valid",
+                Outcome::Failed {
+                    failure: &unavailable,
+                    token_valid_until: Some(now() + hours(3)),
+                },
+                "True",
+                reason::ACS_UNAVAILABLE,
+                "ACS is unavailable (503); retrying with backoff; the token in the Secret stays valid until 2026-11-24T13:00:00Z",
+            ),
+            (
+                "ACS down and the token expired",
+                Outcome::Failed {
+                    failure: &unavailable,
+                    token_valid_until: Some(now() - hours(1)),
+                },
+                "False",
+                reason::ACS_UNAVAILABLE,
+                "ACS is unavailable (503); retrying with backoff",
+            ),
+            (
+                "Secret conflict",
+                Outcome::Failed {
+                    failure: &conflict,
+                    token_valid_until: None,
+                },
+                "False",
+                reason::SECRET_CONFLICT,
+                "Secret \"alice-acs-token\" exists and is not owned by this CommunicationIdentity; the operator will not overwrite it: delete it, or set spec.secretName to another name",
+            ),
+            (
+                "deleting",
+                Outcome::Deleting {
+                    policy: DeletionPolicy::Delete,
+                    blocked_by: None,
+                },
+                "False",
+                reason::DELETING,
+                "Being deleted: deleting the identity in ACS",
+            ),
+            (
+                "deletion waits for ACS",
+                Outcome::Deleting {
+                    policy: DeletionPolicy::RevokeTokens,
+                    blocked_by: Some(&unavailable),
+                },
+                "False",
+                reason::DELETING,
+                "Waiting to finish revoking the identity's tokens in ACS: ACS is unavailable (503); retrying with backoff",
+            ),
+        ];
+        for (name, outcome, status, reason, message) in cases {
+            let condition = ready_condition(outcome, Some(3), now(), &[]);
+            assert_eq!(condition.type_, "Ready", "{name}");
+            assert_eq!(condition.status, status, "{name}");
+            assert_eq!(condition.reason, reason, "{name}");
+            assert_eq!(condition.message, message, "{name}");
+            assert_eq!(condition.observed_generation, Some(3), "{name}");
+            assert_eq!(condition.last_transition_time, Time(now()), "{name}");
+        }
+    }
+
+    #[test]
+    fn last_transition_time_moves_only_when_the_status_changes() {
+        let earlier = now() - hours(5);
+        let previous = [ready_condition(
+            Outcome::TokenCurrent {
+                secret_name: "s",
+                expires_on: now(),
+            },
+            Some(1),
+            earlier,
+            &[],
+        )];
+        let refreshed = ready_condition(
+            Outcome::TokenCurrent {
+                secret_name: "s",
+                expires_on: now() + hours(24),
+            },
+            Some(2),
+            now(),
+            &previous,
+        );
+        assert_eq!(refreshed.last_transition_time, Time(earlier));
+
+        let conflict = Failure::SecretConflict {
+            secret_name: "s".into(),
+        };
+        let failed = ready_condition(
+            Outcome::Failed {
+                failure: &conflict,
+                token_valid_until: None,
+            },
+            Some(2),
+            now(),
+            &previous,
+        );
+        assert_eq!(failed.last_transition_time, Time(now()));
+    }
+
+    #[test]
+    fn with_condition_replaces_the_condition_of_its_type_only() {
+        let other = Condition {
+            type_: "Other".into(),
+            status: "True".into(),
+            reason: "R".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(now()),
+        };
+        let old = ready_condition(
+            Outcome::TokenCurrent {
+                secret_name: "s",
+                expires_on: now(),
+            },
+            None,
+            now(),
+            &[],
+        );
+        let unavailable = Failure::AcsUnavailable {
+            detail: "timeout".into(),
+        };
+        let new = ready_condition(
+            Outcome::Failed {
+                failure: &unavailable,
+                token_valid_until: None,
+            },
+            None,
+            now(),
+            &[],
+        );
+        let conditions = with_condition(&[other.clone(), old], new.clone());
+        assert_eq!(conditions, vec![other, new]);
+    }
+
+    #[test]
+    fn every_failure_has_its_reason_and_retry_pace() {
+        use FailureKind::{Transient, UserError};
+        let expected = [
+            (reason::CONNECTION_SECRET_NOT_FOUND, UserError),
+            (reason::CONNECTION_SECRET_KEY_MISSING, UserError),
+            (reason::INVALID_CONNECTION_STRING, UserError),
+            (reason::AUTHENTICATION_FAILED, UserError),
+            (reason::INVALID_REQUEST, UserError),
+            (reason::IDENTITY_NOT_FOUND, UserError),
+            (reason::INVALID_SPEC, UserError),
+            (reason::SECRET_CONFLICT, UserError),
+            (
+                reason::THROTTLED,
+                FailureKind::Throttled {
+                    retry_after: Some(Duration::from_secs(30)),
+                },
+            ),
+            (
+                reason::THROTTLED,
+                FailureKind::Throttled { retry_after: None },
+            ),
+            (reason::ACS_UNAVAILABLE, Transient),
+        ];
+        let failures = every_failure();
+        assert_eq!(failures.len(), expected.len());
+        for (failure, (reason, kind)) in failures.iter().zip(expected) {
+            assert_eq!(failure.reason(), reason, "{failure:?}");
+            assert_eq!(failure.kind(), kind, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn messages_say_what_to_fix() {
+        let expectations = [
+            (
+                0,
+                "create it with the connection string under key \"connectionString\"",
+            ),
+            (1, "fix spec.connectionSecretRef.key"),
+            (2, "not valid base64"),
+            (
+                3,
+                "put the resource's current connection string into Secret \"acs-connection\"",
+            ),
+            (4, "400 InvalidScope: bad scope"),
+            (5, "recreate this resource"),
+            (6, "scopes must be distinct"),
+            (7, "set spec.secretName to another name"),
+            (8, "retrying in 30s"),
+        ];
+        let failures = every_failure();
+        for (index, fragment) in expectations {
+            let message = failures[index].message();
+            assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
+        }
+    }
+}
