@@ -210,6 +210,8 @@ impl Emulator {
 
     /// `http(s)://127.0.0.1:PORT`, without a trailing `/`.
     pub fn endpoint(&self) -> String {
+        // Listening on the unspecified address serves loopback too, and clients cannot
+        // connect to 0.0.0.0 / :: themselves.
         let host = match self.addr.ip() {
             ip if ip.is_unspecified() && ip.is_ipv4() => {
                 SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.addr.port())
