@@ -11,7 +11,8 @@
 # Builds are cached under $ACS_CACHE_DIR (default ~/.cache/acs-identity-operator), keyed by the
 # hash of the Go wrapper module, so only the first run compiles.
 # Optional: ACS_APISERVER_PORT pins the API server port; ACS_WATCH_PID makes the cluster stop
-# itself when that process ends (tests use it so that nothing outlives a crashed test run).
+# itself when that process ends (tests use it so that nothing outlives a crashed test run), and
+# ACS_REMOVE_STATE_ON_EXIT=1 then also removes its state folder.
 set -euo pipefail
 
 K8S_VERSION=v1.37.2
@@ -114,17 +115,18 @@ gen_certs() {
     cd "$pki"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 \
       -subj "/CN=acs-local-cluster-ca" 2>/dev/null
-    issue() { # name subject [subjectAltName]
+    # X.509 v3 with explicit usages: rustls (the operator's TLS) rejects v1 certificates.
+    issue() { # name subject extendedKeyUsage [subjectAltName]
       openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
       local ext=$1.ext
-      : >"$ext"
-      [ -n "${3:-}" ] && echo "subjectAltName=$3" >"$ext"
+      printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=%s\n' "$3" >"$ext"
+      [ -n "${4:-}" ] && echo "subjectAltName=$4" >>"$ext"
       openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
         -extfile "$ext" -out "$1.crt" 2>/dev/null
     }
-    issue apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
-    issue admin "/O=system:masters/CN=admin"
-    issue controller-manager "/CN=system:kube-controller-manager"
+    issue apiserver "/CN=kube-apiserver" serverAuth "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    issue admin "/O=system:masters/CN=admin" clientAuth
+    issue controller-manager "/CN=system:kube-controller-manager" clientAuth
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
   )
@@ -214,12 +216,13 @@ up() {
     --authorization-kubeconfig "$state/controller-manager.kubeconfig" \
     --controllers garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
-    --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
+    --use-service-account-credentials --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
     --kube-api-qps 200 --kube-api-burst 400 --profiling=false --v 1
   if [ -n "${ACS_WATCH_PID:-}" ]; then
     # Stops the cluster once the watched process (a test run) is gone, however it ended.
-    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" down' _ \
-      "$ACS_WATCH_PID" "$repo/scripts/local-cluster.sh" >/dev/null 2>&1 </dev/null &
+    # With ACS_REMOVE_STATE_ON_EXIT=1 (throwaway test clusters) the state folder goes too.
+    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" down; [ "$4" = 1 ] && rm -rf "$3"' _ \
+      "$ACS_WATCH_PID" "$repo/scripts/local-cluster.sh" "$state" "${ACS_REMOVE_STATE_ON_EXIT:-0}" >/dev/null 2>&1 </dev/null &
   fi
   local deadline=$((SECONDS + 90))
   until readyz "$apiserver_port" | grep -q '^ok$'; do

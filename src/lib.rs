@@ -1,7 +1,11 @@
 //! acs-identity-operator: keeps Azure Communication Services identities and their access tokens
 //! in step with `CommunicationIdentity` resources.
 
+pub mod context;
 pub mod crd;
+pub mod decide;
+pub mod reconcile;
 pub mod refresh;
+pub mod run;
 pub mod secret;
 pub mod status;

@@ -110,7 +110,14 @@ async fn garbage_collector_removes_a_dependent_with_its_owner() {
     wait_for(
         "the garbage collector to delete the dependent Secret",
         Duration::from_secs(15),
-        || async { secrets.get_opt("dependent").await.unwrap().is_none().then_some(()) },
+        || async {
+            secrets
+                .get_opt("dependent")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
     )
     .await;
 }
@@ -172,7 +179,10 @@ async fn a_service_account_token_is_limited_to_what_its_role_allows() {
         .create_token_request("reader", &PostParams::default(), &request)
         .await
         .expect("the TokenRequest API issues a token");
-    let token = issued.status.expect("token in status").token;
+    let token = issued
+        .status
+        .and_then(|s| s.token)
+        .expect("token in status");
 
     let mut config: Config = admin_config().await;
     config.auth_info = kube::config::AuthInfo {

@@ -2,4 +2,5 @@
 //! operator, the acs-emulator. One test binary, so the control plane starts once per run.
 
 mod controlplane;
+mod operator;
 mod support;

@@ -35,25 +35,12 @@ pub fn kubeconfig() -> &'static Path {
             .arg("up")
             .env("ACS_DEV_DIR", &state)
             .env("ACS_WATCH_PID", std::process::id().to_string())
+            .env("ACS_REMOVE_STATE_ON_EXIT", "1")
             .status()
             .expect("run scripts/local-cluster.sh");
         assert!(status.success(), "scripts/local-cluster.sh up failed");
         state.join("kubeconfig")
     })
-}
-
-/// Directory holding the built kubectl and friends.
-pub fn cluster_bin_dir() -> PathBuf {
-    let output = Command::new(repo_root().join("scripts/local-cluster.sh"))
-        .arg("env")
-        .output()
-        .expect("run scripts/local-cluster.sh env");
-    let text = String::from_utf8(output.stdout).unwrap();
-    let path_line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("export PATH="))
-        .expect("env prints PATH");
-    PathBuf::from(path_line.split(':').next().unwrap())
 }
 
 pub async fn admin_config() -> Config {
@@ -100,15 +87,16 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let (client, name) = (self.client.clone(), self.name.clone());
-        // Drop cannot await; a short-lived runtime on its own thread issues the delete.
+        let name = self.name.clone();
+        // Drop cannot await; a short-lived runtime on its own thread issues the delete, with a
+        // client of its own (the test's client is driven by the test's runtime, blocked here).
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                let _ = Api::<Namespace>::all(client)
+                let _ = Api::<Namespace>::all(admin_client().await)
                     .delete(&name, &DeleteParams::background())
                     .await;
             });
@@ -134,4 +122,220 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Directory of the workspace's built binaries (the test binary lives in `<dir>/deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary is in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A running acs-emulator process, killed when dropped.
+pub struct Emulator {
+    child: std::process::Child,
+    pub connection_string: String,
+    pub endpoint: String,
+    pub ca_file: PathBuf,
+    pub key: String,
+    http: reqwest::Client,
+    _dir: TempDir,
+}
+
+impl Emulator {
+    /// Starts the emulator over HTTPS with its own CA, the admin prefix on, and `extra` flags.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = TempDir::new("emulator");
+        let key = "YWNzLW9wZXJhdG9yLXRlc3Qta2V5LTAxMjM0NTY3ODk=".to_owned();
+        let mut child = Command::new(bin_dir().join("acs-emulator"))
+            .args(["--listen", "127.0.0.1:0", "--admin", "--access-key", &key])
+            .arg("--tls-dir")
+            .arg(dir.path())
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start acs-emulator (built by `cargo build --workspace --bins`)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let connection_string = line.trim().to_owned();
+        let endpoint = connection_string
+            .split(';')
+            .find_map(|p| p.strip_prefix("endpoint="))
+            .expect("the emulator prints its connection string")
+            .trim_end_matches('/')
+            .to_owned();
+        let ca_file = dir.path().join("ca.crt");
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_file).unwrap()).unwrap();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        Self {
+            child,
+            connection_string,
+            endpoint,
+            ca_file,
+            key,
+            http,
+            _dir: dir,
+        }
+    }
+
+    /// GET an admin (`/_emulator/…`) path as JSON.
+    pub async fn admin_get(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{}/_emulator/{path}", self.endpoint))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POST JSON to an admin path.
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.http
+            .post(format!("{}/_emulator/{path}", self.endpoint))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Emulator {
+    /// DELETE an admin path (e.g. `outage`, to end one).
+    pub async fn admin_delete(&self, path: &str) {
+        self.http
+            .delete(format!("{}/_emulator/{path}", self.endpoint))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory under the target dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let path = bin_dir().join("tmp").join(format!(
+            "{prefix}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `acs-identity-operator run` process watching one namespace; killed when dropped.
+/// Its stdout and stderr go to a log file the test can read.
+pub struct Operator {
+    child: std::process::Child,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Operator {
+    pub fn start(namespace: &str, emulator: &Emulator, extra: &[&str]) -> Self {
+        let dir = TempDir::new("operator");
+        let log = dir.path().join("operator.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_acs-identity-operator"))
+            .args(["run", "--watch-namespace", namespace, "--acs-ca-file"])
+            .arg(&emulator.ca_file)
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", "info,acs_identity_operator=debug")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start acs-identity-operator");
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Everything the operator logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the process at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Installs the checked-in CRD (idempotent) and waits until the API server serves it.
+pub async fn ensure_crd() {
+    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    INSTALLED
+        .get_or_init(|| async {
+            use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+            use kube::api::{Patch, PatchParams};
+            let text =
+                std::fs::read_to_string(repo_root().join("crds/communicationidentity.yaml"))
+                    .unwrap();
+            let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+            let name = crd.metadata.name.clone().unwrap();
+            let crds: Api<CustomResourceDefinition> = Api::all(admin_client().await);
+            crds.patch(&name, &PatchParams::apply("integration-tests").force(), &Patch::Apply(&crd))
+                .await
+                .expect("install the CRD");
+            wait_for("the CRD to be established", Duration::from_secs(30), || async {
+                let crd = crds.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            })
+            .await;
+        })
+        .await;
 }

@@ -1,0 +1,132 @@
+//! What every reconcile shares: the Kubernetes client, the event recorder, the ACS clients and
+//! the clock.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use acs::{AcsClient, ClientOptions, ConnectionString};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::runtime::events::Recorder;
+
+use crate::crd::ConnectionSecretRef;
+use crate::status::Failure;
+
+/// Settings from the command line that shape how ACS is reached.
+#[derive(Clone, Default)]
+pub struct AcsSettings {
+    /// Extra CA certificates (PEM) to trust for ACS endpoints.
+    pub extra_ca_pem: Option<Vec<u8>>,
+    /// Accept `http://` endpoints (local development against the emulator only).
+    pub allow_http: bool,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub acs: AcsClients,
+    clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
+}
+
+impl Context {
+    pub fn new(client: Client, recorder: Recorder, settings: AcsSettings) -> Self {
+        Self {
+            client,
+            recorder,
+            acs: AcsClients::new(settings),
+            clock: Box::new(Timestamp::now),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+}
+
+/// ACS clients by connection Secret, rebuilt when the Secret's connection string changes, so a
+/// fixed or rotated key takes effect on the next ACS call without a restart. All clients of
+/// one endpoint share that endpoint's rate limiter (see `acs::RateLimits::for_endpoint`).
+pub struct AcsClients {
+    settings: AcsSettings,
+    by_secret: Mutex<HashMap<SecretKey, CachedClient>>,
+}
+
+/// namespace, Secret name, key in the Secret.
+type SecretKey = (String, String, String);
+
+struct CachedClient {
+    connection_text: String,
+    endpoint: String,
+    client: AcsClient,
+}
+
+impl AcsClients {
+    fn new(settings: AcsSettings) -> Self {
+        Self {
+            settings,
+            by_secret: Mutex::default(),
+        }
+    }
+
+    /// The client for the connection string in `secret` (already read by the caller) under
+    /// `reference.key`. Failures name the Secret and key, never the key's value.
+    pub fn client_for(
+        &self,
+        namespace: &str,
+        reference: &ConnectionSecretRef,
+        secret: Option<&Secret>,
+    ) -> Result<(AcsClient, String), Failure> {
+        let not_found = || Failure::ConnectionSecretNotFound {
+            secret: reference.name.clone(),
+            key: reference.key.clone(),
+        };
+        let secret = secret.ok_or_else(not_found)?;
+        let text = secret
+            .data
+            .as_ref()
+            .and_then(|data| data.get(&reference.key))
+            .and_then(|value| String::from_utf8(value.0.clone()).ok())
+            .ok_or_else(|| Failure::ConnectionSecretKeyMissing {
+                secret: reference.name.clone(),
+                key: reference.key.clone(),
+            })?;
+        let cache_key = (
+            namespace.to_owned(),
+            reference.name.clone(),
+            reference.key.clone(),
+        );
+        let mut cache = self.by_secret.lock().expect("ACS client cache lock");
+        if let Some(cached) = cache.get(&cache_key)
+            && cached.connection_text == text
+        {
+            return Ok((cached.client.clone(), cached.endpoint.clone()));
+        }
+        let connection =
+            ConnectionString::parse(&text, self.settings.allow_http).map_err(|error| {
+                Failure::InvalidConnectionString {
+                    secret: reference.name.clone(),
+                    key: reference.key.clone(),
+                    error,
+                }
+            })?;
+        let endpoint = connection.endpoint.clone();
+        let options = ClientOptions {
+            extra_ca_pem: self.settings.extra_ca_pem.clone(),
+            ..ClientOptions::default()
+        };
+        let client =
+            AcsClient::new(connection, options).map_err(|error| Failure::AcsUnavailable {
+                detail: error.to_string(),
+            })?;
+        cache.insert(
+            cache_key,
+            CachedClient {
+                connection_text: text,
+                endpoint: endpoint.clone(),
+                client: client.clone(),
+            },
+        );
+        Ok((client, endpoint))
+    }
+}

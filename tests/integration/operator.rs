@@ -1,0 +1,740 @@
+//! The CommunicationIdentity lifecycle end to end: the operator binary against the real control
+//! plane and the acs-emulator, each test in its own namespace with its own operator process.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::support::{Emulator, Operator, TestNamespace, ensure_crd, wait_for};
+use acs_identity_operator::crd::CommunicationIdentity;
+
+const READY: Duration = Duration::from_secs(30);
+
+/// A namespace with a connection Secret, an emulator and an operator watching it.
+struct Setup {
+    ns: TestNamespace,
+    emulator: Emulator,
+    operator: Operator,
+    identities: Api<CommunicationIdentity>,
+    secrets: Api<Secret>,
+}
+
+impl Setup {
+    async fn new(prefix: &str) -> Self {
+        Self::with_emulator(prefix, Emulator::start(&[])).await
+    }
+
+    async fn with_emulator(prefix: &str, emulator: Emulator) -> Self {
+        ensure_crd().await;
+        let ns = TestNamespace::new(prefix).await;
+        let secrets: Api<Secret> = ns.api();
+        secrets
+            .create(
+                &PostParams::default(),
+                &connection_secret("acs-connection", &emulator.connection_string),
+            )
+            .await
+            .unwrap();
+        let operator = Operator::start(&ns.name, &emulator, &[]);
+        Self {
+            identities: ns.api(),
+            secrets,
+            operator,
+            emulator,
+            ns,
+        }
+    }
+
+    async fn apply(&self, name: &str, spec: Value) -> CommunicationIdentity {
+        let manifest = json!({
+            "apiVersion": "acs-operator.io/v1alpha1",
+            "kind": "CommunicationIdentity",
+            "metadata": { "name": name },
+            "spec": spec,
+        });
+        self.identities
+            .patch(
+                name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(manifest),
+            )
+            .await
+            .expect("the API server accepts the resource")
+    }
+
+    async fn annotate(&self, name: &str, key: &str, value: &str) {
+        self.identities
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "annotations": { key: value } } })),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `check` holds for the resource.
+    async fn wait_resource(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&CommunicationIdentity) -> bool,
+    ) -> CommunicationIdentity {
+        wait_for(what, READY, || async {
+            let resource = self.identities.get_opt(name).await.unwrap()?;
+            check(&resource).then_some(resource)
+        })
+        .await
+    }
+
+    async fn wait_ready(&self, name: &str) -> CommunicationIdentity {
+        self.wait_resource(name, "Ready=True with reason TokenIssued", |r| {
+            ready(r) == Some(("True".into(), "TokenIssued".into()))
+        })
+        .await
+    }
+
+    async fn wait_reason(&self, name: &str, reason: &str) -> CommunicationIdentity {
+        self.wait_resource(name, &format!("reason {reason}"), |r| {
+            ready(r).is_some_and(|(_, r)| r == reason)
+        })
+        .await
+    }
+
+    async fn secret_data(&self, name: &str) -> BTreeMap<String, String> {
+        secret_strings(&self.secrets.get(name).await.unwrap())
+    }
+
+    async fn token_validity(&self, token: &str) -> Value {
+        self.emulator
+            .admin_post("validate", json!({ "token": token }))
+            .await
+    }
+
+    async fn stats(&self) -> Value {
+        self.emulator.admin_get("stats").await
+    }
+
+    async fn events(&self) -> Vec<(String, String)> {
+        let events: Api<Event> = self.ns.api();
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    async fn wait_event(&self, reason: &str) -> String {
+        wait_for(&format!("an event {reason}"), READY, || async {
+            self.events()
+                .await
+                .into_iter()
+                .find(|(r, _)| r == reason)
+                .map(|(_, note)| note)
+        })
+        .await
+    }
+}
+
+/// Waits until the wall clock is past the second of `time`. ACS tokens carry whole-second
+/// times, so two tokens for the same identity and scopes minted within one second are equal;
+/// a test that tells tokens apart issues them in different seconds.
+async fn next_second_after(time: jiff::Timestamp) {
+    wait_for("the next second", Duration::from_secs(2), || async {
+        (jiff::Timestamp::now().as_second() > time.as_second()).then_some(())
+    })
+    .await;
+}
+
+fn last_refresh(resource: &CommunicationIdentity) -> jiff::Timestamp {
+    resource
+        .status
+        .as_ref()
+        .and_then(|s| s.last_refresh_time.as_ref())
+        .expect("a token was issued")
+        .0
+}
+
+fn connection_secret(name: &str, connection_string: &str) -> Secret {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "stringData": { "connectionString": connection_string }
+    }))
+    .unwrap()
+}
+
+fn ready(resource: &CommunicationIdentity) -> Option<(String, String)> {
+    let condition = resource
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((condition.status.clone(), condition.reason.clone()))
+}
+
+fn secret_strings(secret: &Secret) -> BTreeMap<String, String> {
+    secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+        .collect()
+}
+
+fn total_requests(stats: &Value) -> u64 {
+    stats["requests"]
+        .as_object()
+        .map(|ops| {
+            ops.values()
+                .flat_map(|by_status| by_status.as_object().unwrap().values())
+                .map(|n| n.as_u64().unwrap())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn basic_spec() -> Value {
+    json!({
+        "connectionSecretRef": { "name": "acs-connection" },
+        "scopes": ["chat", "voip"],
+        "tokenLifetime": "1h",
+        "secretTemplate": { "labels": { "team": "chat" } },
+    })
+}
+
+#[tokio::test]
+async fn create_issues_a_token_into_an_owned_secret() {
+    let setup = Setup::new("create").await;
+    setup.apply("alice", basic_spec()).await;
+    let resource = setup.wait_ready("alice").await;
+    let status = resource.status.clone().unwrap();
+    let identity_id = status.identity_id.clone().unwrap();
+    assert!(identity_id.starts_with("8:acs:"), "{identity_id}");
+    assert!(
+        resource
+            .finalizers()
+            .contains(&"acs-operator.io/cleanup".to_owned())
+    );
+    assert_eq!(status.observed_generation, resource.metadata.generation);
+
+    let secret = setup.secrets.get("alice-acs-token").await.unwrap();
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.uid, resource.uid().unwrap());
+    assert_eq!(owner.controller, Some(true));
+    let labels = secret.labels();
+    assert_eq!(
+        labels["app.kubernetes.io/managed-by"],
+        "acs-identity-operator"
+    );
+    assert_eq!(labels["team"], "chat");
+    let data = secret_strings(&secret);
+    assert_eq!(data["identityId"], identity_id);
+    assert_eq!(data["scopes"], "chat,voip");
+    assert_eq!(data["endpoint"], setup.emulator.endpoint);
+    let expires_on: jiff::Timestamp = data["expiresOn"].parse().unwrap();
+    assert_eq!(Some(expires_on), status.token_expires_on.map(|t| t.0));
+    let lifetime = expires_on.duration_since(jiff::Timestamp::now());
+    assert!(
+        lifetime.as_secs() > 3500 && lifetime.as_secs() <= 3600,
+        "{lifetime:?}"
+    );
+
+    let validity = setup.token_validity(&data["token"]).await;
+    assert_eq!(validity["valid"], true, "{validity}");
+    assert_eq!(validity["scopes"], "chat,voip");
+    assert_eq!(validity["exp"], expires_on.as_second());
+
+    // One identity, created with its token in one call.
+    let stats = setup.stats().await;
+    assert_eq!(stats["identitiesAlive"], 1, "{stats}");
+    assert_eq!(total_requests(&stats), 1, "{stats}");
+    let created = setup.wait_event("IdentityCreated").await;
+    assert!(created.contains(&identity_id), "{created}");
+    setup.wait_event("TokenIssued").await;
+
+    // The connection Secret is held while the identity needs it.
+    let connection = setup.secrets.get("acs-connection").await.unwrap();
+    assert!(
+        connection
+            .finalizers()
+            .contains(&"acs-operator.io/connection-in-use".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
+    let setup = Setup::new("annotations").await;
+    setup.apply("bob", basic_spec()).await;
+    let created = setup.wait_ready("bob").await;
+    let first = setup.secret_data("bob-acs-token").await["token"].clone();
+
+    next_second_after(last_refresh(&created)).await;
+    setup
+        .annotate("bob", "acs-operator.io/refresh-requested-at", "1")
+        .await;
+    let refreshed = setup
+        .wait_resource("bob", "the refresh request handled", |r| {
+            r.status
+                .as_ref()
+                .unwrap()
+                .handled_refresh_request
+                .as_deref()
+                == Some("1")
+        })
+        .await;
+    let second = setup.secret_data("bob-acs-token").await["token"].clone();
+    assert!(first != second, "a refresh puts a new token in the Secret");
+    assert_eq!(ready(&refreshed).unwrap().0, "True");
+    // A refresh never revokes: workloads may still hold the old token.
+    assert_eq!(setup.token_validity(&first).await["valid"], true);
+    setup.wait_event("TokenRefreshed").await;
+
+    next_second_after(last_refresh(&refreshed)).await;
+    setup
+        .annotate("bob", "acs-operator.io/revoke-requested-at", "leak-1")
+        .await;
+    setup
+        .wait_resource("bob", "the revoke request handled", |r| {
+            r.status.as_ref().unwrap().handled_revoke_request.as_deref() == Some("leak-1")
+        })
+        .await;
+    let third = setup.secret_data("bob-acs-token").await["token"].clone();
+    assert_eq!(setup.token_validity(&first).await["status"], "revoked");
+    assert_eq!(setup.token_validity(&second).await["status"], "revoked");
+    assert_eq!(setup.token_validity(&third).await["valid"], true);
+    setup.wait_event("TokensRevoked").await;
+
+    // Requests already handled are not acted on again, whatever else triggers a reconcile.
+    let issued = setup.stats().await["tokensIssued"].clone();
+    setup.annotate("bob", "unrelated.example/touch", "1").await;
+    setup
+        .annotate("bob", "acs-operator.io/refresh-requested-at", "1")
+        .await;
+    wait_for("the operator to see the touch", READY, || async {
+        setup
+            .operator
+            .logs()
+            .matches("WaitUntil")
+            .count()
+            .ge(&3)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(setup.stats().await["tokensIssued"], issued);
+    assert!(setup.secret_data("bob-acs-token").await["token"] == third);
+}
+
+#[tokio::test]
+async fn a_scope_change_issues_at_once_and_other_changes_make_no_acs_call() {
+    let setup = Setup::new("changes").await;
+    setup.apply("carol", basic_spec()).await;
+    setup.wait_ready("carol").await;
+    let requests = total_requests(&setup.stats().await);
+
+    let mut spec = basic_spec();
+    spec["secretTemplate"]["labels"]["tier"] = json!("gold");
+    spec["refreshBefore"] = json!("30m");
+    spec["deletionPolicy"] = json!("Retain");
+    let changed = setup.apply("carol", spec.clone()).await;
+    setup
+        .wait_resource("carol", "the new generation observed", |r| {
+            r.status.as_ref().unwrap().observed_generation == changed.metadata.generation
+        })
+        .await;
+    let secret = setup.secrets.get("carol-acs-token").await.unwrap();
+    assert_eq!(secret.labels()["tier"], "gold");
+    assert_eq!(
+        total_requests(&setup.stats().await),
+        requests,
+        "no ACS call"
+    );
+
+    spec["scopes"] = json!(["chat"]);
+    setup.apply("carol", spec).await;
+    wait_for("a token with the new scopes", READY, || async {
+        (setup.secret_data("carol-acs-token").await["scopes"] == "chat").then_some(())
+    })
+    .await;
+    let token = setup.secret_data("carol-acs-token").await["token"].clone();
+    assert_eq!(setup.token_validity(&token).await["scopes"], "chat");
+}
+
+#[tokio::test]
+async fn the_schema_rejects_bad_input_at_apply_time() {
+    ensure_crd().await;
+    let ns = TestNamespace::new("schema").await;
+    let identities: Api<CommunicationIdentity> = ns.api();
+    let cases = [
+        (json!({ "scopes": ["chat", "fax"] }), "fax"),
+        (
+            json!({ "scopes": ["chat", "chat"] }),
+            "scopes must be distinct",
+        ),
+        (json!({ "scopes": [] }), "scopes"),
+        (
+            json!({ "scopes": ["chat"], "tokenLifetime": "30m" }),
+            "tokenLifetime must be between 1h and 24h",
+        ),
+        (
+            json!({ "scopes": ["chat"], "tokenLifetime": "25h" }),
+            "tokenLifetime must be between 1h and 24h",
+        ),
+        (
+            json!({ "scopes": ["chat"], "tokenLifetime": "1h", "refreshBefore": "50m" }),
+            "refreshBefore must be less than tokenLifetime minus 15m",
+        ),
+        (
+            json!({ "scopes": ["chat"], "refreshBefore": "5m" }),
+            "refreshBefore must be at least 15m",
+        ),
+        (
+            json!({ "scopes": ["chat"], "secretName": "Not_A_Name" }),
+            "secretName",
+        ),
+    ];
+    for (mut spec, expected) in cases {
+        spec["connectionSecretRef"] = json!({ "name": "acs-connection" });
+        let manifest = json!({
+            "apiVersion": "acs-operator.io/v1alpha1",
+            "kind": "CommunicationIdentity",
+            "metadata": { "name": "bad" },
+            "spec": spec,
+        });
+        let error = identities
+            .patch("bad", &PatchParams::apply("test"), &Patch::Apply(manifest))
+            .await
+            .expect_err(&format!("{spec} must be rejected"));
+        assert!(error.to_string().contains(expected), "{spec}: {error}");
+    }
+
+    let manifest = |id: &str| {
+        json!({
+            "apiVersion": "acs-operator.io/v1alpha1",
+            "kind": "CommunicationIdentity",
+            "metadata": { "name": "adopted" },
+            "spec": {
+                "connectionSecretRef": { "name": "acs-connection" },
+                "scopes": ["chat"],
+                "identityId": id,
+            },
+        })
+    };
+    identities
+        .patch(
+            "adopted",
+            &PatchParams::apply("test"),
+            &Patch::Apply(manifest("8:acs:a_1")),
+        )
+        .await
+        .unwrap();
+    let error = identities
+        .patch(
+            "adopted",
+            &PatchParams::apply("test"),
+            &Patch::Apply(manifest("8:acs:b_2")),
+        )
+        .await
+        .expect_err("identityId is immutable");
+    assert!(
+        error.to_string().contains("identityId is immutable"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn deletion_follows_the_deletion_policy() {
+    let setup = Setup::new("deletion").await;
+    let mut tokens = BTreeMap::new();
+    for (name, policy) in [
+        ("del", "Delete"),
+        ("rev", "RevokeTokens"),
+        ("ret", "Retain"),
+    ] {
+        let mut spec = basic_spec();
+        spec["deletionPolicy"] = json!(policy);
+        setup.apply(name, spec).await;
+    }
+    for name in ["del", "rev", "ret"] {
+        setup.wait_ready(name).await;
+        tokens.insert(
+            name,
+            setup.secret_data(&format!("{name}-acs-token")).await["token"].clone(),
+        );
+        setup
+            .identities
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in ["del", "rev", "ret"] {
+        wait_for(&format!("{name} to be gone"), READY, || async {
+            setup
+                .identities
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        setup.token_validity(&tokens["del"]).await["status"],
+        "deleted"
+    );
+    assert_eq!(
+        setup.token_validity(&tokens["rev"]).await["status"],
+        "revoked"
+    );
+    assert_eq!(setup.token_validity(&tokens["ret"]).await["valid"], true);
+    let stats = setup.stats().await;
+    assert_eq!(stats["identitiesAlive"], 2, "{stats}");
+    assert_eq!(stats["identitiesDeleted"], 1, "{stats}");
+    setup.wait_event("IdentityDeleted").await;
+    setup.wait_event("IdentityRetained").await;
+
+    // The last user gone, the connection Secret is released.
+    wait_for("the connection Secret released", READY, || async {
+        let secret = setup.secrets.get("acs-connection").await.unwrap();
+        secret.finalizers().is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touched() {
+    let setup = Setup::new("secrets").await;
+    setup.apply("dave", basic_spec()).await;
+    setup.wait_ready("dave").await;
+    let token = setup.secret_data("dave-acs-token").await["token"].clone();
+
+    // Edited: a key removed and the label changed. Restored without a new token.
+    let issued = setup.stats().await["tokensIssued"].clone();
+    setup
+        .secrets
+        .patch(
+            "dave-acs-token",
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": { "labels": { "team": "other" } },
+                "data": { "scopes": null }
+            })),
+        )
+        .await
+        .unwrap();
+    wait_for("the edited Secret restored", READY, || async {
+        let secret = setup.secrets.get("dave-acs-token").await.unwrap();
+        let data = secret_strings(&secret);
+        (secret.labels()["team"] == "chat" && data.get("scopes").is_some_and(|s| s == "chat,voip"))
+            .then_some(())
+    })
+    .await;
+    assert!(setup.secret_data("dave-acs-token").await["token"] == token);
+    assert_eq!(setup.stats().await["tokensIssued"], issued);
+
+    // Deleted: rewritten with a new token.
+    setup
+        .secrets
+        .delete("dave-acs-token", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the deleted Secret restored", READY, || async {
+        let secret = setup.secrets.get_opt("dave-acs-token").await.unwrap()?;
+        secret_strings(&secret).contains_key("token").then_some(())
+    })
+    .await;
+
+    // Foreign: a Secret of the wanted name that someone else owns.
+    let foreign: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "erin-acs-token" },
+        "stringData": { "token": "mine" }
+    }))
+    .unwrap();
+    setup
+        .secrets
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    setup.apply("erin", basic_spec()).await;
+    let conflicted = setup.wait_reason("erin", "SecretConflict").await;
+    assert_eq!(ready(&conflicted).unwrap().0, "False");
+    assert_eq!(setup.secret_data("erin-acs-token").await["token"], "mine");
+    setup.wait_event("SecretConflict").await;
+}
+
+#[tokio::test]
+async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
+    let setup = Setup::new("badinput").await;
+    let spec = |secret: &str| {
+        json!({
+            "connectionSecretRef": { "name": secret },
+            "scopes": ["voip"],
+            "tokenLifetime": "1h",
+        })
+    };
+    setup.apply("missing", spec("nope")).await;
+    let missing = setup
+        .wait_reason("missing", "ConnectionSecretNotFound")
+        .await;
+    let message = &missing.status.unwrap().conditions[0].message;
+    assert!(message.contains("\"nope\""), "{message}");
+
+    setup
+        .secrets
+        .create(
+            &PostParams::default(),
+            &connection_secret("malformed", "endpoint=https://x/;accesskey=%%%"),
+        )
+        .await
+        .unwrap();
+    setup.apply("malformed", spec("malformed")).await;
+    setup
+        .wait_reason("malformed", "InvalidConnectionString")
+        .await;
+
+    let wrong_key = setup.emulator.connection_string.replace(
+        &setup.emulator.key,
+        "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=",
+    );
+    setup
+        .secrets
+        .create(
+            &PostParams::default(),
+            &connection_secret("wrongkey", &wrong_key),
+        )
+        .await
+        .unwrap();
+    setup.apply("wrongkey", spec("wrongkey")).await;
+    let denied = setup.wait_reason("wrongkey", "AuthenticationFailed").await;
+    assert_eq!(ready(&denied).unwrap().0, "False");
+    setup.wait_event("AuthenticationFailed").await;
+
+    // Fixing the key takes effect within a minute, without a restart.
+    setup
+        .secrets
+        .patch(
+            "wrongkey",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "stringData": { "connectionString": setup.emulator.connection_string } }),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "Ready after the key fix",
+        Duration::from_secs(60),
+        || async {
+            let resource = setup.identities.get("wrongkey").await.unwrap();
+            (ready(&resource)? == ("True".into(), "TokenIssued".into())).then_some(())
+        },
+    )
+    .await;
+
+    // Neither the key nor a token ever reached the logs or events.
+    let logs = setup.operator.logs();
+    let token = setup.secret_data("wrongkey-acs-token").await["token"].clone();
+    for secret in [
+        setup.emulator.key.as_str(),
+        "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=",
+        &token,
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "a secret value leaked into the logs"
+        );
+        for (_, note) in setup.events().await {
+            assert!(
+                !note.contains(secret),
+                "a secret value leaked into an event"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn acs_outage_keeps_the_token_and_a_restart_makes_no_acs_call() {
+    let mut setup = Setup::new("outage").await;
+    setup.apply("frank", basic_spec()).await;
+    setup.wait_ready("frank").await;
+    let token = setup.secret_data("frank-acs-token").await["token"].clone();
+
+    setup
+        .emulator
+        .admin_post("outage", json!({ "mode": "unavailable", "seconds": 600 }))
+        .await;
+    setup
+        .annotate(
+            "frank",
+            "acs-operator.io/refresh-requested-at",
+            "during-outage",
+        )
+        .await;
+    let degraded = setup.wait_reason("frank", "AcsUnavailable").await;
+    assert_eq!(
+        ready(&degraded).unwrap().0,
+        "True",
+        "the token in the Secret is still valid"
+    );
+    assert!(setup.secret_data("frank-acs-token").await["token"] == token);
+    setup.wait_event("AcsUnavailable").await;
+    setup.emulator.admin_delete("outage").await;
+    setup
+        .wait_resource("frank", "recovery after the outage", |r| {
+            r.status
+                .as_ref()
+                .unwrap()
+                .handled_refresh_request
+                .as_deref()
+                == Some("during-outage")
+        })
+        .await;
+    setup.wait_ready("frank").await;
+
+    // A restart with a valid token in place makes no ACS call.
+    let requests = total_requests(&setup.stats().await);
+    setup.operator.kill();
+    setup.operator = Operator::start(&setup.ns.name, &setup.emulator, &[]);
+    wait_for("the restarted operator to reconcile", READY, || async {
+        setup.operator.logs().contains("WaitUntil").then_some(())
+    })
+    .await;
+    assert_eq!(total_requests(&setup.stats().await), requests);
+}
+
+#[tokio::test]
+async fn deleting_the_namespace_still_deletes_the_identity_in_acs() {
+    let setup = Setup::new("nsdelete").await;
+    setup.apply("gina", basic_spec()).await;
+    setup.wait_ready("gina").await;
+    let token = setup.secret_data("gina-acs-token").await["token"].clone();
+    Api::<Namespace>::all(setup.ns.client.clone())
+        .delete(&setup.ns.name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the identity deleted in ACS",
+        Duration::from_secs(60),
+        || async { (setup.token_validity(&token).await["status"] == "deleted").then_some(()) },
+    )
+    .await;
+    wait_for("the namespace gone", Duration::from_secs(60), || async {
+        Api::<Namespace>::all(setup.ns.client.clone())
+            .get_opt(&setup.ns.name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
