@@ -1,8 +1,8 @@
-//! What every reconcile shares: the Kubernetes client, the event recorder, the ACS clients and
-//! the clock.
+//! What every reconcile shares: the Kubernetes client, the event recorder, the ACS clients,
+//! the metrics and the clock.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use acs::{AcsClient, ClientOptions, ConnectionString};
 use jiff::Timestamp;
@@ -11,6 +11,7 @@ use kube::Client;
 use kube::runtime::events::Recorder;
 
 use crate::crd::ConnectionSecretRef;
+use crate::metrics::Metrics;
 use crate::status::Failure;
 
 /// Settings from the command line that shape how ACS is reached.
@@ -26,15 +27,22 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub acs: AcsClients,
+    pub metrics: Arc<Metrics>,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
 
 impl Context {
-    pub fn new(client: Client, recorder: Recorder, settings: AcsSettings) -> Self {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        settings: AcsSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             client,
             recorder,
-            acs: AcsClients::new(settings),
+            acs: AcsClients::new(settings, metrics.clone()),
+            metrics,
             clock: Box::new(Timestamp::now),
         }
     }
@@ -49,6 +57,8 @@ impl Context {
 /// one endpoint share that endpoint's rate limiter (see `acs::RateLimits::for_endpoint`).
 pub struct AcsClients {
     settings: AcsSettings,
+    /// Counts every client's requests, throttling and rate-limiter waits.
+    observer: Arc<dyn acs::Observer>,
     by_secret: Mutex<HashMap<SecretKey, CachedClient>>,
 }
 
@@ -62,9 +72,10 @@ struct CachedClient {
 }
 
 impl AcsClients {
-    fn new(settings: AcsSettings) -> Self {
+    fn new(settings: AcsSettings, observer: Arc<dyn acs::Observer>) -> Self {
         Self {
             settings,
+            observer,
             by_secret: Mutex::default(),
         }
     }
@@ -113,6 +124,7 @@ impl AcsClients {
         let endpoint = connection.endpoint.clone();
         let options = ClientOptions {
             extra_ca_pem: self.settings.extra_ca_pem.clone(),
+            observer: self.observer.clone(),
             ..ClientOptions::default()
         };
         let client =

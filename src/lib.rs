@@ -1,9 +1,12 @@
 //! acs-identity-operator: keeps Azure Communication Services identities and their access tokens
 //! in step with `CommunicationIdentity` resources.
 
+pub mod admin;
 pub mod context;
 pub mod crd;
 pub mod decide;
+pub mod leader;
+pub mod metrics;
 pub mod reconcile;
 pub mod refresh;
 pub mod run;

@@ -1,8 +1,11 @@
 //! The operator binary: `run` runs the controller, `crd` prints the CustomResourceDefinition.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use acs_identity_operator::context::AcsSettings;
+use acs_identity_operator::leader::{LeaseSettings, default_identity};
 use acs_identity_operator::run::{RunConfig, run};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -39,6 +42,24 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
     log_format: LogFormat,
+    /// Address for /metrics, /healthz and /readyz (port 0 picks a free port, logged at start).
+    #[arg(long, default_value = "0.0.0.0:8080", env = "METRICS_ADDR")]
+    metrics_addr: SocketAddr,
+    /// Run the controller only while holding a Lease, so that several replicas can run with
+    /// one acting and the others standing by.
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the leader election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "acs-identity-operator")]
+    leader_election_lease_name: String,
+    /// Seconds a leader's Lease stays valid without renewal; a standby takes over within this
+    /// long after a leader dies. The leader renews every 2 s and stops acting when it could not
+    /// for two thirds of it, which must leave room for one more renewal before expiry.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(9..=3600))]
+    leader_election_lease_duration: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,6 +86,13 @@ fn main() -> anyhow::Result<()> {
                     extra_ca_pem,
                     allow_http: args.allow_insecure_http,
                 },
+                metrics_addr: args.metrics_addr,
+                leader_election: args.leader_elect.then(|| LeaseSettings {
+                    namespace: args.leader_election_namespace,
+                    name: args.leader_election_lease_name,
+                    identity: default_identity(),
+                    lease_duration: Duration::from_secs(args.leader_election_lease_duration),
+                }),
             };
             tokio::runtime::Runtime::new()?.block_on(run(config))?;
         }

@@ -142,6 +142,7 @@ impl Pass {
             Decision::RewriteSecret => {
                 let desired = rewritten.expect("a rewrite decision comes with the Secret");
                 self.write_secret(&desired).await?;
+                info!(identity = ?self.status.identity_id, secret = %self.resource.secret_name(), "secret restored");
                 self.publish(
                     EventType::Normal,
                     reason::SECRET_RESTORED,
@@ -451,6 +452,7 @@ impl Pass {
         );
         self.patch_status(&status).await?;
         warn!(reason = failure.reason(), message = %failure.message(), retry_in = ?delay, "reconcile failed");
+        self.ctx.metrics.failure(failure.reason());
         self.publish(EventType::Warning, failure.reason(), failure.message())
             .await;
         Ok(Action::requeue(delay.max(MIN_REQUEUE)))
@@ -556,6 +558,7 @@ impl Pass {
         );
         self.patch_status(&status).await?;
         warn!(reason = failure.reason(), message = %failure.message(), retry_in = ?delay, "cleanup in ACS failed; deletion waits");
+        self.ctx.metrics.failure(failure.reason());
         self.publish(EventType::Warning, failure.reason(), failure.message())
             .await;
         Ok(Action::requeue(delay.max(MIN_REQUEUE)))

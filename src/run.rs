@@ -1,23 +1,36 @@
-//! `acs-identity-operator run`: wires the controller to the cluster and runs it until a signal.
+//! `acs-identity-operator run`: serves the operations endpoints, waits for the leader election
+//! Lease when asked to, and runs the controller until a signal or the loss of the Lease.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
-use tracing::{info, warn};
+use kube::{Api, Client, ResourceExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinError;
+use tokio::time::Instant;
+use tracing::{Instrument, info, info_span, warn};
 
+use crate::admin::{self, Health, Phase};
 use crate::context::{AcsSettings, Context};
 use crate::crd::{CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use crate::reconcile::{error_policy, reconcile};
+use crate::leader::{LeaderElection, LeaseSettings};
+use crate::metrics::Metrics;
+use crate::reconcile::{Error, error_policy, reconcile};
 
 /// What `run` needs from the command line.
 pub struct RunConfig {
     /// Watch only this namespace (the Helm chart's namespaced mode); all namespaces otherwise.
     pub watch_namespace: Option<String>,
     pub acs: AcsSettings,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    /// Run the controller only while holding this Lease; always when `None`.
+    pub leader_election: Option<LeaseSettings>,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -26,6 +39,52 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             "cannot reach Kubernetes: {error}; set KUBECONFIG or run inside the cluster"
         )
     })?;
+    let metrics = Arc::new(Metrics::default());
+    let election = config
+        .leader_election
+        .map(|settings| LeaderElection::new(client.clone(), settings));
+    let health = Arc::new(Health::new(
+        metrics.clone(),
+        match election {
+            Some(_) => Phase::Starting,
+            None => Phase::Active {
+                caches_synced: false,
+            },
+        },
+    ));
+    let listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "cannot listen on --metrics-addr {}: {error}",
+                config.metrics_addr
+            )
+        })?;
+    // Tests that ask for port 0 read the port from this line.
+    info!("serving metrics on {}", listener.local_addr()?);
+    // Spawned: it serves while this replica stands by as well as while it leads.
+    let mut admin = tokio::spawn(admin::serve(listener, health.clone()));
+
+    let acquired_at = match &election {
+        Some(election) => tokio::select! {
+            acquired_at = election.acquire(&health) => acquired_at,
+            () = shutdown_signal() => {
+                info!("stopped while standing by");
+                return Ok(());
+            }
+            ended = &mut admin => return Err(admin_ended(ended)),
+        },
+        None => Instant::now(),
+    };
+    health.set_phase(Phase::Active {
+        caches_synced: false,
+    });
+
+    let reporter = Reporter {
+        controller: "acs-identity-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
     let (identities, secrets): (Api<CommunicationIdentity>, Api<Secret>) =
         match &config.watch_namespace {
             Some(namespace) => (
@@ -34,31 +93,95 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-    let reporter = Reporter {
-        controller: "acs-identity-operator".into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let recorder = Recorder::new(client.clone(), reporter);
-    let context = Arc::new(Context::new(client, recorder, config.acs));
+    let context = Arc::new(Context::new(client, recorder, config.acs, metrics));
     info!(
         namespace = config.watch_namespace.as_deref().unwrap_or("(all)"),
         "starting controller"
     );
 
-    // Only the Secrets the operator labels are watched, so memory does not grow with the
+    // Only the Secrets the operator labels are watched, and `owns` watches them as metadata
+    // only (kube-runtime's `metadata_watcher`, no cache), so memory does not grow with the
     // cluster's Secret count.
     let owned_secrets =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
-    Controller::new(identities, watcher::Config::default())
-        .owns(secrets, owned_secrets)
+    let controller =
+        Controller::new(identities, watcher::Config::default()).owns(secrets, owned_secrets);
+    let store = controller.store();
+    let caches_synced = async {
+        // The first list of CommunicationIdentities is in the cache.
+        if store.wait_until_ready().await.is_ok() {
+            info!("caches synced");
+            health.set_phase(Phase::Active {
+                caches_synced: true,
+            });
+        }
+    };
+    let controller = controller
         .shutdown_on_signal()
-        .run(reconcile, error_policy, context)
+        .run(reconcile_measured, error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(%error, "reconcile error");
             }
-        })
-        .await;
-    info!("controller stopped");
+        });
+    let holding = async {
+        match &election {
+            Some(election) => election.hold(acquired_at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join(controller, caches_synced) => info!("controller stopped"),
+        lost = holding => {
+            // Dropping the controller here cancels every reconcile at its next await, and
+            // exiting lets the Deployment restart this replica as a standby.
+            anyhow::bail!("lost the leader election Lease ({lost}); exiting so that this replica stops acting at once");
+        }
+        ended = &mut admin => return Err(admin_ended(ended)),
+    }
+    if let Some(election) = &election {
+        election.release().await;
+    }
     Ok(())
+}
+
+/// `reconcile` within a span naming the resource, and measured. kube-runtime's own span is
+/// only entered while the future is created, not while it runs, so without this span the log
+/// lines of a reconcile would not say which resource they are about.
+async fn reconcile_measured(
+    resource: Arc<CommunicationIdentity>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    // `resource`, not `name`: JSON logs put the span's own name under `name`.
+    let span = info_span!(
+        "reconcile",
+        namespace = %resource.namespace().unwrap_or_default(),
+        resource = %resource.name_any()
+    );
+    ctx.metrics.observe_resource(&resource);
+    let started = Instant::now();
+    let result = reconcile(resource, ctx.clone()).instrument(span).await;
+    ctx.metrics.reconciled(
+        started.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
+    result
+}
+
+fn admin_ended(ended: Result<std::io::Result<()>, JoinError>) -> anyhow::Error {
+    match ended {
+        Ok(Ok(())) => anyhow::anyhow!("the metrics server stopped"),
+        Ok(Err(error)) => anyhow::anyhow!("the metrics server failed: {error}"),
+        Err(error) => anyhow::anyhow!("the metrics server task failed: {error}"),
+    }
+}
+
+/// SIGTERM (Kubernetes stopping the Pod) or SIGINT.
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

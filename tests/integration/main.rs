@@ -2,5 +2,7 @@
 //! operator, the acs-emulator. One test binary, so the control plane starts once per run.
 
 mod controlplane;
+mod leader;
+mod operations;
 mod operator;
 mod support;

@@ -163,7 +163,7 @@ fn last_refresh(resource: &CommunicationIdentity) -> jiff::Timestamp {
         .0
 }
 
-fn connection_secret(name: &str, connection_string: &str) -> Secret {
+pub(crate) fn connection_secret(name: &str, connection_string: &str) -> Secret {
     serde_json::from_value(json!({
         "metadata": { "name": name },
         "stringData": { "connectionString": connection_string }
@@ -171,7 +171,7 @@ fn connection_secret(name: &str, connection_string: &str) -> Secret {
     .unwrap()
 }
 
-fn ready(resource: &CommunicationIdentity) -> Option<(String, String)> {
+pub(crate) fn ready(resource: &CommunicationIdentity) -> Option<(String, String)> {
     let condition = resource
         .status
         .as_ref()?
@@ -203,7 +203,7 @@ fn total_requests(stats: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-fn basic_spec() -> Value {
+pub(crate) fn basic_spec() -> Value {
     json!({
         "connectionSecretRef": { "name": "acs-connection" },
         "scopes": ["chat", "voip"],

@@ -279,6 +279,8 @@ impl Operator {
         let child = Command::new(env!("CARGO_BIN_EXE_acs-identity-operator"))
             .args(["run", "--watch-namespace", namespace, "--acs-ca-file"])
             .arg(&emulator.ca_file)
+            // Tests run operators side by side: each serves /metrics on a port of its own.
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(extra)
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,acs_identity_operator=debug")
@@ -296,6 +298,40 @@ impl Operator {
     /// Everything the operator logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The base URL of its operations endpoints (`/metrics`, `/healthz`, `/readyz`), from the
+    /// `serving metrics on <addr>` line it logs at start (text or JSON).
+    pub async fn admin_url(&self) -> String {
+        wait_for(
+            "the operator to log its metrics address",
+            Duration::from_secs(30),
+            || async {
+                let logs = self.logs();
+                let (_, rest) = logs.split_once("serving metrics on ")?;
+                let (addr, _) = rest.split_once(['"', '\n'])?;
+                let addr: std::net::SocketAddr = addr.parse().ok()?;
+                Some(format!("http://{addr}"))
+            },
+        )
+        .await
+    }
+
+    /// Asks the process to stop (SIGTERM, as Kubernetes does) and waits until it has.
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the operator ignored SIGTERM for 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stops the process at once, as a crash would.

@@ -1,0 +1,192 @@
+//! Leader election: operator processes contending for one Lease. Only the leader acts; after a
+//! `kill -9` a standby takes over within the lease duration, with no identity created twice and
+//! no token issued twice; after a clean stop it takes over at once.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::PostParams;
+
+use crate::operator::{basic_spec, connection_secret, ready};
+use crate::support::{Emulator, Operator, TestNamespace, ensure_crd, wait_for};
+use acs_identity_operator::crd::CommunicationIdentity;
+
+/// The default lease duration.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const ACQUIRED: &str = "acquired the leader election Lease";
+const STANDING_BY: &str = "standing by for the leader election Lease";
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// A namespace with a connection Secret and an emulator; the Lease lives in the namespace too,
+/// so tests running side by side contend for leases of their own.
+struct Contest {
+    ns: TestNamespace,
+    emulator: Emulator,
+    identities: Api<CommunicationIdentity>,
+}
+
+impl Contest {
+    async fn new(prefix: &str) -> Self {
+        ensure_crd().await;
+        let ns = TestNamespace::new(prefix).await;
+        let emulator = Emulator::start(&[]);
+        ns.api::<Secret>()
+            .create(
+                &PostParams::default(),
+                &connection_secret("acs-connection", &emulator.connection_string),
+            )
+            .await
+            .unwrap();
+        Self {
+            identities: ns.api(),
+            ns,
+            emulator,
+        }
+    }
+
+    fn start_replica(&self) -> Operator {
+        Operator::start(
+            &self.ns.name,
+            &self.emulator,
+            &[
+                "--leader-elect",
+                "--leader-election-namespace",
+                &self.ns.name,
+            ],
+        )
+    }
+
+    async fn create(&self, name: &str) {
+        let spec = serde_json::from_value(basic_spec()).unwrap();
+        self.identities
+            .create(
+                &PostParams::default(),
+                &CommunicationIdentity::new(name, spec),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn wait_ready(&self, name: &str, deadline: Duration) {
+        wait_for(&format!("{name} to be Ready"), deadline, || async {
+            let resource = self.identities.get_opt(name).await.unwrap()?;
+            (ready(&resource) == Some(("True".into(), "TokenIssued".into()))).then_some(())
+        })
+        .await;
+    }
+
+    /// (identitiesAlive, tokensIssued) at the emulator.
+    async fn acs_counts(&self) -> (u64, u64) {
+        let stats = self.emulator.admin_get("stats").await;
+        (
+            stats["identitiesAlive"].as_u64().unwrap(),
+            stats["tokensIssued"].as_u64().unwrap(),
+        )
+    }
+}
+
+async fn wait_logged(operator: &Operator, what: &str, line: &str, deadline: Duration) {
+    wait_for(what, deadline, || async {
+        operator.logs().contains(line).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `/readyz` answers 200 with a body that contains `body`.
+async fn wait_readyz(operator: &Operator, body: &str) {
+    let url = format!("{}/readyz", operator.admin_url().await);
+    wait_for(&format!("/readyz to say {body:?}"), STARTUP, || async {
+        let response = reqwest::get(&url).await.ok()?;
+        let ok = response.status() == reqwest::StatusCode::OK;
+        (ok && response.text().await.ok()?.contains(body)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
+    let contest = Contest::new("leader").await;
+    let mut leader = contest.start_replica();
+    wait_logged(&leader, "the first replica to lead", ACQUIRED, STARTUP).await;
+    let standby = contest.start_replica();
+    wait_logged(
+        &standby,
+        "the second replica to stand by",
+        STANDING_BY,
+        STARTUP,
+    )
+    .await;
+    // Both are ready: a standby must not hold up a rollout.
+    wait_readyz(&leader, "running the controller").await;
+    wait_readyz(&standby, "standing by").await;
+
+    for name in ["alpha", "beta", "gamma"] {
+        contest.create(name).await;
+    }
+    for name in ["alpha", "beta", "gamma"] {
+        contest.wait_ready(name, STARTUP).await;
+    }
+    let leader_logs = leader.logs();
+    assert_eq!(
+        leader_logs.matches("token issued").count(),
+        3,
+        "{leader_logs}"
+    );
+    let standby_logs = standby.logs();
+    assert!(
+        !standby_logs.contains("reconcile"),
+        "the standby reconciled:\n{standby_logs}"
+    );
+    assert_eq!(contest.acs_counts().await, (3, 3));
+
+    leader.kill();
+    let killed = Instant::now();
+    contest.create("delta").await;
+    // The standby reads the Lease every 2 s and counts expiry from its own observations, so
+    // it takes over within the lease duration of the leader's last renewal; a second is
+    // allowed for this test's own polling.
+    wait_logged(
+        &standby,
+        "the standby to take over",
+        ACQUIRED,
+        LEASE_DURATION + Duration::from_secs(1),
+    )
+    .await;
+    eprintln!("takeover {:?} after kill -9", killed.elapsed());
+    contest.wait_ready("delta", STARTUP).await;
+    wait_readyz(&standby, "running the controller").await;
+
+    // The new leader issued only delta's token; the others were current already.
+    assert_eq!(standby.logs().matches("token issued").count(), 1);
+    assert_eq!(contest.acs_counts().await, (4, 4));
+}
+
+#[tokio::test]
+async fn a_leader_that_stops_cleanly_hands_over_at_once() {
+    let contest = Contest::new("handover").await;
+    let mut leader = contest.start_replica();
+    wait_logged(&leader, "the first replica to lead", ACQUIRED, STARTUP).await;
+    let standby = contest.start_replica();
+    wait_logged(
+        &standby,
+        "the second replica to stand by",
+        STANDING_BY,
+        STARTUP,
+    )
+    .await;
+
+    leader.terminate();
+    assert!(leader.logs().contains("released the leader election Lease"));
+    // Released, the Lease is free: the standby takes it at its next look, every 2 s.
+    wait_logged(
+        &standby,
+        "the standby to take over the released Lease",
+        ACQUIRED,
+        Duration::from_secs(4),
+    )
+    .await;
+    contest.create("alpha").await;
+    contest.wait_ready("alpha", STARTUP).await;
+    assert_eq!(contest.acs_counts().await, (1, 1));
+}
