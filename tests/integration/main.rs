@@ -1,6 +1,7 @@
 //! Integration tests on a real local control plane (scripts/local-cluster.sh) and, for the
 //! operator, the acs-emulator. One test binary, so the control plane starts once per run.
 
+mod chart;
 mod controlplane;
 mod leader;
 mod operations;

@@ -273,6 +273,17 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(namespace: &str, emulator: &Emulator, extra: &[&str]) -> Self {
+        Self::start_with_kubeconfig(namespace, emulator, extra, kubeconfig())
+    }
+
+    /// Like `start`, but talking to the API server as whoever `kubeconfig` names (e.g. a
+    /// ServiceAccount, to prove its RBAC is enough).
+    pub fn start_with_kubeconfig(
+        namespace: &str,
+        emulator: &Emulator,
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Self {
         let dir = TempDir::new("operator");
         let log = dir.path().join("operator.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -282,7 +293,7 @@ impl Operator {
             // Tests run operators side by side: each serves /metrics on a port of its own.
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(extra)
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,acs_identity_operator=debug")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
