@@ -213,6 +213,8 @@ mod tests {
         let adopted_fresh = Observed {
             adopt_identity_id: Some("8:acs:r_1"),
             generation: None,
+            refresh_request: None,
+            revoke_request: None,
             ..observed(&fresh)
         };
         let cases: Vec<(&str, Observed<'_>, Decision)> = vec![
@@ -325,7 +327,11 @@ mod tests {
             ),
             (
                 "a failed create waits for its backoff",
-                observed(&failed_create),
+                Observed {
+                    refresh_request: None,
+                    revoke_request: None,
+                    ..observed(&failed_create)
+                },
                 Decision::WaitUntil(at("2026-11-24T10:00:15Z")),
             ),
         ];

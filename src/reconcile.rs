@@ -55,23 +55,40 @@ pub async fn reconcile(
     let namespace = resource
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
-    let pass = Pass {
-        api: Api::namespaced(ctx.client.clone(), &namespace),
-        secrets: Api::namespaced(ctx.client.clone(), &namespace),
-        uid: resource.uid().ok_or(Error::MissingMetadata("uid"))?,
-        status: resource.status.clone().unwrap_or_default(),
-        now: ctx.now(),
-        resource,
-        ctx,
-    };
-    if pass.resource.metadata.deletion_timestamp.is_some() {
-        return pass.cleanup().await;
+    let mut resource = resource;
+    // The first pass works from the watch cache; one that would call ACS re-reads the resource
+    // first, since the cache may not show yet what the previous pass wrote (a Secret event can
+    // trigger a pass before our own status update arrives), and acting on that would issue twice.
+    for fresh in [false, true] {
+        let pass = Pass {
+            api: Api::namespaced(ctx.client.clone(), &namespace),
+            secrets: Api::namespaced(ctx.client.clone(), &namespace),
+            uid: resource.uid().ok_or(Error::MissingMetadata("uid"))?,
+            status: resource.status.clone().unwrap_or_default(),
+            now: ctx.now(),
+            resource: resource.clone(),
+            ctx: ctx.clone(),
+        };
+        if pass.resource.metadata.deletion_timestamp.is_some() {
+            return pass.cleanup().await;
+        }
+        if !pass.resource.finalizers().iter().any(|f| f == FINALIZER) {
+            // Before anything exists in ACS, so that no identity can be created without cleanup.
+            add_finalizer(&pass.api, &pass.resource, FINALIZER).await?;
+        }
+        match pass.apply(fresh).await? {
+            Applied::Done(action) => return Ok(action),
+            Applied::Stale(latest) => resource = Arc::new(*latest),
+        }
     }
-    if !pass.resource.finalizers().iter().any(|f| f == FINALIZER) {
-        // Before anything exists in ACS, so that no identity can be created without cleanup.
-        add_finalizer(&pass.api, &pass.resource, FINALIZER).await?;
-    }
-    pass.apply().await
+    unreachable!("the second pass works from a fresh read and never reports it stale")
+}
+
+/// How [`Pass::apply`] ended.
+enum Applied {
+    Done(Action),
+    /// The cached resource was older than the API server's: decide again from this one.
+    Stale(Box<CommunicationIdentity>),
 }
 
 pub fn error_policy(
@@ -103,16 +120,19 @@ struct Issued {
 }
 
 impl Pass {
-    async fn apply(&self) -> Result<Action, Error> {
+    async fn apply(&self, fresh: bool) -> Result<Applied, Error> {
         if let Err(invalid) = self.resource.spec.validate() {
-            return self.record_failure(Failure::InvalidSpec(invalid)).await;
+            return Ok(Applied::Done(
+                self.record_failure(Failure::InvalidSpec(invalid)).await?,
+            ));
         }
         let secret_name = self.resource.secret_name();
         let existing = self.secrets.get_opt(&secret_name).await?;
         if ownership(existing.as_ref(), &self.uid) == SecretOwnership::Foreign {
-            return self
-                .record_failure(Failure::SecretConflict { secret_name })
-                .await;
+            return Ok(Applied::Done(
+                self.record_failure(Failure::SecretConflict { secret_name })
+                    .await?,
+            ));
         }
         let (secret_state, rewritten) = self.secret_state(existing.as_ref());
         let observed = Observed {
@@ -126,6 +146,21 @@ impl Pass {
         };
         let decision = decide(&observed, self.now);
         debug!(?decision, "decided");
+        let calls_acs = matches!(
+            decision,
+            Decision::CreateIdentity | Decision::IssueToken { .. }
+        );
+        if calls_acs && !fresh {
+            let latest = self.api.get(&self.resource.name_any()).await?;
+            if latest.resource_version() != self.resource.resource_version() {
+                return Ok(Applied::Stale(Box::new(latest)));
+            }
+        }
+        self.act(decision, rewritten).await.map(Applied::Done)
+    }
+
+    /// Carries out a decision.
+    async fn act(&self, decision: Decision, rewritten: Option<Secret>) -> Result<Action, Error> {
         match decision {
             Decision::CreateIdentity => match self.create_identity().await? {
                 Ok(issued) => self.record_issued(issued, IssueReason::Initial, true).await,

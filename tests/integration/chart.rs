@@ -43,8 +43,8 @@ const CYCLE: Duration = Duration::from_secs(60);
 
 /// What the operator does against the API, as (API group, resource[/subresource], verbs): the
 /// chart must grant exactly this where the operator watches. Read from the calls in src/: the
-/// controller lists and watches CommunicationIdentities (it never GETs one by name: the cache
-/// and the patch responses are enough) and its labelled Secrets, patches
+/// controller lists and watches CommunicationIdentities, GETs one by name before an ACS call
+/// (the cache may lag behind its own last write), lists and watches its labelled Secrets, patches
 /// finalizers (merge) and status (server-side apply), GETs the connection Secret, writes the
 /// token Secret with server-side apply (which creates it the first time), and records Events.
 /// `communicationidentities/finalizers: update` lets it set blockOwnerDeletion on the Secret's
@@ -53,7 +53,7 @@ const NEEDS: &[(&str, &str, &[&str])] = &[
     (
         "acs-operator.io",
         "communicationidentities",
-        &["list", "watch", "patch"],
+        &["get", "list", "watch", "patch"],
     ),
     (
         "acs-operator.io",

@@ -154,13 +154,10 @@ async fn next_second_after(time: jiff::Timestamp) {
     .await;
 }
 
-fn last_refresh(resource: &CommunicationIdentity) -> jiff::Timestamp {
-    resource
-        .status
-        .as_ref()
-        .and_then(|s| s.last_refresh_time.as_ref())
-        .expect("a token was issued")
-        .0
+/// When the token in `secret` was minted: its expiry less the 1 h lifetime the tests ask for.
+fn minted_at(secret: &BTreeMap<String, String>) -> jiff::Timestamp {
+    let expires_on: jiff::Timestamp = secret["expiresOn"].parse().unwrap();
+    expires_on - jiff::SignedDuration::from_hours(1)
 }
 
 pub(crate) fn connection_secret(name: &str, connection_string: &str) -> Secret {
@@ -275,10 +272,11 @@ async fn create_issues_a_token_into_an_owned_secret() {
 async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
     let setup = Setup::new("annotations").await;
     setup.apply("bob", basic_spec()).await;
-    let created = setup.wait_ready("bob").await;
-    let first = setup.secret_data("bob-acs-token").await["token"].clone();
+    setup.wait_ready("bob").await;
+    let first_secret = setup.secret_data("bob-acs-token").await;
+    let first = first_secret["token"].clone();
 
-    next_second_after(last_refresh(&created)).await;
+    next_second_after(minted_at(&first_secret)).await;
     setup
         .annotate("bob", "acs-operator.io/refresh-requested-at", "1")
         .await;
@@ -292,14 +290,15 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
                 == Some("1")
         })
         .await;
-    let second = setup.secret_data("bob-acs-token").await["token"].clone();
+    let second_secret = setup.secret_data("bob-acs-token").await;
+    let second = second_secret["token"].clone();
     assert!(first != second, "a refresh puts a new token in the Secret");
     assert_eq!(ready(&refreshed).unwrap().0, "True");
     // A refresh never revokes: workloads may still hold the old token.
     assert_eq!(setup.token_validity(&first).await["valid"], true);
     setup.wait_event("TokenRefreshed").await;
 
-    next_second_after(last_refresh(&refreshed)).await;
+    next_second_after(minted_at(&second_secret)).await;
     setup
         .annotate("bob", "acs-operator.io/revoke-requested-at", "leak-1")
         .await;
