@@ -55,7 +55,16 @@ emulator() { # METHOD PATH [JSON]
 }
 token_status() { emulator POST validate "{\"token\":\"$1\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])'; }
 has_event() { kubectl -n $namespace get events.events.k8s.io -o jsonpath='{.items[*].reason}' | grep -qw "$1"; }
-redact() { echo "${1:0:12}…(${#1} characters)"; }
+# A token is shown only as its first characters (the same JWT header for every token) and a
+# short fingerprint that tells tokens apart without revealing them.
+redact() { echo "${1:0:12}… (${#1} characters, sha256 $(printf '%s' "$1" | sha256sum | cut -c1-12))"; }
+# Tokens carry whole-second times: two minted in the same second for the same identity and
+# scopes are identical, so the next one is asked for once the current token's second is over
+# (the example's tokens live 1 h).
+after_mint_second() {
+  local minted=$(($(date -d "$(secret_value expiresOn)" +%s) - 3600))
+  wait_until 3 test "$(date +%s)" -gt "$minted"
+}
 
 info "starting acs-emulator (HTTPS, its own CA)"
 rm -rf "$demo_dir/emulator" && mkdir -p "$demo_dir/emulator"
@@ -92,6 +101,7 @@ token=$(secret_value token)
 echo "Issued an access token with '$(secret_value scopes)' scope that expires at $(secret_value expiresOn):"
 echo "  $(redact "$token")  (in Secret alice-acs-token)"
 
+after_mint_second
 kubectl -n $namespace annotate commid alice acs-operator.io/refresh-requested-at="$(date +%s)" --overwrite >/dev/null
 wait_until 30 test "$(secret_value token)" != "$token" || fail "the refresh request was not acted on"
 refreshed=$(secret_value token)
@@ -99,6 +109,7 @@ wait_until 10 has_event TokenRefreshed || fail "no TokenRefreshed event"
 echo "Refreshed the access token (requested by annotation); it now expires at $(secret_value expiresOn):"
 echo "  $(redact "$refreshed")  (the previous token stays valid: a refresh never revokes)"
 
+after_mint_second
 kubectl -n $namespace annotate commid alice acs-operator.io/revoke-requested-at="$(date +%s)" --overwrite >/dev/null
 wait_until 30 test "$(token_status "$refreshed")" = revoked || fail "the revoke request was not acted on"
 wait_until 30 test "$(secret_value token)" != "$refreshed" || fail "no new token after the revoke"
