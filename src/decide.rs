@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 
 use crate::crd::CommunicationIdentityStatus;
-use crate::refresh::MIN_REMAINING;
+use crate::refresh::{MIN_REMAINING, can_keep_min_remaining};
 
 /// The state of the resource's own Secret, as far as the token goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,8 +120,11 @@ pub fn decide(observed: &Observed<'_>, now: Timestamp) -> Decision {
     if observed.secret == SecretState::TokenMissing {
         return issue(IssueReason::SecretLost, false);
     }
-    let refresh_due = next_attempt.is_none_or(|at| at <= now)
-        || expires_on.duration_since(now) < jiff::SignedDuration::try_from(MIN_REMAINING).unwrap();
+    let issued_at = status.last_refresh_time.as_ref().map(|t| t.0);
+    let floor_breached = expires_on.duration_since(now)
+        < jiff::SignedDuration::try_from(MIN_REMAINING).unwrap()
+        && issued_at.is_none_or(|issued| can_keep_min_remaining(issued, expires_on));
+    let refresh_due = next_attempt.is_none_or(|at| at <= now) || floor_breached;
     if refresh_due {
         return issue(IssueReason::Refresh, false);
     }
@@ -204,6 +207,12 @@ mod tests {
             token_expires_on: Some(Time(at("2026-11-24T10:09:00Z"))),
             ..healthy.clone()
         };
+        let compressed_time = CommunicationIdentityStatus {
+            last_refresh_time: Some(Time(at("2026-11-24T09:59:30Z"))),
+            token_expires_on: Some(Time(at("2026-11-24T10:00:30Z"))),
+            next_refresh_time: Some(Time(at("2026-11-24T10:00:10Z"))),
+            ..healthy.clone()
+        };
         let failed_create = CommunicationIdentityStatus {
             failed_attempts: 1,
             observed_generation: Some(2),
@@ -245,6 +254,11 @@ mod tests {
                 "a token within 10 minutes of expiry is replaced whatever the plan says",
                 observed(&nearly_expired),
                 issue(IssueReason::Refresh, false),
+            ),
+            (
+                "a token too short to keep 10 minutes waits for its plan (no refresh loop)",
+                observed(&compressed_time),
+                Decision::WaitUntil(at("2026-11-24T10:00:10Z")),
             ),
             (
                 "a new refresh annotation issues at once",

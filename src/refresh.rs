@@ -57,9 +57,25 @@ pub fn refresh_at(
         signed(refresh_before)
     };
     let jitter = jitter(lead, jitter_seed);
-    let latest = saturating_sub(expires_on, signed(MIN_REMAINING + REFRESH_MARGIN));
-    let at = saturating_sub(expires_on, lead + jitter).min(latest);
+    let planned = saturating_sub(expires_on, lead + jitter);
+    // A token too short to keep the floor (seen with the emulator's compressed time) would be
+    // refreshed at once, over and over: two thirds of its life it is.
+    let at = if can_keep_min_remaining(issued_at, expires_on) {
+        planned.min(saturating_sub(
+            expires_on,
+            signed(MIN_REMAINING + REFRESH_MARGIN),
+        ))
+    } else {
+        planned
+    };
     RefreshPlan { at, shortened }
+}
+
+/// Whether a token issued at `issued_at` and expiring at `expires_on` lives long enough to be
+/// replaced while it still has [`MIN_REMAINING`] (plus a margin) left. Real ACS tokens (1 h at
+/// least) always do.
+pub fn can_keep_min_remaining(issued_at: Timestamp, expires_on: Timestamp) -> bool {
+    expires_on.duration_since(issued_at) > signed(MIN_REMAINING + REFRESH_MARGIN)
 }
 
 /// What kind of failure a retry follows.
@@ -242,6 +258,15 @@ mod tests {
                 spread: Duration::ZERO,
                 shortened: true,
             },
+            Case {
+                name: "a 60-second token (compressed time) cannot leave 11m: two thirds of it",
+                expires_in: MINUTE,
+                requested: HOUR,
+                refresh_before: 20 * MINUTE,
+                expected_without_jitter: 40 * Duration::from_secs(1),
+                spread: Duration::from_secs(1), // 5% of the 20 s lead
+                shortened: true,
+            },
         ];
         for case in cases {
             let plan = refresh_at(
@@ -252,7 +277,12 @@ mod tests {
                 "uid-1",
             );
             let latest = at(case.expires_in) - signed(MIN_REMAINING + REFRESH_MARGIN);
-            let unjittered = at(case.expected_without_jitter).min(latest);
+            let keeps_floor = can_keep_min_remaining(now(), at(case.expires_in));
+            let unjittered = if keeps_floor {
+                at(case.expected_without_jitter).min(latest)
+            } else {
+                at(case.expected_without_jitter)
+            };
             assert!(
                 plan.at <= unjittered && plan.at >= unjittered - signed(case.spread),
                 "{}: {} not within {:?} before {}",
@@ -262,7 +292,7 @@ mod tests {
                 unjittered
             );
             assert!(
-                plan.at <= latest,
+                !keeps_floor || plan.at <= latest,
                 "{}: leaves less than 11 minutes",
                 case.name
             );

@@ -737,3 +737,189 @@ async fn deleting_the_namespace_still_deletes_the_identity_in_acs() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_short_lived_token_is_refreshed_before_it_expires() {
+    // With the emulator's compressed time a "1h" token really lives 60 s: the operator sees a
+    // shorter token than it asked for, refreshes at two thirds of its life and says so.
+    let setup =
+        Setup::with_emulator("shortlived", Emulator::start(&["--minutes-are-seconds"])).await;
+    setup.apply("hana", basic_spec()).await;
+    setup.wait_ready("hana").await;
+    let first = setup.secret_data("hana-acs-token").await;
+    let expires_on: jiff::Timestamp = first["expiresOn"].parse().unwrap();
+    let lifetime = expires_on.duration_since(jiff::Timestamp::now());
+    assert!(lifetime.as_secs() <= 60, "{lifetime:?}");
+
+    // Until a new token arrives, the one in the Secret is always valid.
+    wait_for("a refreshed token", Duration::from_secs(60), || async {
+        let data = setup.secret_data("hana-acs-token").await;
+        let validity = setup.token_validity(&data["token"]).await;
+        assert_eq!(
+            validity["valid"], true,
+            "the Secret held an unusable token: {validity}"
+        );
+        (data["expiresOn"] != first["expiresOn"]).then_some(())
+    })
+    .await;
+    let warning = setup.wait_event("ShortTokenLifetime").await;
+    assert!(warning.contains("two thirds"), "{warning}");
+    assert_eq!(setup.stats().await["tokensIssued"], 2);
+}
+
+#[tokio::test]
+async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted() {
+    let setup = Setup::new("adopt").await;
+    let mut retained = basic_spec();
+    retained["deletionPolicy"] = json!("Retain");
+    setup.apply("original", retained).await;
+    let original = setup.wait_ready("original").await;
+    let identity_id = original.status.unwrap().identity_id.unwrap();
+    setup
+        .identities
+        .delete("original", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    let mut adopting = basic_spec();
+    adopting["identityId"] = json!(identity_id);
+    setup.apply("adopter", adopting).await;
+    let adopter = setup.wait_ready("adopter").await;
+    assert_eq!(
+        adopter.status.unwrap().identity_id.as_deref(),
+        Some(identity_id.as_str())
+    );
+    let token = setup.secret_data("adopter-acs-token").await["token"].clone();
+    let validity = setup.token_validity(&token).await;
+    assert_eq!(validity["identity"], json!(identity_id), "{validity}");
+    assert_eq!(
+        setup.stats().await["identitiesAlive"],
+        1,
+        "no second identity"
+    );
+
+    // An identity ACS does not know: reported, and deleting the resource is not held up (404).
+    let mut ghost = basic_spec();
+    ghost["identityId"] = json!(format!("{}_gone", identity_id.rsplit_once('_').unwrap().0));
+    setup.apply("ghost", ghost).await;
+    setup.wait_reason("ghost", "IdentityNotFound").await;
+    setup
+        .identities
+        .delete("ghost", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the ghost released", READY, || async {
+        setup
+            .identities
+            .get_opt("ghost")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deletion_waits_while_acs_is_down_unless_cleanup_is_skipped() {
+    let setup = Setup::new("deletewait").await;
+    setup.apply("ivan", basic_spec()).await;
+    setup.apply("jill", basic_spec()).await;
+    setup.wait_ready("ivan").await;
+    setup.wait_ready("jill").await;
+    let ivan = setup.secret_data("ivan-acs-token").await["token"].clone();
+    let jill = setup.secret_data("jill-acs-token").await["token"].clone();
+
+    setup
+        .emulator
+        .admin_post("outage", json!({ "mode": "unavailable", "seconds": 600 }))
+        .await;
+    for name in ["ivan", "jill"] {
+        setup
+            .identities
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let waiting = setup.wait_reason("ivan", "Deleting").await;
+    let message = &waiting.status.unwrap().conditions[0].message;
+    assert!(message.contains("ACS is unavailable"), "{message}");
+    setup.wait_reason("jill", "Deleting").await;
+
+    // An admin releases jill knowingly; ivan keeps waiting for ACS.
+    setup
+        .annotate("jill", "acs-operator.io/skip-cleanup", "true")
+        .await;
+    wait_for("jill released", READY, || async {
+        setup
+            .identities
+            .get_opt("jill")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let skipped = setup.wait_event("CleanupSkipped").await;
+    assert!(skipped.contains("left in ACS"), "{skipped}");
+    assert!(setup.identities.get_opt("ivan").await.unwrap().is_some());
+
+    setup.emulator.admin_delete("outage").await;
+    wait_for(
+        "ivan deleted once ACS is back",
+        Duration::from_secs(60),
+        || async {
+            setup
+                .identities
+                .get_opt("ivan")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(setup.token_validity(&ivan).await["status"], "deleted");
+    assert_eq!(setup.token_validity(&jill).await["valid"], true);
+}
+
+#[tokio::test]
+async fn throttling_is_reported_while_the_token_stays_valid() {
+    let setup = Setup::new("throttled").await;
+    setup.apply("kim", basic_spec()).await;
+    setup.wait_ready("kim").await;
+    // One token issue per five minutes: a Retry-After far longer than the client waits inline.
+    setup
+        .emulator
+        .patch_config(json!({ "limits": { "issueAccessToken": 1, "windowSeconds": 300 } }))
+        .await;
+    let secret = setup.secret_data("kim-acs-token").await;
+    next_second_after(minted_at(&secret)).await;
+    setup
+        .annotate("kim", "acs-operator.io/refresh-requested-at", "1")
+        .await;
+    setup
+        .wait_resource("kim", "the first refresh", |r| {
+            r.status
+                .as_ref()
+                .unwrap()
+                .handled_refresh_request
+                .as_deref()
+                == Some("1")
+        })
+        .await;
+    let token = setup.secret_data("kim-acs-token").await["token"].clone();
+    setup
+        .annotate("kim", "acs-operator.io/refresh-requested-at", "2")
+        .await;
+    let throttled = setup.wait_reason("kim", "Throttled").await;
+    assert_eq!(
+        ready(&throttled).unwrap().0,
+        "True",
+        "the token in the Secret is still valid"
+    );
+    assert!(setup.secret_data("kim-acs-token").await["token"] == token);
+    assert_eq!(setup.token_validity(&token).await["valid"], true);
+    setup.wait_event("Throttled").await;
+    assert!(setup.stats().await["throttled"].as_u64().unwrap() >= 1);
+}

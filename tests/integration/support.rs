@@ -219,6 +219,18 @@ impl Emulator {
 }
 
 impl Emulator {
+    /// PATCH the emulator's runtime configuration (limits, faults, time scale).
+    pub async fn patch_config(&self, body: serde_json::Value) {
+        self.http
+            .patch(format!("{}/_emulator/config", self.endpoint))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
+
     /// DELETE an admin path (e.g. `outage`, to end one).
     pub async fn admin_delete(&self, path: &str) {
         self.http
