@@ -87,10 +87,6 @@ impl Stats {
         self.0["identitiesAlive"].as_u64().unwrap_or(0)
     }
 
-    pub fn throttled(&self) -> u64 {
-        self.0["throttled"].as_u64().unwrap_or(0)
-    }
-
     /// API requests by operation and status.
     pub fn requests(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
@@ -111,10 +107,7 @@ impl Stats {
 
     /// Requests answered with `status`, over every operation.
     pub fn with_status(&self, status: &str) -> u64 {
-        self.requests()
-            .values()
-            .filter_map(|s| s.get(status))
-            .sum()
+        self.requests().values().filter_map(|s| s.get(status)).sum()
     }
 }
 

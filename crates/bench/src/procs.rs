@@ -18,7 +18,9 @@ static CHILDREN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 static CLUSTERS: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// SIGKILLs every registered child (only our own, by pid) and stops the clusters.
@@ -65,7 +67,6 @@ pub fn install_cleanup_handlers() {
 /// A child process, SIGKILLed and reaped when dropped.
 pub struct Proc {
     child: Child,
-    pub name: String,
 }
 
 impl Proc {
@@ -74,10 +75,7 @@ impl Proc {
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
         lock(&CHILDREN).insert(child.id());
-        Ok(Self {
-            child,
-            name: name.to_owned(),
-        })
+        Ok(Self { child })
     }
 
     pub fn pid(&self) -> u32 {
@@ -130,7 +128,12 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -230,7 +233,8 @@ impl Drop for Cluster {
 
 /// A running acs-emulator with its admin endpoints on.
 pub struct Emulator {
-    pub proc: Proc,
+    /// Killed when the emulator handle drops.
+    _proc: Proc,
     /// The connection string; it holds the access key, so it is never printed.
     pub connection_string: String,
     /// `https://127.0.0.1:PORT`
@@ -269,7 +273,7 @@ impl Emulator {
             .trim_end_matches('/')
             .to_owned();
         Ok(Self {
-            proc,
+            _proc: proc,
             connection_string,
             endpoint,
             ca_file: tls_dir.join("ca.crt"),
@@ -335,7 +339,10 @@ impl Operator {
                 }
             }
             if !operator.proc.alive() {
-                bail!("the operator exited at start; see {}", operator.log.display());
+                bail!(
+                    "the operator exited at start; see {}",
+                    operator.log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -87,7 +87,10 @@ impl Results {
     pub fn new(scenario: &str) -> Self {
         let mut json = serde_json::Map::new();
         json.insert("scenario".into(), scenario.into());
-        json.insert("startedAt".into(), jiff::Timestamp::now().to_string().into());
+        json.insert(
+            "startedAt".into(),
+            jiff::Timestamp::now().to_string().into(),
+        );
         json.insert(
             "machine".into(),
             serde_json::json!({
@@ -137,7 +140,9 @@ impl Results {
         }
         let dir = repo.join("bench-results");
         std::fs::create_dir_all(&dir)?;
-        let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+        let stamp = jiff::Timestamp::now()
+            .strftime("%Y%m%dT%H%M%SZ")
+            .to_string();
         let path = dir.join(format!("{}-{stamp}.json", self.scenario));
         std::fs::write(
             &path,
