@@ -31,4 +31,9 @@ step "Microsoft's azure-communication-identity SDK against acs-emulator"
 tests/conformance/run.sh
 
 step "unit and integration tests"
-cargo test --workspace --locked
+# In a session of its own, so that whatever the tests start (operator and emulator processes)
+# is stopped with it, even if the test binary itself is killed.
+setsid cargo test --workspace --locked &
+tests_pid=$!
+trap 'kill -- -"$tests_pid" 2>/dev/null || true; scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
+wait "$tests_pid"

@@ -365,18 +365,10 @@ impl Pass {
             observed_generation: self.resource.metadata.generation,
             conditions: self.status.conditions.clone(),
         };
-        status.conditions = with_condition(
-            &status.conditions,
-            ready_condition(
-                Outcome::TokenCurrent {
-                    secret_name: &self.resource.secret_name(),
-                    expires_on: issued.expires_on,
-                },
-                self.resource.metadata.generation,
-                self.now,
-                &self.status.conditions,
-            ),
-        );
+        status.conditions = self.conditions_with_ready(Outcome::TokenCurrent {
+            secret_name: &self.resource.secret_name(),
+            expires_on: issued.expires_on,
+        });
         self.patch_status(&status).await?;
 
         let (event_reason, verb) = match why {
@@ -430,18 +422,10 @@ impl Pass {
                 &self.uid,
             );
             status.next_refresh_time = Some(Time(plan.at));
-            status.conditions = with_condition(
-                &status.conditions,
-                ready_condition(
-                    Outcome::TokenCurrent {
-                        secret_name: &self.resource.secret_name(),
-                        expires_on,
-                    },
-                    self.resource.metadata.generation,
-                    self.now,
-                    &self.status.conditions,
-                ),
-            );
+            status.conditions = self.conditions_with_ready(Outcome::TokenCurrent {
+                secret_name: &self.resource.secret_name(),
+                expires_on,
+            });
             status.secret_name = Some(self.resource.secret_name());
         }
         status.observed_generation = self.resource.metadata.generation;
@@ -473,18 +457,10 @@ impl Pass {
             observed_generation: self.resource.metadata.generation,
             ..self.status.clone()
         };
-        status.conditions = with_condition(
-            &status.conditions,
-            ready_condition(
-                Outcome::Failed {
-                    failure: &failure,
-                    token_valid_until,
-                },
-                self.resource.metadata.generation,
-                self.now,
-                &self.status.conditions,
-            ),
-        );
+        status.conditions = self.conditions_with_ready(Outcome::Failed {
+            failure: &failure,
+            token_valid_until,
+        });
         self.patch_status(&status).await?;
         warn!(reason = failure.reason(), message = %failure.message(), retry_in = ?delay, "reconcile failed");
         self.ctx.metrics.failure(failure.reason());
@@ -579,18 +555,10 @@ impl Pass {
             last_failure_time: Some(Time(self.now)),
             ..self.status.clone()
         };
-        status.conditions = with_condition(
-            &status.conditions,
-            ready_condition(
-                Outcome::Deleting {
-                    policy,
-                    blocked_by: Some(&failure),
-                },
-                self.resource.metadata.generation,
-                self.now,
-                &self.status.conditions,
-            ),
-        );
+        status.conditions = self.conditions_with_ready(Outcome::Deleting {
+            policy,
+            blocked_by: Some(&failure),
+        });
         self.patch_status(&status).await?;
         warn!(reason = failure.reason(), message = %failure.message(), retry_in = ?delay, "cleanup in ACS failed; deletion waits");
         self.ctx.metrics.failure(failure.reason());
@@ -633,6 +601,23 @@ impl Pass {
             )
             .await?;
         Ok(())
+    }
+
+    /// The conditions with Ready computed for `outcome` (its transition time kept from the
+    /// previous status while unchanged).
+    fn conditions_with_ready(
+        &self,
+        outcome: Outcome<'_>,
+    ) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        with_condition(
+            &self.status.conditions,
+            ready_condition(
+                outcome,
+                self.resource.metadata.generation,
+                self.now,
+                &self.status.conditions,
+            ),
+        )
     }
 
     async fn patch_status(&self, status: &CommunicationIdentityStatus) -> Result<(), Error> {

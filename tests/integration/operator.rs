@@ -10,7 +10,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::support::{Emulator, Operator, TestNamespace, ensure_crd, wait_for};
+use crate::support::{Emulator, Operator, TestNamespace, ensure_crd, wait_for, wait_gone};
 use acs_identity_operator::crd::CommunicationIdentity;
 
 const READY: Duration = Duration::from_secs(30);
@@ -476,16 +476,7 @@ async fn deletion_follows_the_deletion_policy() {
             .unwrap();
     }
     for name in ["del", "rev", "ret"] {
-        wait_for(&format!("{name} to be gone"), READY, || async {
-            setup
-                .identities
-                .get_opt(name)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        })
-        .await;
+        wait_gone(&setup.identities, name, READY).await;
     }
     assert_eq!(
         setup.token_validity(&tokens["del"]).await["status"],
@@ -808,16 +799,7 @@ async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted(
         .delete("ghost", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for("the ghost released", READY, || async {
-        setup
-            .identities
-            .get_opt("ghost")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&setup.identities, "ghost", READY).await;
 }
 
 #[tokio::test]
@@ -850,35 +832,13 @@ async fn deletion_waits_while_acs_is_down_unless_cleanup_is_skipped() {
     setup
         .annotate("jill", "acs-operator.io/skip-cleanup", "true")
         .await;
-    wait_for("jill released", READY, || async {
-        setup
-            .identities
-            .get_opt("jill")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&setup.identities, "jill", READY).await;
     let skipped = setup.wait_event("CleanupSkipped").await;
     assert!(skipped.contains("left in ACS"), "{skipped}");
     assert!(setup.identities.get_opt("ivan").await.unwrap().is_some());
 
     setup.emulator.admin_delete("outage").await;
-    wait_for(
-        "ivan deleted once ACS is back",
-        Duration::from_secs(60),
-        || async {
-            setup
-                .identities
-                .get_opt("ivan")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_gone(&setup.identities, "ivan", Duration::from_secs(60)).await;
     assert_eq!(setup.token_validity(&ivan).await["status"], "deleted");
     assert_eq!(setup.token_validity(&jill).await["valid"], true);
 }

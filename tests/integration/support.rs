@@ -105,6 +105,17 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Waits until the object `name` no longer exists.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str, deadline: Duration)
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(&format!("{name} to be gone"), deadline, || async {
+        api.get_opt(name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
 /// Polls `check` until it returns `Some`, failing the test with `what` after `deadline`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
