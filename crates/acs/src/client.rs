@@ -369,8 +369,10 @@ impl AcsClient {
         let mut last_error = None;
         let mut retry = 0;
         loop {
-            let waited = self.inner.limits.acquire(operation).await;
-            self.inner.observer.on_rate_limit_wait(operation, waited);
+            let permit = self.inner.limits.acquire(operation).await;
+            self.inner
+                .observer
+                .on_rate_limit_wait(operation, permit.waited);
             let started = *first_attempt.get_or_insert_with(Instant::now);
             let Some(timeout) = self
                 .retry
@@ -380,7 +382,10 @@ impl AcsClient {
                     after: Duration::ZERO,
                 }));
             };
-            let error = match self.attempt(call, timeout).await {
+            let outcome = self.attempt(call, timeout).await;
+            // Answered (or given up on): from now on it counts in the window's log.
+            drop(permit);
+            let error = match outcome {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };

@@ -1,34 +1,24 @@
 //! Client-side rate limits per ACS resource, so a busy operator waits locally instead of
 //! collecting 429s from the service.
 //!
-//! The service counts each operation in a 30-second window (1000 creates, 1000 issues, 500
-//! deletes, 500 revokes). Governor implements GCRA: a bucket of `burst` cells, one cell back
-//! every `interval`. In any window of length W such a limiter admits at most
-//! `burst + W / interval` requests, so a quota of "N per 30 s with burst N" lets through up to
-//! 2N in one 30-s window (N at once, then N more as the bucket refills), and even "burst N/2,
-//! N per 30 s" lets through 1.5N. To never exceed N in any sliding window we need
-//! `burst + 30 s / interval <= N`, and everything given to the burst is taken from the sustained
-//! rate. Big provisioning runs are bound by the sustained rate, so the burst stays small:
+//! The service counts each operation in a sliding 30-second window (1000 creates, 1000 issues,
+//! 500 deletes, 500 revokes). The limiter here keeps the same count: a log of when requests
+//! were *answered* in the last 30 s plus those still in flight, and admits a request only while
+//! that total is under the limit. Counting answer times (not send times) makes it exact: the
+//! service saw a request no later than its answer came back, so a request sent 30 s after that
+//! answer can never share a window with it, whatever the latency.
 //!
-//! - `burst = N/50` (20 for creates): a handful of reconciles start at once without queueing;
-//! - `headroom = N/50` cells are never used: requests we send evenly can arrive bunched up
-//!   (latency jitter; 20 cells at 32/s absorb 0.6 s of it), and a restarted process starts with
-//!   a full burst while the service still counts the previous process's last 30 s;
-//! - the sustained rate takes the rest: `N - burst - headroom` per 30 s (960 creates per 30 s).
-//!
-//! 10,000 creates then take (10,000 - 20) / 32 per s ≈ 312 s, against the service's floor of
-//! ≈ 270 s (a full window of 1000 every 30 s), with no 429 even under a sliding-window count.
+//! Written by hand rather than with `governor`: GCRA admits at most `burst + W / interval` per
+//! window, so staying under the service's sliding window forces a small burst and a sustained
+//! rate below the limit, and 10,000 creates took ≈ 312 s against the service's floor of ≈ 270 s
+//! (full windows of 1000 every 30 s). A sliding-window log reaches that floor.
 
-use std::collections::HashMap;
-use std::num::NonZeroU32;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// The window in which the service counts requests.
 pub const WINDOW: Duration = Duration::from_secs(30);
@@ -76,73 +66,72 @@ impl Operation {
     }
 }
 
-/// The GCRA quota that never admits more than `limit` requests in any sliding [`WINDOW`],
-/// with `limit/50` of them kept as headroom (see the module documentation).
-pub fn window_safe_quota(limit: u32) -> Quota {
-    let burst = (limit / 50).max(1);
-    let headroom = limit / 50;
-    let sustained = limit.saturating_sub(burst + headroom).max(1);
-    let interval = WINDOW / sustained;
-    Quota::with_period(interval)
-        .expect("a 30 s window divided by at most u32::MAX requests is non-zero")
-        .allow_burst(NonZeroU32::new(burst).expect("burst is at least 1"))
-}
-
-/// Governor's clock on tokio's time, so the limiter waits with `tokio::time::sleep` and the
-/// tests can drive it with paused time.
-#[derive(Debug, Clone)]
-struct TokioClock {
-    origin: tokio::time::Instant,
-}
-
-impl Clock for TokioClock {
-    type Instant = Nanos;
-
-    fn now(&self) -> Nanos {
-        Nanos::from(tokio::time::Instant::now().saturating_duration_since(self.origin))
-    }
-}
-
-type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>;
-
-/// One operation's limiter and the queue of callers waiting for it.
-#[derive(Debug)]
+/// One operation's budget: answers within the last [`WINDOW`] plus requests in flight.
+#[derive(Debug, Default)]
 struct Lane {
-    /// Callers wait their turn here (tokio's mutex is FIFO), so only the head of the queue
-    /// sleeps on the limiter: fair, and no herd of waiters waking for every freed cell.
+    /// Callers wait their turn here (tokio's mutex is FIFO): first come, first served, and only
+    /// the head of the queue watches the budget.
     queue: tokio::sync::Mutex<()>,
-    limiter: Limiter,
+    state: Mutex<LaneState>,
+    /// Woken when a request in flight is answered.
+    answered: Notify,
+}
+
+#[derive(Debug, Default)]
+struct LaneState {
+    /// When requests were answered, oldest first.
+    answered_at: VecDeque<Instant>,
+    in_flight: u32,
+}
+
+impl LaneState {
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .answered_at
+            .front()
+            .is_some_and(|at| *at + WINDOW <= now)
+        {
+            self.answered_at.pop_front();
+        }
+    }
+
+    fn used(&self) -> u32 {
+        self.in_flight + self.answered_at.len() as u32
+    }
 }
 
 /// The limiters of one ACS resource, one per operation. Share one per endpoint: every client
 /// built for the same endpoint uses [`RateLimits::for_endpoint`] unless given its own.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RateLimits {
-    clock: TokioClock,
     /// Indexed by `operation as usize`: [`Operation::ALL`] is in declaration order.
     lanes: [Lane; Operation::ALL.len()],
 }
 
-impl Default for RateLimits {
-    fn default() -> Self {
-        Self::new()
+/// Leave to send one request; dropping it (when the answer, an error or a timeout came back)
+/// counts the request as answered.
+#[derive(Debug)]
+#[must_use = "the request counts as answered when the permit is dropped"]
+pub struct Permit<'a> {
+    lane: &'a Lane,
+    /// How long the caller waited for it.
+    pub waited: Duration,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut state = self.lane.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.in_flight -= 1;
+        state.answered_at.push_back(Instant::now());
+        drop(state);
+        self.lane.answered.notify_waiters();
     }
 }
 
 impl RateLimits {
-    /// Limiters at the published limits, each with a full (small) burst available.
+    /// Limiters at the published limits, with nothing counted yet.
     pub fn new() -> Self {
-        let clock = TokioClock {
-            origin: tokio::time::Instant::now(),
-        };
-        let lanes = Operation::ALL.map(|operation| Lane {
-            queue: tokio::sync::Mutex::new(()),
-            limiter: RateLimiter::direct_with_clock(
-                window_safe_quota(operation.published_limit()),
-                clock.clone(),
-            ),
-        });
-        Self { clock, lanes }
+        Self::default()
     }
 
     /// The process-wide limiters of the resource at `endpoint`. Entries are never dropped: a
@@ -157,15 +146,34 @@ impl RateLimits {
         registry.entry(key).or_default().clone()
     }
 
-    /// Waits until `operation` may be sent; returns how long that took.
-    pub async fn acquire(&self, operation: Operation) -> Duration {
+    /// Waits until `operation` may be sent without the service counting more than its limit.
+    pub async fn acquire(&self, operation: Operation) -> Permit<'_> {
         let lane = &self.lanes[operation as usize];
-        let start = tokio::time::Instant::now();
+        let limit = operation.published_limit();
+        let start = Instant::now();
         let _turn = lane.queue.lock().await;
-        while let Err(not_until) = lane.limiter.check() {
-            tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await;
+        loop {
+            // Registered before the budget is read, so an answer in between is not missed.
+            let answered = lane.answered.notified();
+            let oldest = {
+                let mut state = lane.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.forget_before(Instant::now());
+                if state.used() < limit {
+                    state.in_flight += 1;
+                    return Permit {
+                        lane,
+                        waited: start.elapsed(),
+                    };
+                }
+                state.answered_at.front().copied()
+            };
+            match oldest {
+                // The oldest answer leaves the window then (or an answer frees nothing sooner).
+                Some(at) => tokio::time::sleep_until(at + WINDOW).await,
+                // Everything counted is still in flight: wait for an answer first.
+                None => answered.await,
+            }
         }
-        start.elapsed()
     }
 }
 
@@ -186,76 +194,71 @@ mod tests {
         busiest
     }
 
-    #[test]
-    fn quotas_leave_room_in_every_window() {
-        for limit in [500, 1000] {
-            let quota = window_safe_quota(limit);
-            let burst = quota.burst_size().get();
-            let per_window = WINDOW.as_nanos() / quota.replenish_interval().as_nanos();
-            assert_eq!(burst, limit / 50, "{limit}");
-            assert_eq!(u128::from(burst) + per_window, u128::from(limit) * 49 / 50);
-        }
-        // Tiny limits still make progress.
-        assert_eq!(window_safe_quota(1).burst_size().get(), 1);
-    }
-
     #[tokio::test(start_paused = true)]
-    async fn greedy_callers_never_exceed_the_sliding_window() {
+    async fn greedy_callers_fill_each_window_and_never_exceed_it() {
         let limits = RateLimits::new();
         for operation in [Operation::CreateIdentity, Operation::DeleteIdentity] {
             let limit = operation.published_limit() as usize;
-            let origin = tokio::time::Instant::now();
-            let mut admitted = Vec::new();
+            let origin = Instant::now();
+            let mut answered = Vec::new();
             for _ in 0..3 * limit {
-                limits.acquire(operation).await;
-                admitted.push(origin.elapsed());
+                let permit = limits.acquire(operation).await;
+                // Each request is answered 1 ms after it was sent.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                drop(permit);
+                answered.push(origin.elapsed());
             }
-            // Even with 0.6 s of arrival jitter the service never counts more than the limit.
-            let jittered = busiest_window(&admitted, WINDOW + Duration::from_millis(600));
-            assert!(jittered <= limit, "{operation:?}: {jittered} > {limit}");
-            // Throughput: the burst at once, then 96 % of the limit per window.
-            let expected = WINDOW.mul_f64((3 * limit - limit / 50) as f64 / (limit as f64 * 0.96));
-            let took = *admitted.last().unwrap();
+            assert!(busiest_window(&answered, WINDOW) <= limit, "{operation:?}");
+            // Three windows' worth go out in just over two windows: the service's own floor.
+            let took = *answered.last().unwrap();
+            let floor = 2 * WINDOW + Duration::from_millis(1) * limit as u32;
             assert!(
-                took >= expected - Duration::from_millis(100)
-                    && took <= expected + Duration::from_secs(1),
-                "{operation:?}: {took:?} vs {expected:?}"
+                took >= 2 * WINDOW && took <= floor + Duration::from_secs(1),
+                "{operation:?}: {took:?}"
             );
-            // Let the bucket refill before the next operation's run starts its own clock.
             tokio::time::sleep(WINDOW).await;
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn operations_have_separate_budgets_and_waits_are_reported() {
-        let limits = RateLimits::new();
-        let burst = window_safe_quota(Operation::DeleteIdentity.published_limit())
-            .burst_size()
-            .get();
-        for _ in 0..burst {
-            assert_eq!(
-                limits.acquire(Operation::DeleteIdentity).await,
-                Duration::ZERO
-            );
+    async fn requests_in_flight_count_until_answered() {
+        let limits = Arc::new(RateLimits::new());
+        let limit = Operation::DeleteIdentity.published_limit();
+        let mut held = Vec::new();
+        for _ in 0..limit {
+            held.push(limits.acquire(Operation::DeleteIdentity).await);
         }
-        let waited = limits.acquire(Operation::DeleteIdentity).await;
-        assert!(waited >= WINDOW / 480, "{waited:?}");
-        assert_eq!(
-            limits.acquire(Operation::CreateIdentity).await,
-            Duration::ZERO
+        assert!(held.iter().all(|permit| permit.waited.is_zero()));
+        // Other operations have budgets of their own.
+        assert!(
+            limits
+                .acquire(Operation::CreateIdentity)
+                .await
+                .waited
+                .is_zero()
         );
+        // The next delete waits for the answers (5 s from now), then a full window after them.
+        let next = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.acquire(Operation::DeleteIdentity).await.waited }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(held);
+        assert_eq!(next.await.unwrap(), Duration::from_secs(5) + WINDOW);
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_the_budget_in_arrival_order() {
         let limits = Arc::new(RateLimits::new());
-        let origin = tokio::time::Instant::now();
+        let origin = Instant::now();
         let tasks: Vec<_> = (0..1500)
             .map(|_| {
                 let limits = limits.clone();
                 tokio::spawn(async move {
-                    limits.acquire(Operation::IssueToken).await;
-                    origin.elapsed()
+                    let permit = limits.acquire(Operation::IssueToken).await;
+                    let sent = origin.elapsed();
+                    drop(permit);
+                    sent
                 })
             })
             .collect();
@@ -265,7 +268,12 @@ mod tests {
         }
         // First come, first served: admissions follow the order the callers arrived in.
         assert!(admitted.windows(2).all(|pair| pair[0] <= pair[1]));
-        assert!(busiest_window(&admitted, WINDOW + Duration::from_millis(600)) <= 1000);
+        assert!(busiest_window(&admitted, WINDOW) <= 1000);
+        assert_eq!(
+            *admitted.last().unwrap(),
+            WINDOW,
+            "the 1001st waits exactly one window"
+        );
     }
 
     #[test]
