@@ -86,10 +86,10 @@ enum Scenario {
         /// Real seconds of the outage (every request 503) halfway through.
         #[arg(long, default_value_t = 120)]
         outage_seconds: u64,
-        /// 429 bursts (limits cut to 5 per window) spread over the run.
+        /// 429 bursts (issues cut to 2 per 1-s window) spread over the run.
         #[arg(long, default_value_t = 4)]
         bursts: usize,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 10)]
         burst_seconds: u64,
     },
     /// 7: one resource, then --resources resources with limits on, in the same run.

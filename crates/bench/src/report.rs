@@ -95,7 +95,7 @@ impl Results {
             "machine".into(),
             serde_json::json!({
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-                "loadAverageAtStart": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+                "loadAverageWhenMeasured": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
             }),
         );
         Self {

@@ -1079,7 +1079,10 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
         {
             admin
                 .patch_config(
-                    json!({"limits": {"issueAccessToken": 5, "createIdentityWithToken": 5}}),
+                    // The emulator's window is real time: in compressed time a burst is a 1-s
+                    // window with 2 issues (demand is ~n/40 per second), so 429s come with a
+                    // Retry-After of a second, as a 30-s window is to real 1-h tokens.
+                    json!({"limits": {"windowSeconds": 1, "issueAccessToken": 2, "createIdentityWithToken": 2}}),
                 )
                 .await?;
             burst_until = Some(now_instant + Duration::from_secs(o.burst_seconds));
@@ -1094,7 +1097,7 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
         {
             admin
                 .patch_config(
-                    json!({"limits": {"issueAccessToken": 1000, "createIdentityWithToken": 1000}}),
+                    json!({"limits": {"windowSeconds": 30, "issueAccessToken": 1000, "createIdentityWithToken": 1000}}),
                 )
                 .await?;
             burst_until = None;
