@@ -125,7 +125,8 @@ pub fn retry_delay(
             full - full * RETRY_JITTER_PERCENT / 100 * permille(&seed) / 1000
         }
     };
-    if let Some(expires_on) = token_expires_on.filter(|expires_on| *expires_on > now) {
+    // Also once the token has expired: workloads are failing, so the retries stay urgent.
+    if let Some(expires_on) = token_expires_on {
         let deadline = saturating_sub(expires_on, signed(MIN_REMAINING));
         let before_deadline = Duration::try_from(deadline.duration_since(now)).unwrap_or_default();
         delay = delay.min((before_deadline / 2).max(MIN_URGENT_RETRY));
@@ -352,6 +353,17 @@ mod tests {
             max: Duration,
             min: Duration,
         }
+        assert_eq!(
+            retry_delay(
+                30,
+                FailureKind::Transient,
+                now(),
+                Some(before(HOUR)),
+                "uid-1"
+            ),
+            MIN_URGENT_RETRY,
+            "an expired token: retry every 5s, not after the 5-minute cap"
+        );
         let plenty = Some(24 * HOUR);
         let cases = [
             Case {
@@ -469,9 +481,11 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_token_gets_plain_backoff_as_there_is_nothing_to_save() {
+    fn an_expired_token_is_retried_urgently_so_it_is_replaced_soon_after_acs_returns() {
+        // The contract: never an expired token while ACS is reachable. A 5-minute backoff
+        // after an outage would leave one there for minutes.
         let expired = Some(before(MINUTE));
         let delay = retry_delay(30, FailureKind::Transient, now(), expired, "uid-1");
-        assert!(delay >= 4 * MINUTE, "{delay:?}");
+        assert_eq!(delay, MIN_URGENT_RETRY);
     }
 }

@@ -8,12 +8,16 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinError;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
+
+/// Reconciles running at once. ACS allows ~33 creates or issues per second per resource, so 64
+/// in flight keep that pace with room to spare.
+const RECONCILE_CONCURRENCY: u16 = 64;
 
 use crate::admin::{self, Health, Phase};
 use crate::context::{AcsSettings, Context};
@@ -104,8 +108,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // cluster's Secret count.
     let owned_secrets =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
-    let controller =
-        Controller::new(identities, watcher::Config::default()).owns(secrets, owned_secrets);
+    let controller = Controller::new(identities, watcher::Config::default())
+        .owns(secrets, owned_secrets)
+        // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
+        // cheap scheduler entries instead of thousands of live reconcile futures.
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
     let caches_synced = async {
         // The first list of CommunicationIdentities is in the cache.
