@@ -10,7 +10,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Config};
 use serde_json::json;
 
-use crate::support::{TestNamespace, admin_config, wait_for};
+use crate::support::{TestNamespace, admin_config, wait_gone};
 
 #[tokio::test]
 async fn server_side_apply_reports_a_second_managers_conflict() {
@@ -107,19 +107,8 @@ async fn garbage_collector_removes_a_dependent_with_its_owner() {
         .delete("owner", &DeleteParams::background())
         .await
         .unwrap();
-    wait_for(
-        "the garbage collector to delete the dependent Secret",
-        Duration::from_secs(15),
-        || async {
-            secrets
-                .get_opt("dependent")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    // The garbage collector deletes the dependent Secret.
+    wait_gone(&secrets, "dependent", Duration::from_secs(15)).await;
 }
 
 #[tokio::test]

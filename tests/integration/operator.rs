@@ -718,15 +718,8 @@ async fn deleting_the_namespace_still_deletes_the_identity_in_acs() {
         || async { (setup.token_validity(&token).await["status"] == "deleted").then_some(()) },
     )
     .await;
-    wait_for("the namespace gone", Duration::from_secs(60), || async {
-        Api::<Namespace>::all(setup.ns.client.clone())
-            .get_opt(&setup.ns.name)
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    let namespaces = Api::<Namespace>::all(setup.ns.client.clone());
+    wait_gone(&namespaces, &setup.ns.name, Duration::from_secs(60)).await;
 }
 
 #[tokio::test]
