@@ -92,6 +92,19 @@ impl Setup {
         .await
     }
 
+    /// Waits until the refresh request `value` is recorded as handled.
+    async fn wait_refresh_handled(&self, name: &str, value: &str) -> CommunicationIdentity {
+        self.wait_resource(name, &format!("refresh request {value:?} handled"), |r| {
+            r.status
+                .as_ref()
+                .unwrap()
+                .handled_refresh_request
+                .as_deref()
+                == Some(value)
+        })
+        .await
+    }
+
     async fn wait_ready(&self, name: &str) -> CommunicationIdentity {
         self.wait_resource(name, "Ready=True with reason TokenIssued", |r| {
             ready(r) == Some(("True".into(), "TokenIssued".into()))
@@ -280,16 +293,7 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
     setup
         .annotate("bob", "acs-operator.io/refresh-requested-at", "1")
         .await;
-    let refreshed = setup
-        .wait_resource("bob", "the refresh request handled", |r| {
-            r.status
-                .as_ref()
-                .unwrap()
-                .handled_refresh_request
-                .as_deref()
-                == Some("1")
-        })
-        .await;
+    let refreshed = setup.wait_refresh_handled("bob", "1").await;
     let second_secret = setup.secret_data("bob-acs-token").await;
     let second = second_secret["token"].clone();
     assert!(first != second, "a refresh puts a new token in the Secret");
@@ -679,16 +683,7 @@ async fn acs_outage_keeps_the_token_and_a_restart_makes_no_acs_call() {
     assert!(setup.secret_data("frank-acs-token").await["token"] == token);
     setup.wait_event("AcsUnavailable").await;
     setup.emulator.admin_delete("outage").await;
-    setup
-        .wait_resource("frank", "recovery after the outage", |r| {
-            r.status
-                .as_ref()
-                .unwrap()
-                .handled_refresh_request
-                .as_deref()
-                == Some("during-outage")
-        })
-        .await;
+    setup.wait_refresh_handled("frank", "during-outage").await;
     setup.wait_ready("frank").await;
 
     // A restart with a valid token in place makes no ACS call.
@@ -851,16 +846,7 @@ async fn throttling_is_reported_while_the_token_stays_valid() {
     setup
         .annotate("kim", "acs-operator.io/refresh-requested-at", "1")
         .await;
-    setup
-        .wait_resource("kim", "the first refresh", |r| {
-            r.status
-                .as_ref()
-                .unwrap()
-                .handled_refresh_request
-                .as_deref()
-                == Some("1")
-        })
-        .await;
+    setup.wait_refresh_handled("kim", "1").await;
     let token = setup.secret_data("kim-acs-token").await["token"].clone();
     setup
         .annotate("kim", "acs-operator.io/refresh-requested-at", "2")
