@@ -21,6 +21,8 @@ pub struct AcsSettings {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Accept `http://` endpoints (local development against the emulator only).
     pub allow_http: bool,
+    /// Requests per ACS resource the client-side rate limiter admits.
+    pub quota: acs::Quota,
 }
 
 pub struct Context {
@@ -125,6 +127,7 @@ impl AcsClients {
         let options = ClientOptions {
             extra_ca_pem: self.settings.extra_ca_pem.clone(),
             observer: self.observer.clone(),
+            quota: self.settings.quota,
             ..ClientOptions::default()
         };
         let client =

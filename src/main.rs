@@ -39,6 +39,11 @@ struct RunArgs {
     /// Accept plain-http ACS endpoints. For local development against the emulator only.
     #[arg(long)]
     allow_insecure_http: bool,
+    /// Requests sent to each ACS resource, as a multiple of the published limits (1000 creates
+    /// and 1000 token issues per 30 s): raise it for a resource whose quotas Microsoft raised;
+    /// `off` lifts the client-side limit (for the emulator's --no-limits mode).
+    #[arg(long, default_value = "1", value_parser = parse_quota, env = "ACS_RATE_LIMIT")]
+    acs_rate_limit: acs::Quota,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
     log_format: LogFormat,
@@ -85,6 +90,7 @@ fn main() -> anyhow::Result<()> {
                 acs: AcsSettings {
                     extra_ca_pem,
                     allow_http: args.allow_insecure_http,
+                    quota: args.acs_rate_limit,
                 },
                 metrics_addr: args.metrics_addr,
                 leader_election: args.leader_elect.then(|| LeaseSettings {
@@ -100,6 +106,18 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_quota(text: &str) -> Result<acs::Quota, String> {
+    if text == "off" {
+        return Ok(acs::Quota::Unlimited);
+    }
+    match text.parse::<f64>() {
+        Ok(factor) if factor.is_finite() && factor > 0.0 => Ok(acs::Quota::Scaled(factor)),
+        _ => Err(format!(
+            "{text:?} is neither a positive multiple of the published limits (e.g. 1 or 2.5) nor \"off\""
+        )),
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -107,5 +125,24 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_is_a_multiple_of_the_published_limits_or_off() {
+        assert_eq!(parse_quota("1"), Ok(acs::Quota::Scaled(1.0)));
+        assert_eq!(parse_quota("2.5"), Ok(acs::Quota::Scaled(2.5)));
+        assert_eq!(parse_quota("off"), Ok(acs::Quota::Unlimited));
+        for bad in ["0", "-1", "NaN", "fast"] {
+            let message = parse_quota(bad).unwrap_err();
+            assert!(
+                message.contains(bad) && message.contains("off"),
+                "{message}"
+            );
+        }
     }
 }

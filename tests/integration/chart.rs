@@ -657,6 +657,7 @@ fn chart_lints_and_renders_least_privilege_rbac() {
         json!([
             "--metrics-addr=0.0.0.0:8080",
             "--log-format=text",
+            "--acs-rate-limit=1",
             "--leader-elect",
             "--leader-election-namespace=ops",
             "--leader-election-lease-name=r1-acs-identity-operator",
@@ -697,8 +698,10 @@ fn chart_lints_and_renders_least_privilege_rbac() {
     assert_eq!(service["spec"]["ports"][0]["port"], 8080);
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
 
-    // Namespaced, with an extra CA, JSON logs, debug level and a ServiceMonitor.
+    // Namespaced, with an extra CA, JSON logs, debug level, a raised ACS quota and a
+    // ServiceMonitor.
     let docs = render(&[
+        ("acsRateLimit", "2.5"),
         ("watchNamespace", "app"),
         ("extraCA.configMap.name", "corp-ca"),
         ("extraCA.configMap.key", "bundle.pem"),
@@ -725,6 +728,7 @@ fn chart_lints_and_renders_least_privilege_rbac() {
         json!([
             "--metrics-addr=0.0.0.0:9090",
             "--log-format=json",
+            "--acs-rate-limit=2.5",
             "--watch-namespace=app",
             "--acs-ca-file=/etc/acs-identity-operator/extra-ca/ca.crt",
             "--leader-elect",

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use crate::error::{Error, ServiceError, root_cause};
-use crate::ratelimit::{Operation, RateLimits};
+use crate::ratelimit::{Operation, Quota, RateLimits};
 use crate::retry::{self, RetryPolicy};
 use crate::wire::{
     API_VERSION_WITH_CUSTOM_ID, AccessToken, CreateIdentityRequest, CreateIdentityResponse,
@@ -63,8 +63,9 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
     /// The limiters to wait on; `None` shares the process-wide ones of the endpoint
-    /// ([`RateLimits::for_endpoint`]).
+    /// ([`RateLimits::for_endpoint`]), created with `quota`.
     pub rate_limits: Option<Arc<RateLimits>>,
+    pub quota: Quota,
     pub observer: Arc<dyn Observer>,
 }
 
@@ -75,6 +76,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             rate_limits: None,
+            quota: Quota::default(),
             observer: Arc::new(NoObserver),
         }
     }
@@ -209,7 +211,7 @@ impl AcsClient {
         };
         let limits = options
             .rate_limits
-            .unwrap_or_else(|| RateLimits::for_endpoint(&connection.endpoint));
+            .unwrap_or_else(|| RateLimits::for_endpoint(&connection.endpoint, options.quota));
         Ok(Self {
             inner: Arc::new(Inner {
                 http,

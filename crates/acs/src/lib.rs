@@ -14,5 +14,5 @@ pub mod wire;
 pub use client::{AcsClient, BuildError, ClientOptions, CreatedIdentity, Observer, RequestOutcome};
 pub use connection::{AccessKey, ConnectionString, ConnectionStringError};
 pub use error::{Error, ServiceError};
-pub use ratelimit::{Operation, RateLimits};
+pub use ratelimit::{Operation, Quota, RateLimits};
 pub use retry::RetryPolicy;

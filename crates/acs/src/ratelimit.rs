@@ -100,10 +100,40 @@ impl LaneState {
     }
 }
 
+/// How many requests per window the limiter admits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Quota {
+    /// The published limits times this factor: 1 for a resource with the default quotas, more
+    /// for one whose quotas Microsoft raised.
+    Scaled(f64),
+    /// No client-side limit (the emulator's `--no-limits` mode).
+    Unlimited,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota::Scaled(1.0)
+    }
+}
+
+impl Quota {
+    /// Requests of `operation` admitted per [`WINDOW`].
+    pub fn limit(self, operation: Operation) -> u32 {
+        match self {
+            // At least one, so that a tiny factor slows requests down instead of stopping them.
+            Quota::Scaled(factor) => {
+                (f64::from(operation.published_limit()) * factor).max(1.0) as u32
+            }
+            Quota::Unlimited => u32::MAX,
+        }
+    }
+}
+
 /// The limiters of one ACS resource, one per operation. Share one per endpoint: every client
 /// built for the same endpoint uses [`RateLimits::for_endpoint`] unless given its own.
 #[derive(Debug, Default)]
 pub struct RateLimits {
+    quota: Quota,
     /// Indexed by `operation as usize`: [`Operation::ALL`] is in declaration order.
     lanes: [Lane; Operation::ALL.len()],
 }
@@ -134,22 +164,34 @@ impl RateLimits {
         Self::default()
     }
 
-    /// The process-wide limiters of the resource at `endpoint`. Entries are never dropped: a
-    /// fresh limiter would forget what the service still counts, and endpoints are few.
-    pub fn for_endpoint(endpoint: &str) -> Arc<Self> {
+    /// Limiters admitting `quota`, with nothing counted yet.
+    pub fn with_quota(quota: Quota) -> Self {
+        Self {
+            quota,
+            ..Self::default()
+        }
+    }
+
+    /// The process-wide limiters of the resource at `endpoint`, created with `quota` by the
+    /// first caller (a process uses one quota). Entries are never dropped: a fresh limiter would
+    /// forget what the service still counts, and endpoints are few.
+    pub fn for_endpoint(endpoint: &str, quota: Quota) -> Arc<Self> {
         static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<RateLimits>>>> = OnceLock::new();
         let key = endpoint.trim_end_matches('/').to_ascii_lowercase();
         let mut registry = REGISTRY
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        registry.entry(key).or_default().clone()
+        registry
+            .entry(key)
+            .or_insert_with(|| Arc::new(Self::with_quota(quota)))
+            .clone()
     }
 
     /// Waits until `operation` may be sent without the service counting more than its limit.
     pub async fn acquire(&self, operation: Operation) -> Permit<'_> {
         let lane = &self.lanes[operation as usize];
-        let limit = operation.published_limit();
+        let limit = self.quota.limit(operation);
         let start = Instant::now();
         let _turn = lane.queue.lock().await;
         loop {
@@ -276,11 +318,34 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_quota_scales_or_lifts_the_published_limits() {
+        assert_eq!(Quota::Scaled(2.5).limit(Operation::CreateIdentity), 2500);
+        assert_eq!(Quota::Scaled(0.0001).limit(Operation::RevokeTokens), 1);
+        for (quota, admitted_at_once) in [(Quota::Scaled(2.0), 1000), (Quota::Unlimited, 5000)] {
+            let limits = RateLimits::with_quota(quota);
+            let mut held = Vec::new();
+            for _ in 0..5000 {
+                let permit = tokio::time::timeout(
+                    Duration::from_millis(1),
+                    limits.acquire(Operation::DeleteIdentity),
+                )
+                .await;
+                match permit {
+                    Ok(permit) => held.push(permit),
+                    Err(_) => break,
+                }
+            }
+            assert_eq!(held.len(), admitted_at_once, "{quota:?}");
+        }
+    }
+
     #[test]
     fn one_registry_entry_per_endpoint() {
-        let a = RateLimits::for_endpoint("https://r.communication.azure.com");
-        let b = RateLimits::for_endpoint("https://R.communication.azure.com/");
-        let other = RateLimits::for_endpoint("https://s.communication.azure.com");
+        let quota = Quota::default();
+        let a = RateLimits::for_endpoint("https://r.communication.azure.com", quota);
+        let b = RateLimits::for_endpoint("https://R.communication.azure.com/", quota);
+        let other = RateLimits::for_endpoint("https://s.communication.azure.com", quota);
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &other));
     }

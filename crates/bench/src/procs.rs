@@ -297,6 +297,7 @@ impl Operator {
         cluster: &Cluster,
         ca_file: &Path,
         log: PathBuf,
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let file = std::fs::OpenOptions::new()
@@ -308,6 +309,7 @@ impl Operator {
             Command::new(bin_dir.join("acs-identity-operator"))
                 .args(["run", "--metrics-addr", "127.0.0.1:0", "--acs-ca-file"])
                 .arg(ca_file)
+                .args(extra)
                 .env("KUBECONFIG", &cluster.kubeconfig)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())

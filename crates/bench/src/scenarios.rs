@@ -91,7 +91,8 @@ impl Env {
         Ok((emulator, admin))
     }
 
-    pub fn operator(&self) -> anyhow::Result<Operator> {
+    /// Starts an operator with `extra` arguments after `run`'s defaults.
+    pub fn operator(&self, extra: &[&str]) -> anyhow::Result<Operator> {
         let start = 1 + self
             .operator_starts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -100,6 +101,7 @@ impl Env {
             &self.cluster,
             &self.dir.join("emulator-tls/ca.crt"),
             self.dir.join(format!("operator-{start:03}.log")),
+            extra,
         )
     }
 
@@ -149,6 +151,9 @@ fn round(value: f64, digits: i32) -> f64 {
 
 /// The least time the service's limits allow for `n` creates on one resource: the first
 /// window's budget at t = 0, one more budget every window after.
+/// Operator arguments for an emulator started with `--no-limits`: the client-side limiter off too.
+const LIMITS_OFF: &[&str] = &["--acs-rate-limit", "off"];
+
 fn floor_seconds(n: usize) -> usize {
     n.saturating_sub(1) / CREATE_LIMIT * WINDOW_SECONDS
 }
@@ -382,7 +387,7 @@ pub async fn provision_limited(common: &Common, n: usize) -> anyhow::Result<()> 
     let (emulator, admin) = env.emulator("emulator", &[])?;
     k::namespace(&env.client, "bench", Some(&emulator.connection_string)).await?;
     let tracker = Tracker::start(&env.client).await?;
-    let operator = env.operator()?;
+    let operator = env.operator(&[])?;
     let keys = k::identity_keys(&["bench".to_owned()], n);
     let writes_before = k::apiserver_requests(&env.client).await?;
     let cpu_before = env.control_plane_cpu();
@@ -464,7 +469,7 @@ pub async fn provision_unlimited(
     let raw_rate = n as f64 / raw.as_secs_f64();
 
     let tracker = Tracker::start(&env.client).await?;
-    let operator = env.operator()?;
+    let operator = env.operator(LIMITS_OFF)?;
     let keys = k::identity_keys(&namespaces, n);
     let writes_before = k::apiserver_requests(&env.client).await?;
     let cpu_before = env.control_plane_cpu();
@@ -530,7 +535,7 @@ pub async fn scale_out(
         emulators.push((emulator, admin));
     }
     let tracker = Tracker::start(&env.client).await?;
-    let operator = env.operator()?;
+    let operator = env.operator(&[])?;
     let mut results = Results::new("scale-out");
     results.data("perResource", json!(per_resource));
     results.data("resources", json!(resources));
@@ -676,7 +681,7 @@ pub async fn memory(common: &Common, n: usize, secrets: usize, settle: u64) -> a
     let (emulator, _admin) = env.emulator("emulator", &["--no-limits"])?;
     k::namespace(&env.client, "bench", Some(&emulator.connection_string)).await?;
     let tracker = Tracker::start(&env.client).await?;
-    let mut operator = env.operator()?;
+    let mut operator = env.operator(LIMITS_OFF)?;
     let keys = k::identity_keys(&["bench".to_owned()], n);
     provision(&env, &tracker, &keys, "24h", provision_timeout(n, 1)).await?;
     let mut results = Results::new("memory");
@@ -707,7 +712,7 @@ pub async fn memory(common: &Common, n: usize, secrets: usize, settle: u64) -> a
     );
     // A fresh start: the steady state a restarted replica holds.
     operator.proc.kill();
-    let mut operator = env.operator()?;
+    let mut operator = env.operator(LIMITS_OFF)?;
     wait_operator_ready(&operator, Duration::from_secs(120)).await?;
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let (value, shown) = measure(&operator)?;
@@ -732,7 +737,7 @@ pub async fn memory(common: &Common, n: usize, secrets: usize, settle: u64) -> a
         "≤ 64 MiB",
     );
     operator.proc.kill();
-    let operator = env.operator()?;
+    let operator = env.operator(LIMITS_OFF)?;
     wait_operator_ready(&operator, Duration::from_secs(120)).await?;
     tokio::time::sleep(Duration::from_secs(settle)).await;
     ensure!(tracker.ready_now() == n, "not every identity is Ready");
@@ -754,7 +759,7 @@ pub async fn idle(common: &Common, n: usize, idle_seconds: u64) -> anyhow::Resul
     let (emulator, admin) = env.emulator("emulator", &[])?;
     k::namespace(&env.client, "bench", Some(&emulator.connection_string)).await?;
     let tracker = Tracker::start(&env.client).await?;
-    let mut operator = env.operator()?;
+    let mut operator = env.operator(&[])?;
     let keys = k::identity_keys(&["bench".to_owned()], n);
     provision(&env, &tracker, &keys, "24h", provision_timeout(n, 1)).await?;
     // Let the last status writes and events of provisioning land.
@@ -807,7 +812,7 @@ pub async fn idle(common: &Common, n: usize, idle_seconds: u64) -> anyhow::Resul
     let acs_before = admin.stats().await?.total_requests();
     let writes_before = k::apiserver_requests(&env.client).await?;
     operator.proc.kill();
-    let operator = env.operator()?;
+    let operator = env.operator(&[])?;
     let ready_after = wait_operator_ready(&operator, Duration::from_secs(120)).await?;
     // Its first pass over every resource happens right after the caches sync.
     let settle_started = Instant::now();
@@ -889,7 +894,7 @@ async fn kill_repeatedly(
             pauses.len(),
             pause.as_secs_f64()
         ));
-        operator = env.operator()?;
+        operator = env.operator(&[])?;
     }
     Ok(operator)
 }
@@ -905,7 +910,7 @@ pub async fn crash(
     let (emulator, admin) = env.emulator("emulator", &[])?;
     k::namespace(&env.client, "bench", Some(&emulator.connection_string)).await?;
     let tracker = Tracker::start(&env.client).await?;
-    let operator = env.operator()?;
+    let operator = env.operator(&[])?;
     let keys = k::identity_keys(&["bench".to_owned()], n);
     let mut results = Results::new("crash");
     results.data("n", json!(n));
@@ -1029,7 +1034,7 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
     )?;
     k::namespace(&env.client, "bench", Some(&emulator.connection_string)).await?;
     let tracker = Tracker::start(&env.client).await?;
-    let operator = env.operator()?;
+    let operator = env.operator(&[])?;
     let keys = k::identity_keys(&["bench".to_owned()], o.n);
     provision(&env, &tracker, &keys, "1h", provision_timeout(o.n, 1)).await?;
 
