@@ -59,7 +59,9 @@ pub async fn reconcile(
     // The first pass works from the watch cache; one that would call ACS re-reads the resource
     // first, since the cache may not show yet what the previous pass wrote (a Secret event can
     // trigger a pass before our own status update arrives), and acting on that would issue twice.
-    for fresh in [false, true] {
+    // The object a patch returns is as fresh as a read.
+    let mut fresh = false;
+    loop {
         let pass = Pass {
             api: Api::namespaced(ctx.client.clone(), &namespace),
             secrets: Api::namespaced(ctx.client.clone(), &namespace),
@@ -74,20 +76,25 @@ pub async fn reconcile(
         }
         if !pass.resource.finalizers().iter().any(|f| f == FINALIZER) {
             // Before anything exists in ACS, so that no identity can be created without cleanup.
-            add_finalizer(&pass.api, &pass.resource, FINALIZER).await?;
+            resource = Arc::new(add_finalizer(&pass.api, &pass.resource, FINALIZER).await?);
+            fresh = true;
+            continue;
         }
         match pass.apply(fresh).await? {
             Applied::Done(action) => return Ok(action),
-            Applied::Stale(latest) => resource = Arc::new(*latest),
+            Applied::Stale(latest) => {
+                resource = Arc::new(*latest);
+                fresh = true;
+            }
         }
     }
-    unreachable!("the second pass works from a fresh read and never reports it stale")
 }
 
 /// How [`Pass::apply`] ended.
 enum Applied {
     Done(Action),
-    /// The cached resource was older than the API server's: decide again from this one.
+    /// The cached resource was older than the API server's: decide again from this one (a pass
+    /// from a fresh read never ends so).
     Stale(Box<CommunicationIdentity>),
 }
 
@@ -109,6 +116,17 @@ struct Pass {
     uid: String,
     status: CommunicationIdentityStatus,
     now: Timestamp,
+}
+
+/// How a token came to be issued, for its event and for which requests it answers.
+enum Issuance {
+    /// With a new identity: the identity's first token.
+    Created,
+    Issued {
+        reason: IssueReason,
+        /// Every earlier token was revoked first.
+        revoked: bool,
+    },
 }
 
 /// A token just issued, with what the Secret and status need of it.
@@ -163,7 +181,7 @@ impl Pass {
     async fn act(&self, decision: Decision, rewritten: Option<Secret>) -> Result<Action, Error> {
         match decision {
             Decision::CreateIdentity => match self.create_identity().await? {
-                Ok(issued) => self.record_issued(issued, IssueReason::Initial, true).await,
+                Ok(issued) => self.record_issued(issued, Issuance::Created).await,
                 Err(failure) => self.record_failure(failure).await,
             },
             Decision::IssueToken {
@@ -171,7 +189,13 @@ impl Pass {
                 reason,
                 revoke_first,
             } => match self.issue_token(identity_id, revoke_first).await? {
-                Ok(issued) => self.record_issued(issued, reason, revoke_first).await,
+                Ok(issued) => {
+                    let how = Issuance::Issued {
+                        reason,
+                        revoked: revoke_first,
+                    };
+                    self.record_issued(issued, how).await
+                }
                 Err(failure) => self.record_failure(failure).await,
             },
             Decision::RewriteSecret => {
@@ -249,12 +273,6 @@ impl Pass {
         };
         self.patch_status(&recorded).await?;
         info!(identity = %created.id, existing = !created.created, "identity created");
-        self.publish(
-            EventType::Normal,
-            reason::IDENTITY_CREATED,
-            format!("Created ACS identity {}", created.id),
-        )
-        .await;
         Ok(to_issued(created.id, created.token, endpoint))
     }
 
@@ -313,12 +331,11 @@ impl Pass {
     }
 
     /// Writes the Secret with the new token, then the status that describes it.
-    async fn record_issued(
-        &self,
-        issued: Issued,
-        why: IssueReason,
-        revoke_handled: bool,
-    ) -> Result<Action, Error> {
+    async fn record_issued(&self, issued: Issued, how: Issuance) -> Result<Action, Error> {
+        let revoke_handled = matches!(
+            how,
+            Issuance::Created | Issuance::Issued { revoked: true, .. }
+        );
         let spec = &self.resource.spec;
         let secret = render_secret(
             &self.resource,
@@ -371,11 +388,24 @@ impl Pass {
         });
         self.patch_status(&status).await?;
 
-        let (event_reason, verb) = match why {
-            IssueReason::Refresh | IssueReason::RefreshRequested => {
-                (reason::TOKEN_REFRESHED, "Refreshed the access token")
-            }
-            _ => (reason::TOKEN_ISSUED, "Issued an access token"),
+        // One event per issue, a creation included: events are API writes too.
+        let (event_reason, verb) = match &how {
+            Issuance::Created => (
+                reason::IDENTITY_CREATED,
+                format!(
+                    "Created ACS identity {} and issued its first access token",
+                    issued.identity_id
+                ),
+            ),
+            Issuance::Issued {
+                reason: IssueReason::Refresh | IssueReason::RefreshRequested,
+                ..
+            } => (reason::TOKEN_REFRESHED, "Refreshed the access token".into()),
+            Issuance::Issued { .. } => (reason::TOKEN_ISSUED, "Issued an access token".into()),
+        };
+        let why = match how {
+            Issuance::Created => None,
+            Issuance::Issued { reason, .. } => Some(reason),
         };
         info!(identity = %issued.identity_id, ?why, expires_on = %issued.expires_on, "token issued");
         self.publish(
@@ -710,8 +740,9 @@ fn failure_from_acs(error: &acs::Error, pass: &Pass, identity_id: Option<&str>) 
 }
 
 /// Adds `finalizer` with a merge patch guarded by resourceVersion: a concurrent change makes it
-/// fail (and the reconcile retry) instead of dropping someone else's finalizer.
-async fn add_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<(), Error>
+/// fail (and the reconcile retry) instead of dropping someone else's finalizer. Returns the
+/// object as patched.
+async fn add_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<K, Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -729,10 +760,11 @@ where
     if finalizers.len() == before.len() {
         return Ok(());
     }
-    patch_finalizers(api, object, finalizers).await
+    patch_finalizers(api, object, finalizers).await?;
+    Ok(())
 }
 
-async fn patch_finalizers<K>(api: &Api<K>, object: &K, finalizers: Vec<String>) -> Result<(), Error>
+async fn patch_finalizers<K>(api: &Api<K>, object: &K, finalizers: Vec<String>) -> Result<K, Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -743,11 +775,11 @@ where
             "resourceVersion": meta.resource_version,
         }
     });
-    api.patch(
-        meta.name.as_deref().unwrap_or_default(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await?;
-    Ok(())
+    Ok(api
+        .patch(
+            meta.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await?)
 }

@@ -268,9 +268,13 @@ async fn create_issues_a_token_into_an_owned_secret() {
     let stats = setup.stats().await;
     assert_eq!(stats["identitiesAlive"], 1, "{stats}");
     assert_eq!(total_requests(&stats), 1, "{stats}");
+    // One event tells the whole creation.
     let created = setup.wait_event("IdentityCreated").await;
-    assert!(created.contains(&identity_id), "{created}");
-    setup.wait_event("TokenIssued").await;
+    for part in [identity_id.as_str(), "chat,voip", "\"alice-acs-token\""] {
+        assert!(created.contains(part), "{part} in {created}");
+    }
+    let reasons: Vec<String> = setup.events().await.into_iter().map(|(r, _)| r).collect();
+    assert_eq!(reasons, ["IdentityCreated"]);
 
     // The connection Secret is held while the identity needs it.
     let connection = setup.secrets.get("acs-connection").await.unwrap();
