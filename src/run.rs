@@ -8,7 +8,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinError;
@@ -108,7 +108,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // cluster's Secret count.
     let owned_secrets =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
-    let controller = Controller::new(identities, watcher::Config::default())
+    // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
+    // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
+    let (store, writer) = reflector::store();
+    let identity_events = watcher(identities, watcher::Config::default())
+        .default_backoff()
+        .modify(trim_for_cache)
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream(identity_events, store)
         .owns(secrets, owned_secrets)
         // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
         // cheap scheduler entries instead of thousands of live reconcile futures.
@@ -152,6 +160,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Drops from a cached CommunicationIdentity what the reconcile never reads and what makes up
+/// most of its size: managedFields and kubectl's last-applied copy of the object. A pass that
+/// writes works from the API server's answers, not from the cache, for anything it sends back.
+fn trim_for_cache(resource: &mut CommunicationIdentity) {
+    resource.managed_fields_mut().clear();
+    resource
+        .annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
 /// `reconcile` within a span naming the resource, and measured. kube-runtime's own span is
 /// only entered while the future is created, not while it runs, so without this span the log
 /// lines of a reconcile would not say which resource they are about.
@@ -190,5 +208,50 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_cache_keeps_what_the_reconcile_reads() {
+        let mut resource: CommunicationIdentity = serde_json::from_value(json!({
+            "apiVersion": "acs-operator.io/v1alpha1",
+            "kind": "CommunicationIdentity",
+            "metadata": {
+                "name": "alice",
+                "namespace": "team",
+                "uid": "u-1",
+                "resourceVersion": "42",
+                "generation": 3,
+                "finalizers": ["acs-operator.io/cleanup"],
+                "labels": { "team": "a" },
+                "annotations": {
+                    "acs-operator.io/refresh-requested-at": "r1",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}"
+                },
+                "managedFields": [{ "manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}} }]
+            },
+            "spec": { "connectionSecretRef": { "name": "acs" }, "scopes": ["chat"] },
+            "status": { "identityId": "8:acs:x" }
+        }))
+        .unwrap();
+        let before = resource.clone();
+        trim_for_cache(&mut resource);
+        assert!(resource.managed_fields().is_empty());
+        assert_eq!(
+            resource.annotations().keys().collect::<Vec<_>>(),
+            ["acs-operator.io/refresh-requested-at"]
+        );
+        assert_eq!(resource.spec, before.spec);
+        assert_eq!(resource.status, before.status);
+        assert_eq!(resource.labels(), before.labels());
+        assert_eq!(resource.finalizers(), before.finalizers());
+        assert_eq!(resource.resource_version(), before.resource_version());
+        assert_eq!(resource.metadata.generation, before.metadata.generation);
+        assert_eq!(resource.uid(), before.uid());
     }
 }
