@@ -23,6 +23,8 @@ pub const FIELD_MANAGER: &str = "acs-identity-operator";
 /// Label on every Secret the operator writes; the controller watches Secrets by this label only.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "acs-identity-operator";
+/// Every annotation the operator reads starts with this.
+pub const OPERATOR_ANNOTATION_PREFIX: &str = "acs-operator.io/";
 /// Annotation whose every new value issues a fresh token now, bypassing failure backoff.
 pub const REFRESH_REQUESTED_ANNOTATION: &str = "acs-operator.io/refresh-requested-at";
 /// Annotation whose every new value revokes all tokens of the identity, then issues a new one.

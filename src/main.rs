@@ -10,6 +10,12 @@ use acs_identity_operator::run::{RunConfig, run};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+// jemalloc returns freed memory to the system where glibc's per-thread arenas keep it: the
+// watch cache churns through many small objects, and with glibc the resident set stayed well
+// above what the cache holds (docs/benchmarks.md, scenario 3).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -21,7 +21,9 @@ const RECONCILE_CONCURRENCY: u16 = 64;
 
 use crate::admin::{self, Health, Phase};
 use crate::context::{AcsSettings, Context};
-use crate::crd::{CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::crd::{
+    CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OPERATOR_ANNOTATION_PREFIX,
+};
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::reconcile::{Error, error_policy, reconcile};
@@ -160,14 +162,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Drops from a cached CommunicationIdentity what the reconcile never reads and what makes up
-/// most of its size: managedFields and kubectl's last-applied copy of the object. A pass that
-/// writes works from the API server's answers, not from the cache, for anything it sends back.
+/// Drops from a cached CommunicationIdentity what the reconcile never reads: managedFields
+/// (most of an object's size), labels, owner references and every annotation but the
+/// operator's own (kubectl's last-applied copy of the object, GitOps tools' bookkeeping). A
+/// pass that writes works from the API server's answers, not from the cache, for anything it
+/// sends back.
 fn trim_for_cache(resource: &mut CommunicationIdentity) {
-    resource.managed_fields_mut().clear();
-    resource
-        .annotations_mut()
-        .remove("kubectl.kubernetes.io/last-applied-configuration");
+    let metadata = &mut resource.metadata;
+    metadata.managed_fields = None;
+    metadata.labels = None;
+    metadata.owner_references = None;
+    if let Some(annotations) = &mut metadata.annotations {
+        annotations.retain(|key, _| key.starts_with(OPERATOR_ANNOTATION_PREFIX));
+    }
 }
 
 /// `reconcile` within a span naming the resource, and measured. kube-runtime's own span is
@@ -229,8 +236,10 @@ mod tests {
                 "generation": 3,
                 "finalizers": ["acs-operator.io/cleanup"],
                 "labels": { "team": "a" },
+                "ownerReferences": [{ "apiVersion": "v1", "kind": "ConfigMap", "name": "app", "uid": "u-0" }],
                 "annotations": {
                     "acs-operator.io/refresh-requested-at": "r1",
+                    "argocd.argoproj.io/tracking-id": "app:acs-operator.io/CommunicationIdentity:team/alice",
                     "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}"
                 },
                 "managedFields": [{ "manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}} }]
@@ -242,13 +251,13 @@ mod tests {
         let before = resource.clone();
         trim_for_cache(&mut resource);
         assert!(resource.managed_fields().is_empty());
+        assert!(resource.labels().is_empty() && resource.owner_references().is_empty());
         assert_eq!(
             resource.annotations().keys().collect::<Vec<_>>(),
             ["acs-operator.io/refresh-requested-at"]
         );
         assert_eq!(resource.spec, before.spec);
         assert_eq!(resource.status, before.status);
-        assert_eq!(resource.labels(), before.labels());
         assert_eq!(resource.finalizers(), before.finalizers());
         assert_eq!(resource.resource_version(), before.resource_version());
         assert_eq!(resource.metadata.generation, before.metadata.generation);
