@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use acs::{AcsClient, ClientOptions, ConnectionString};
 use jiff::Timestamp;
@@ -29,6 +30,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub acs: AcsClients,
+    pub connection_secrets: RecentSecrets,
     pub metrics: Arc<Metrics>,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
@@ -44,6 +46,7 @@ impl Context {
             client,
             recorder,
             acs: AcsClients::new(settings, metrics.clone()),
+            connection_secrets: RecentSecrets::default(),
             metrics,
             clock: Box::new(Timestamp::now),
         }
@@ -51,6 +54,42 @@ impl Context {
 
     pub fn now(&self) -> Timestamp {
         (self.clock)()
+    }
+}
+
+/// Connection Secrets as read from the API server in the last [`RecentSecrets::FOR`]: a burst
+/// of creations in one namespace shares one read instead of one each (an API request is most of
+/// what an identity costs). Shorter than the shortest retry after a connection failure (15 s),
+/// so a fixed Secret is always read afresh by that retry. Only Secrets carrying the operator's
+/// finalizer are kept, and releasing one forgets it.
+#[derive(Default)]
+pub struct RecentSecrets {
+    by_name: Mutex<HashMap<NamespacedName, (Instant, Arc<Secret>)>>,
+}
+
+/// namespace, name.
+type NamespacedName = (String, String);
+
+impl RecentSecrets {
+    pub const FOR: Duration = Duration::from_secs(5);
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+        let by_name = self.by_name.lock().expect("connection Secret cache lock");
+        let (read_at, secret) = by_name.get(&(namespace.to_owned(), name.to_owned()))?;
+        (read_at.elapsed() < Self::FOR).then(|| secret.clone())
+    }
+
+    pub fn remember(&self, namespace: &str, secret: Arc<Secret>) {
+        let mut by_name = self.by_name.lock().expect("connection Secret cache lock");
+        // Expired entries go on every write, so the map holds at most what was read lately.
+        by_name.retain(|_, (read_at, _)| read_at.elapsed() < Self::FOR);
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        by_name.insert((namespace.to_owned(), name), (Instant::now(), secret));
+    }
+
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let mut by_name = self.by_name.lock().expect("connection Secret cache lock");
+        by_name.remove(&(namespace.to_owned(), name.to_owned()));
     }
 }
 
@@ -143,5 +182,28 @@ impl AcsClients {
             },
         );
         Ok((client, endpoint))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(name: &str) -> Arc<Secret> {
+        let mut secret = Secret::default();
+        secret.metadata.name = Some(name.to_owned());
+        Arc::new(secret)
+    }
+
+    #[test]
+    fn a_connection_secret_is_remembered_per_namespace_until_forgotten() {
+        let recent = RecentSecrets::default();
+        assert!(recent.get("team-a", "acs").is_none());
+        recent.remember("team-a", secret("acs"));
+        assert!(recent.get("team-a", "acs").is_some());
+        assert!(recent.get("team-b", "acs").is_none());
+        assert!(recent.get("team-a", "other").is_none());
+        recent.forget("team-a", "acs");
+        assert!(recent.get("team-a", "acs").is_none());
     }
 }

@@ -309,25 +309,47 @@ impl Pass {
         }
     }
 
-    /// Reads the connection Secret, holds it with a finalizer while this resource needs it,
-    /// and returns the ACS client for its connection string.
+    /// The ACS client for the connection Secret's connection string.
     async fn acs_client(&self) -> Result<Result<(acs::AcsClient, String), Failure>, Error> {
         let reference = &self.resource.spec.connection_secret_ref;
-        let secret = self.secrets.get_opt(&reference.name).await?;
-        if let Some(secret) = &secret
-            && secret.metadata.deletion_timestamp.is_none()
-            && !secret
-                .finalizers()
-                .iter()
-                .any(|f| f == CONNECTION_SECRET_FINALIZER)
-        {
-            add_finalizer(&self.secrets, secret, CONNECTION_SECRET_FINALIZER).await?;
-        }
         let namespace = self.resource.namespace().unwrap_or_default();
-        Ok(self
+        let secret = match self.ctx.connection_secrets.get(&namespace, &reference.name) {
+            Some(secret) => Some(secret),
+            None => self.read_connection_secret(&namespace).await?,
+        };
+        let client = self
             .ctx
             .acs
-            .client_for(&namespace, reference, secret.as_ref()))
+            .client_for(&namespace, reference, secret.as_deref());
+        if client.is_err() {
+            self.ctx
+                .connection_secrets
+                .forget(&namespace, &reference.name);
+        }
+        Ok(client)
+    }
+
+    /// Reads the connection Secret and holds it with a finalizer while this resource needs it.
+    async fn read_connection_secret(&self, namespace: &str) -> Result<Option<Arc<Secret>>, Error> {
+        let name = &self.resource.spec.connection_secret_ref.name;
+        let Some(mut secret) = self.secrets.get_opt(name).await? else {
+            return Ok(None);
+        };
+        if secret.metadata.deletion_timestamp.is_some() {
+            return Ok(Some(Arc::new(secret)));
+        }
+        if !secret
+            .finalizers()
+            .iter()
+            .any(|f| f == CONNECTION_SECRET_FINALIZER)
+        {
+            secret = add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER).await?;
+        }
+        let secret = Arc::new(secret);
+        self.ctx
+            .connection_secrets
+            .remember(namespace, secret.clone());
+        Ok(Some(secret))
     }
 
     /// Writes the Secret with the new token, then the status that describes it.
@@ -615,6 +637,8 @@ impl Pass {
         if let Some(secret) = self.secrets.get_opt(secret_name).await? {
             remove_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER).await?;
         }
+        let namespace = self.resource.namespace().unwrap_or_default();
+        self.ctx.connection_secrets.forget(&namespace, secret_name);
         Ok(())
     }
 
