@@ -221,6 +221,34 @@ async fn provision(
     })
 }
 
+/// A provisioning run with the API-server requests and control-plane CPU it cost.
+struct Costed {
+    run: Provisioned,
+    writes: (BTreeMap<String, f64>, f64),
+    reads: (BTreeMap<String, f64>, f64),
+    /// CPU seconds of the control plane's processes, by name.
+    cpu: Value,
+}
+
+/// [`provision`] (1-hour tokens), counting what it cost the API server.
+async fn provision_costed(
+    env: &Env,
+    tracker: &Tracker,
+    keys: &[Key],
+    timeout: Duration,
+) -> anyhow::Result<Costed> {
+    let requests_before = k::apiserver_requests(&env.client).await?;
+    let cpu_before = env.control_plane_cpu();
+    let run = provision(env, tracker, keys, "1h", timeout).await?;
+    let requests_after = k::apiserver_requests(&env.client).await?;
+    Ok(Costed {
+        run,
+        writes: k::operator_requests(&requests_before, &requests_after, true),
+        reads: k::operator_requests(&requests_before, &requests_after, false),
+        cpu: cpu_delta(&cpu_before, &env.control_plane_cpu()),
+    })
+}
+
 fn provision_timeout(n: usize, resources: usize) -> Duration {
     Duration::from_secs((floor_seconds(n / resources.max(1)) * 3 + n / 5 + 300) as u64)
 }
@@ -254,18 +282,19 @@ async fn all_stats(admins: &[Admin]) -> anyhow::Result<Vec<Stats>> {
 }
 
 /// Figures every provisioning run reports.
-#[allow(clippy::too_many_arguments)]
 async fn provisioning_figures(
     results: &mut Results,
     n: usize,
-    run: &mut Provisioned,
+    costed: Costed,
     stats: &[Stats],
     operator: &Operator,
-    writes: (BTreeMap<String, f64>, f64),
-    reads: (BTreeMap<String, f64>, f64),
-    cpu: Value,
-    operator_cpu: f64,
 ) -> anyhow::Result<()> {
+    let Costed {
+        mut run,
+        writes,
+        reads,
+        cpu,
+    } = costed;
     let secs = run.all_ready.as_secs_f64();
     results.figure(
         "allReadySeconds",
@@ -358,6 +387,7 @@ async fn provisioning_figures(
     );
     results.data("apiReads", json!(reads.0));
     results.data("controlPlaneCpuSeconds", cpu);
+    let operator_cpu = operator.proc.cpu_seconds();
     results.figure(
         "operatorCpuSeconds",
         "operator CPU",
@@ -389,19 +419,14 @@ pub async fn provision_limited(common: &Common, n: usize) -> anyhow::Result<()> 
     let tracker = Tracker::start(&env.client).await?;
     let operator = env.operator(&[])?;
     let keys = k::identity_keys(&["bench".to_owned()], n);
-    let writes_before = k::apiserver_requests(&env.client).await?;
-    let cpu_before = env.control_plane_cpu();
     say(format!(
         "provisioning {n} identities on one resource with the service's limits on"
     ));
-    let mut run = provision(&env, &tracker, &keys, "1h", provision_timeout(n, 1)).await?;
-    let after = k::apiserver_requests(&env.client).await?;
-    let writes = k::operator_requests(&writes_before, &after, true);
-    let reads = k::operator_requests(&writes_before, &after, false);
+    let costed = provision_costed(&env, &tracker, &keys, provision_timeout(n, 1)).await?;
     let mut results = Results::new("provision-limited");
     results.data("n", json!(n));
     let floor = floor_seconds(n);
-    let secs = run.all_ready.as_secs_f64();
+    let secs = costed.run.all_ready.as_secs_f64();
     results.figure(
         "floorSeconds",
         "floor the limits allow",
@@ -426,20 +451,7 @@ pub async fn provision_limited(common: &Common, n: usize) -> anyhow::Result<()> 
         "≤ 1.15",
     );
     let stats = vec![admin.stats().await?];
-    let cpu = cpu_delta(&cpu_before, &env.control_plane_cpu());
-    let operator_cpu = operator.proc.cpu_seconds();
-    provisioning_figures(
-        &mut results,
-        n,
-        &mut run,
-        &stats,
-        &operator,
-        writes,
-        reads,
-        cpu,
-        operator_cpu,
-    )
-    .await?;
+    provisioning_figures(&mut results, n, costed, &stats, &operator).await?;
     drop(operator);
     results.finish(&env.repo)?;
     Ok(())
@@ -471,15 +483,10 @@ pub async fn provision_unlimited(
     let tracker = Tracker::start(&env.client).await?;
     let operator = env.operator(LIMITS_OFF)?;
     let keys = k::identity_keys(&namespaces, n);
-    let writes_before = k::apiserver_requests(&env.client).await?;
-    let cpu_before = env.control_plane_cpu();
     say(format!(
         "provisioning {n} identities over {resources} resource(s) with limits off"
     ));
-    let mut run = provision(&env, &tracker, &keys, "1h", provision_timeout(n, 8)).await?;
-    let after = k::apiserver_requests(&env.client).await?;
-    let writes = k::operator_requests(&writes_before, &after, true);
-    let reads = k::operator_requests(&writes_before, &after, false);
+    let costed = provision_costed(&env, &tracker, &keys, provision_timeout(n, 8)).await?;
     let mut results = Results::new("provision-unlimited");
     results.data("n", json!(n));
     results.data("resources", json!(resources));
@@ -490,7 +497,7 @@ pub async fn provision_unlimited(
         format!("{raw_rate:.1}/s"),
         "",
     );
-    let rate = run.rate(n);
+    let rate = costed.run.rate(n);
     results.figure(
         "ratioToRawSecrets",
         "identities/s ÷ Secrets/s",
@@ -499,20 +506,7 @@ pub async fn provision_unlimited(
         "",
     );
     let stats = all_stats(&admins).await?;
-    let cpu = cpu_delta(&cpu_before, &env.control_plane_cpu());
-    let operator_cpu = operator.proc.cpu_seconds();
-    provisioning_figures(
-        &mut results,
-        n,
-        &mut run,
-        &stats,
-        &operator,
-        writes,
-        reads,
-        cpu,
-        operator_cpu,
-    )
-    .await?;
+    provisioning_figures(&mut results, n, costed, &stats, &operator).await?;
     drop(operator);
     results.finish(&env.repo)?;
     Ok(())
