@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::Value;
 
-use crate::operator::{basic_spec, connection_secret, ready};
-use crate::support::{Emulator, Operator, TestNamespace, ensure_crd, wait_for};
+use crate::operator::{Setup, basic_spec};
+use crate::support::{Emulator, wait_for};
 use acs_identity_operator::crd::{CommunicationIdentity, reason, secret_key};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -22,18 +20,19 @@ async fn get(url: &str) -> Option<(reqwest::StatusCode, String)> {
 
 #[tokio::test]
 async fn metrics_health_readiness_and_json_logs() {
-    ensure_crd().await;
-    let ns = TestNamespace::new("operations").await;
-    let emulator = Emulator::start(&[]);
-    let secrets: Api<Secret> = ns.api();
-    secrets
-        .create(
-            &PostParams::default(),
-            &connection_secret("acs-connection", &emulator.connection_string),
-        )
-        .await
-        .unwrap();
-    let operator = Operator::start(&ns.name, &emulator, &["--log-format", "json"]);
+    let setup = Setup::start(
+        "operations",
+        Emulator::start(&[]),
+        &["--log-format", "json"],
+    )
+    .await;
+    let (ns, emulator, operator, identities, secrets) = (
+        &setup.ns,
+        &setup.emulator,
+        &setup.operator,
+        &setup.identities,
+        &setup.secrets,
+    );
     let base = operator.admin_url().await;
 
     wait_for("/readyz to answer 200", DEADLINE, || async {
@@ -44,7 +43,6 @@ async fn metrics_health_readiness_and_json_logs() {
     let (status, _) = get(&format!("{base}/healthz")).await.unwrap();
     assert_eq!(status, reqwest::StatusCode::OK);
 
-    let identities: Api<CommunicationIdentity> = ns.api();
     let spec = serde_json::from_value(basic_spec()).unwrap();
     identities
         .create(
@@ -53,11 +51,7 @@ async fn metrics_health_readiness_and_json_logs() {
         )
         .await
         .unwrap();
-    let resource = wait_for("ops to be Ready", DEADLINE, || async {
-        let resource = identities.get_opt("ops").await.unwrap()?;
-        (ready(&resource) == Some(("True".into(), "TokenIssued".into()))).then_some(resource)
-    })
-    .await;
+    let resource = setup.wait_ready("ops").await;
     let expires_on = resource
         .status
         .as_ref()

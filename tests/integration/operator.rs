@@ -16,20 +16,21 @@ use acs_identity_operator::crd::CommunicationIdentity;
 const READY: Duration = Duration::from_secs(30);
 
 /// A namespace with a connection Secret, an emulator and an operator watching it.
-struct Setup {
-    ns: TestNamespace,
-    emulator: Emulator,
-    operator: Operator,
-    identities: Api<CommunicationIdentity>,
-    secrets: Api<Secret>,
+pub(crate) struct Setup {
+    pub(crate) ns: TestNamespace,
+    pub(crate) emulator: Emulator,
+    pub(crate) operator: Operator,
+    pub(crate) identities: Api<CommunicationIdentity>,
+    pub(crate) secrets: Api<Secret>,
 }
 
 impl Setup {
     async fn new(prefix: &str) -> Self {
-        Self::with_emulator(prefix, Emulator::start(&[])).await
+        Self::start(prefix, Emulator::start(&[]), &[]).await
     }
 
-    async fn with_emulator(prefix: &str, emulator: Emulator) -> Self {
+    /// With `emulator`, and `operator_args` after the operator's usual flags.
+    pub(crate) async fn start(prefix: &str, emulator: Emulator, operator_args: &[&str]) -> Self {
         ensure_crd().await;
         let ns = TestNamespace::new(prefix).await;
         let secrets: Api<Secret> = ns.api();
@@ -40,7 +41,7 @@ impl Setup {
             )
             .await
             .unwrap();
-        let operator = Operator::start(&ns.name, &emulator, &[]);
+        let operator = Operator::start(&ns.name, &emulator, operator_args);
         Self {
             identities: ns.api(),
             secrets,
@@ -105,7 +106,7 @@ impl Setup {
         .await
     }
 
-    async fn wait_ready(&self, name: &str) -> CommunicationIdentity {
+    pub(crate) async fn wait_ready(&self, name: &str) -> CommunicationIdentity {
         self.wait_resource(name, "Ready=True with reason TokenIssued", |r| {
             ready(r) == Some(("True".into(), "TokenIssued".into()))
         })
@@ -725,8 +726,12 @@ async fn deleting_the_namespace_still_deletes_the_identity_in_acs() {
 async fn a_short_lived_token_is_refreshed_before_it_expires() {
     // With the emulator's compressed time a "1h" token really lives 60 s: the operator sees a
     // shorter token than it asked for, refreshes at two thirds of its life and says so.
-    let setup =
-        Setup::with_emulator("shortlived", Emulator::start(&["--minutes-are-seconds"])).await;
+    let setup = Setup::start(
+        "shortlived",
+        Emulator::start(&["--minutes-are-seconds"]),
+        &[],
+    )
+    .await;
     setup.apply("hana", basic_spec()).await;
     setup.wait_ready("hana").await;
     let first = setup.secret_data("hana-acs-token").await;
