@@ -57,6 +57,21 @@ impl Contest {
         )
     }
 
+    /// Two replicas, started one after the other: the first leads, the second stands by.
+    async fn start_leader_and_standby(&self) -> (Operator, Operator) {
+        let leader = self.start_replica();
+        wait_logged(&leader, "the first replica to lead", ACQUIRED, STARTUP).await;
+        let standby = self.start_replica();
+        wait_logged(
+            &standby,
+            "the second replica to stand by",
+            STANDING_BY,
+            STARTUP,
+        )
+        .await;
+        (leader, standby)
+    }
+
     async fn create(&self, name: &str) {
         let spec = serde_json::from_value(basic_spec()).unwrap();
         self.identities
@@ -107,16 +122,7 @@ async fn wait_readyz(operator: &Operator, body: &str) {
 #[tokio::test]
 async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
     let contest = Contest::new("leader").await;
-    let mut leader = contest.start_replica();
-    wait_logged(&leader, "the first replica to lead", ACQUIRED, STARTUP).await;
-    let standby = contest.start_replica();
-    wait_logged(
-        &standby,
-        "the second replica to stand by",
-        STANDING_BY,
-        STARTUP,
-    )
-    .await;
+    let (mut leader, standby) = contest.start_leader_and_standby().await;
     // Both are ready: a standby must not hold up a rollout.
     wait_readyz(&leader, "running the controller").await;
     wait_readyz(&standby, "standing by").await;
@@ -165,16 +171,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
 #[tokio::test]
 async fn a_leader_that_stops_cleanly_hands_over_at_once() {
     let contest = Contest::new("handover").await;
-    let mut leader = contest.start_replica();
-    wait_logged(&leader, "the first replica to lead", ACQUIRED, STARTUP).await;
-    let standby = contest.start_replica();
-    wait_logged(
-        &standby,
-        "the second replica to stand by",
-        STANDING_BY,
-        STARTUP,
-    )
-    .await;
+    let (mut leader, standby) = contest.start_leader_and_standby().await;
 
     leader.terminate();
     assert!(leader.logs().contains("released the leader election Lease"));
