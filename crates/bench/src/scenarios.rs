@@ -249,6 +249,35 @@ async fn provision_costed(
     })
 }
 
+/// The API server's own rate for `n` plain Secrets by server-side apply (same client, same
+/// concurrency as the identities).
+async fn raw_secrets_per_second(env: &Env, n: usize) -> anyhow::Result<f64> {
+    k::namespace(&env.client, "raw", None).await?;
+    say(format!(
+        "measuring the API server: {n} plain Secrets by server-side apply"
+    ));
+    let took = k::create_plain_secrets(&env.client, "raw", n, env.concurrency).await?;
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+/// The raw Secret rate and `rate`'s ratio to it.
+fn raw_rate_figures(results: &mut Results, raw_rate: f64, rate: f64, ratio_label: &str) {
+    results.figure(
+        "rawSecretsPerSecond",
+        "API server: plain Secrets/s",
+        json!(round(raw_rate, 1)),
+        format!("{raw_rate:.1}/s"),
+        "",
+    );
+    results.figure(
+        "ratioToRawSecrets",
+        ratio_label,
+        json!(round(rate / raw_rate, 3)),
+        format!("{:.3}", rate / raw_rate),
+        "",
+    );
+}
+
 fn provision_timeout(n: usize, resources: usize) -> Duration {
     Duration::from_secs((floor_seconds(n / resources.max(1)) * 3 + n / 5 + 300) as u64)
 }
@@ -472,13 +501,7 @@ pub async fn provision_unlimited(
     }
     let admins: Vec<Admin> = emulators.iter().map(|(_, a)| a.clone()).collect();
 
-    // The API server's own rate, same run, same client, same concurrency.
-    k::namespace(&env.client, "raw", None).await?;
-    say(format!(
-        "measuring the API server: {n} plain Secrets by server-side apply"
-    ));
-    let raw = k::create_plain_secrets(&env.client, "raw", n, env.concurrency).await?;
-    let raw_rate = n as f64 / raw.as_secs_f64();
+    let raw_rate = raw_secrets_per_second(&env, n).await?;
 
     let tracker = Tracker::start(&env.client).await?;
     let operator = env.operator(LIMITS_OFF)?;
@@ -490,20 +513,11 @@ pub async fn provision_unlimited(
     let mut results = Results::new("provision-unlimited");
     results.data("n", json!(n));
     results.data("resources", json!(resources));
-    results.figure(
-        "rawSecretsPerSecond",
-        "API server: plain Secrets/s",
-        json!(round(raw_rate, 1)),
-        format!("{raw_rate:.1}/s"),
-        "",
-    );
-    let rate = costed.run.rate(n);
-    results.figure(
-        "ratioToRawSecrets",
+    raw_rate_figures(
+        &mut results,
+        raw_rate,
+        costed.run.rate(n),
         "identities/s ÷ Secrets/s",
-        json!(round(rate / raw_rate, 3)),
-        format!("{:.3}", rate / raw_rate),
-        "",
     );
     let stats = all_stats(&admins).await?;
     provisioning_figures(&mut results, n, costed, &stats, &operator).await?;
@@ -636,22 +650,12 @@ pub async fn scale_out(
     );
     drop(operator);
     if raw_secrets {
-        k::namespace(&env.client, "raw", None).await?;
-        let raw = k::create_plain_secrets(&env.client, "raw", total, env.concurrency).await?;
-        let raw_rate = total as f64 / raw.as_secs_f64();
-        results.figure(
-            "rawSecretsPerSecond",
-            "API server: plain Secrets/s",
-            json!(round(raw_rate, 1)),
-            format!("{raw_rate:.1}/s"),
-            "",
-        );
-        results.figure(
-            "ratioToRawSecrets",
+        let raw_rate = raw_secrets_per_second(&env, total).await?;
+        raw_rate_figures(
+            &mut results,
+            raw_rate,
+            many_rate,
             "phase 2 rate ÷ Secrets/s",
-            json!(round(many_rate / raw_rate, 3)),
-            format!("{:.3}", many_rate / raw_rate),
-            "",
         );
     }
     results.finish(&env.repo)?;
