@@ -1,11 +1,15 @@
 //! The CRD checked in under crds/ must be exactly what `acs-identity-operator crd` prints.
 
+use std::path::PathBuf;
 use std::process::Command;
 
-const CHECKED_IN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/crds/communicationidentity.yaml"
-);
+/// Found at run time (cargo sets CARGO_MANIFEST_DIR for the test process): a build cache shared
+/// by checkouts at other paths can hand this checkout a binary compiled in another one, whose
+/// compile-time path may no longer exist.
+fn checked_in() -> PathBuf {
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo test"))
+        .join("crds/communicationidentity.yaml")
+}
 
 #[test]
 fn checked_in_crd_matches_the_generated_one() {
@@ -18,7 +22,7 @@ fn checked_in_crd_matches_the_generated_one() {
         "acs-identity-operator crd failed: {output:?}"
     );
     let generated = String::from_utf8(output.stdout).expect("the CRD is UTF-8");
-    let checked_in = std::fs::read_to_string(CHECKED_IN).unwrap_or_default();
+    let checked_in = std::fs::read_to_string(checked_in()).unwrap_or_default();
     assert!(
         generated == checked_in,
         "crds/communicationidentity.yaml is stale; regenerate it with\n\

@@ -15,8 +15,16 @@ use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
+/// The checkout under test. Read at run time (cargo sets it for every test process): the
+/// compile-time value is baked into the binary, and a build cache shared by checkouts at other
+/// paths can hand this checkout a test binary built in another one.
 pub fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .expect("CARGO_MANIFEST_DIR is set by cargo test")
+    })
 }
 
 /// The admin kubeconfig of the run's control plane, starting it if needed.
