@@ -15,4 +15,4 @@ pub use client::{AcsClient, BuildError, ClientOptions, CreatedIdentity, Observer
 pub use connection::{AccessKey, ConnectionString, ConnectionStringError};
 pub use error::{Error, ServiceError};
 pub use ratelimit::{Operation, Quota, RateLimits};
-pub use retry::RetryPolicy;
+pub use retry::{MAX_RETRY_AFTER, RetryPolicy};

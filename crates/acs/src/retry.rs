@@ -104,23 +104,49 @@ impl RetryPolicy {
     }
 }
 
+/// The longest wait [`retry_after`] reports. The service counts requests in 30-second windows,
+/// so an honest answer asks for about that; an hour is plenty, and the bound keeps whatever an
+/// endpoint sends (`99999999999`, a date in the year 9999) from parking work for years or
+/// overflowing the arithmetic of whoever schedules the retry.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
+
 /// The wait a throttled response asks for: `retry-after-ms` or `x-ms-retry-after-ms`
 /// (milliseconds, which Azure services send alongside, and azure-core prefers), else
-/// `Retry-After` as seconds or an HTTP date.
+/// `Retry-After` as seconds or an HTTP date. At most [`MAX_RETRY_AFTER`].
 pub fn retry_after(headers: &HeaderMap, now: jiff::Timestamp) -> Option<Duration> {
     let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
     let millis = ["retry-after-ms", "x-ms-retry-after-ms"]
         .into_iter()
-        .find_map(|name| text(name)?.parse::<u64>().ok());
-    if let Some(millis) = millis {
-        return Some(Duration::from_millis(millis));
+        .find_map(|name| whole_number(text(name)?));
+    let after = match millis {
+        Some(millis) => Duration::from_millis(millis),
+        None => {
+            let value = text("retry-after")?;
+            match whole_number(value) {
+                Some(seconds) => Duration::from_secs(seconds),
+                None => {
+                    let at = crate::signing::parse_http_date(value)?;
+                    // A date in the past asks for no wait at all.
+                    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+                }
+            }
+        }
+    };
+    Some(after.min(MAX_RETRY_AFTER))
+}
+
+/// A run of ASCII digits (HTTP's `delay-seconds`), saturating at `u64::MAX` instead of failing:
+/// a number too large for `u64` still asks for a long wait, which the caller then bounds.
+/// `str::parse` would both reject it and accept a leading `+`, which HTTP does not allow.
+fn whole_number(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
     }
-    let value = text("retry-after")?;
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = crate::signing::parse_http_date(value)?;
-    Some(Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO))
+    Some(text.bytes().fold(0u64, |number, digit| {
+        number
+            .saturating_mul(10)
+            .saturating_add(u64::from(digit - b'0'))
+    }))
 }
 
 #[cfg(test)]
@@ -258,7 +284,7 @@ mod tests {
             map
         };
         type Headers<'a> = &'a [(&'static str, &'static str)];
-        let cases: [(Headers, Option<Duration>); 8] = [
+        let cases: [(Headers, Option<Duration>); 9] = [
             (&[("retry-after", "5")], Some(5 * S)),
             (&[("retry-after", " 0 ")], Some(Duration::ZERO)),
             (
@@ -278,10 +304,40 @@ mod tests {
                 Some(Duration::from_millis(1500)),
             ),
             (&[("retry-after", "-3")], None),
+            (&[("retry-after", "+3")], None),
             (&[], None),
         ];
         for (pairs, expected) in cases {
             assert_eq!(retry_after(&headers(pairs), now), expected, "{pairs:?}");
         }
+    }
+
+    #[test]
+    fn retry_after_never_exceeds_an_hour() {
+        let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        let cases = [
+            ("retry-after", "99999999999"),
+            ("retry-after", "18446744073709551616"),
+            ("retry-after", "999999999999999999999999999999999999999999"),
+            ("retry-after", "3601"),
+            ("retry-after", "Thu, 30 Dec 9999 12:00:00 GMT"),
+            ("retry-after-ms", "18446744073709551615"),
+            ("retry-after-ms", "99999999999999999999999999999"),
+            ("x-ms-retry-after-ms", "3600001"),
+        ];
+        for (name, value) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                retry_after(&headers, now),
+                Some(MAX_RETRY_AFTER),
+                "{name}: {value}"
+            );
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("3600"));
+        assert_eq!(retry_after(&headers, now), Some(MAX_RETRY_AFTER));
+        headers.insert("retry-after", HeaderValue::from_static("3599"));
+        assert_eq!(retry_after(&headers, now), Some(MAX_RETRY_AFTER - S));
     }
 }
