@@ -38,13 +38,18 @@ struct Args {
     /// Turn the service limits (429 + Retry-After) off.
     #[arg(long)]
     no_limits: bool,
-    /// Override one limit, e.g. `--limit issueAccessToken=5` (repeatable). Names:
-    /// createIdentity, createIdentityWithToken, issueAccessToken, deleteIdentity,
+    /// Override one limit, e.g. `--limit issueAccessToken=5` (repeatable; N at least 1).
+    /// Names: createIdentity, createIdentityWithToken, issueAccessToken, deleteIdentity,
     /// revokeAccessTokens.
     #[arg(long = "limit", value_name = "OPERATION=N")]
     limits: Vec<String>,
-    /// Length of the sliding limit window.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    /// Length of the sliding limit window (at least 1).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     limit_window_seconds: u64,
     /// Keep identities in this file (a JSON-lines journal) across restarts.
     #[arg(long, value_name = "FILE")]
@@ -131,6 +136,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         let value = value
             .parse()
             .map_err(|_| format!("--limit `{spec}`: `{value}` is not a whole number"))?;
+        if value == 0 {
+            return Err(format!(
+                "--limit `{spec}`: a limit must be at least 1 (--no-limits turns limits off)"
+            ));
+        }
         settings
             .limits
             .set_by_name(name, value)
@@ -223,10 +233,23 @@ mod tests {
             &["--fail-500", "2"],
             &["--resource-id", "xyz"],
             &["--http", "--tls-dir", "/tmp"],
+            &["--limit", "issueAccessToken=0"],
+            &["--limit-window-seconds", "0"],
         ] {
             let err = run(args).err().unwrap();
             assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
             assert!(!err.contains("not base64!"), "{err}");
         }
+    }
+
+    #[test]
+    fn zero_limits_are_refused_naming_the_flag() {
+        let err = run(&["--limit", "deleteIdentity=0"]).err().unwrap();
+        assert!(
+            err.starts_with("--limit `deleteIdentity=0`: a limit must be at least 1"),
+            "{err}"
+        );
+        let err = run(&["--limit-window-seconds", "0"]).err().unwrap();
+        assert!(err.contains("--limit-window-seconds"), "{err}");
     }
 }

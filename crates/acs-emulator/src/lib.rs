@@ -81,10 +81,7 @@ impl Settings {
         if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
             return Err("timeScale must be a positive number".into());
         }
-        if self.limits.window_seconds == 0 {
-            return Err("limits.windowSeconds must be at least 1".into());
-        }
-        Ok(())
+        self.limits.validate()
     }
 
     /// The real lifetime, in whole seconds (at least 1), of a token asked for `minutes`.

@@ -36,6 +36,17 @@ impl LimitedOperation {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// The JSON (camelCase) name, as in `--limit issueAccessToken=5` and the admin config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CreateIdentity => "createIdentity",
+            Self::CreateIdentityWithToken => "createIdentityWithToken",
+            Self::IssueAccessToken => "issueAccessToken",
+            Self::DeleteIdentity => "deleteIdentity",
+            Self::RevokeAccessTokens => "revokeAccessTokens",
+        }
+    }
 }
 
 /// The limit numbers; the defaults are the documented ACS limits.
@@ -93,6 +104,24 @@ impl Limits {
         *slot = value;
         Ok(())
     }
+
+    /// A window of at least a second and every limit at least 1: a limit of 0 would refuse
+    /// the operation forever, which no ACS limit does (`enabled: false` turns limits off).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.window_seconds == 0 {
+            return Err("limits.windowSeconds must be at least 1".into());
+        }
+        if let Some(op) = LimitedOperation::ALL
+            .into_iter()
+            .find(|&op| self.limit(op) == 0)
+        {
+            return Err(format!(
+                "limits.{} must be at least 1 (`\"enabled\": false` turns the limits off)",
+                op.name()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The admission times of each operation within the current window.
@@ -125,8 +154,11 @@ impl SlidingWindows {
             times.push_back(now);
             return Ok(());
         }
-        let oldest = *times.front().expect("a full window is not empty");
-        let wait = window - now.duration_since(oldest);
+        // Only a zero limit (refused by `Limits::validate`, but this type is public) leaves
+        // the window empty here: it admits nothing, so the wait is a whole window.
+        let wait = times
+            .front()
+            .map_or(window, |&oldest| window - now.duration_since(oldest));
         Err(Duration::try_from(wait).unwrap_or(Duration::ZERO))
     }
 
@@ -193,6 +225,41 @@ mod tests {
         for _ in 0..10 {
             windows.try_admit(op, at(30.0), &limits).unwrap();
         }
+    }
+
+    #[test]
+    fn a_zero_limit_refuses_a_full_window_without_panicking() {
+        let mut limits = Limits::default();
+        limits.set_by_name("issueAccessToken", 0).unwrap();
+        let mut windows = SlidingWindows::default();
+        let wait = windows
+            .try_admit(LimitedOperation::IssueAccessToken, at(0.0), &limits)
+            .unwrap_err();
+        assert_eq!(wait, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn limits_and_the_window_must_be_at_least_1() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        for op in LimitedOperation::ALL {
+            let mut limits = Limits::default();
+            limits.set_by_name(op.name(), 0).unwrap();
+            let err = limits.validate().unwrap_err();
+            assert!(
+                err.starts_with(&format!("limits.{} must be at least 1", op.name())),
+                "{err}"
+            );
+        }
+        let zero_window = Limits {
+            window_seconds: 0,
+            ..Limits::default()
+        };
+        assert!(
+            zero_window
+                .validate()
+                .unwrap_err()
+                .contains("windowSeconds")
+        );
     }
 
     #[test]

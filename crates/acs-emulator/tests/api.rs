@@ -121,6 +121,17 @@ impl Client {
     }
 
     async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let response = self.admin_response(method, path, body).await;
+        assert_eq!(response.status(), 200, "{method} {path}");
+        response.json().await.unwrap()
+    }
+
+    async fn admin_response(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
         let mut request = self.http.request(
             method.parse().unwrap(),
             format!("{}/_emulator/{path}", self.endpoint),
@@ -128,9 +139,14 @@ impl Client {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 200, "{method} {path}");
-        response.json().await.unwrap()
+        request.send().await.unwrap()
+    }
+
+    /// An admin request that must be refused with 400; returns the error message.
+    async fn admin_refused(&self, method: &str, path: &str, body: Value) -> String {
+        let response = self.admin_response(method, path, Some(body)).await;
+        assert_eq!(response.status(), 400, "{method} {path}");
+        error_of(response).await.error.message
     }
 
     async fn validate(&self, token: &str) -> Value {
@@ -453,6 +469,30 @@ async fn the_1001st_issue_in_a_window_gets_429_with_retry_after() {
         )
         .await;
     assert_eq!(client.send("POST", &revoke, "").await.status(), 204);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_zero_limit_is_refused_at_runtime_and_the_limits_keep_working() {
+    let (emulator, client) = start(config()).await;
+    let before = client.admin("GET", "config", None).await;
+    let message = client
+        .admin_refused(
+            "PATCH",
+            "config",
+            json!({"limits": {"issueAccessToken": 0}}),
+        )
+        .await;
+    assert!(
+        message.contains("limits.issueAccessToken must be at least 1"),
+        "{message}"
+    );
+    assert_eq!(client.admin("GET", "config", None).await, before);
+    // A poisoned windows lock would fail every limited request from here on.
+    let id = client.create("").await.identity.id;
+    for _ in 0..2 {
+        assert_eq!(client.issue(&id, 60).await.status(), 200);
+    }
     emulator.shutdown().await;
 }
 
