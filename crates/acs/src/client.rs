@@ -20,6 +20,10 @@ use crate::wire::{
 };
 use crate::{AccessKey, ConnectionString, signing};
 
+/// The largest answer the client reads. Identity answers are well under 2 KiB; anything near
+/// this is not ACS talking, and reading it whole would let the endpoint fill memory.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// Receives what the client does, for metrics. Every method defaults to doing nothing.
 pub trait Observer: Send + Sync {
     /// One HTTP exchange finished (each retry is one more).
@@ -445,10 +449,11 @@ impl AcsClient {
 
         let start = Instant::now();
         let exchange = async {
-            let response = request.send().await?;
+            let mut response = request.send().await?;
             let status = response.status();
             let headers = response.headers().clone();
-            Ok::<_, reqwest::Error>((status, headers, response.bytes().await?.to_vec()))
+            let body = read_capped(&mut response).await?;
+            Ok::<_, reqwest::Error>((status, headers, body))
         }
         .await;
         let duration = start.elapsed();
@@ -475,6 +480,12 @@ impl AcsClient {
             RequestOutcome::Status(status.as_u16()),
             duration,
         );
+        let Some(bytes) = bytes else {
+            return Err(Error::AnswerTooLarge {
+                operation: call.operation,
+                status: status.as_u16(),
+            });
+        };
         if call.success.contains(&status) {
             return Ok((status, bytes));
         }
@@ -483,6 +494,26 @@ impl AcsClient {
         }
         Err(classify(call, status, &headers, &bytes))
     }
+}
+
+/// Reads the body, or `None` once it is known to exceed [`MAX_ANSWER_BYTES`]: from
+/// Content-Length before anything is read, else as soon as more has arrived. A loop over
+/// `chunk()` because reqwest offers no capped read, and this is all one takes.
+async fn read_capped(response: &mut reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
+    {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 fn json<T: serde::Serialize>(body: &T) -> Vec<u8> {

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::client::MAX_ANSWER_BYTES;
 use crate::ratelimit::Operation;
 
 /// The error body ACS returned, with the HTTP status it came with.
@@ -53,6 +54,12 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    #[error(
+        "ACS's answer to {} exceeded {} KiB (HTTP {status}), far more than any identity answer: check that the connection string's endpoint is the ACS resource itself; try again later",
+        .operation.as_str(),
+        MAX_ANSWER_BYTES / 1024
+    )]
+    AnswerTooLarge { operation: Operation, status: u16 },
     #[error("ACS answered {} with an unexpected response (HTTP {status}): {detail}", .operation.as_str())]
     UnexpectedResponse {
         operation: Operation,
@@ -79,11 +86,14 @@ impl Error {
             Error::Unavailable(_) => "unavailable",
             Error::Timeout { .. } => "timeout",
             Error::Connection { .. } => "connection",
+            Error::AnswerTooLarge { .. } => "answer_too_large",
             Error::UnexpectedResponse { .. } => "unexpected_response",
         }
     }
 
     /// Whether trying again later may succeed (throttling, 5xx, timeouts, connection failures).
+    /// An oversized answer counts too: like a 5xx it says nothing about the request, and what
+    /// answers may change (a proxy's error page goes away), so the caller backs off.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
@@ -91,13 +101,16 @@ impl Error {
                 | Error::Unavailable(_)
                 | Error::Timeout { .. }
                 | Error::Connection { .. }
+                | Error::AnswerTooLarge { .. }
         )
     }
 
     /// The HTTP status, when the service answered.
     pub fn status(&self) -> Option<u16> {
         match self {
-            Error::UnexpectedResponse { status, .. } => Some(*status),
+            Error::UnexpectedResponse { status, .. } | Error::AnswerTooLarge { status, .. } => {
+                Some(*status)
+            }
             _ => self.service_error().map(|error| error.status),
         }
     }
@@ -110,9 +123,10 @@ impl Error {
             | Error::NotFound(error)
             | Error::Throttled { error, .. }
             | Error::Unavailable(error) => Some(error),
-            Error::Timeout { .. } | Error::Connection { .. } | Error::UnexpectedResponse { .. } => {
-                None
-            }
+            Error::Timeout { .. }
+            | Error::Connection { .. }
+            | Error::AnswerTooLarge { .. }
+            | Error::UnexpectedResponse { .. } => None,
         }
     }
 
@@ -170,11 +184,28 @@ mod tests {
             "ACS answered delete_identity with an unexpected response (HTTP 200): expected 204"
         );
         assert_eq!(unexpected.status(), Some(200));
+        let too_large = Error::AnswerTooLarge {
+            operation: Operation::IssueToken,
+            status: 200,
+        };
+        assert_eq!(
+            too_large.to_string(),
+            "ACS's answer to issue_token exceeded 64 KiB (HTTP 200), far more than any identity answer: check that the connection string's endpoint is the ACS resource itself; try again later"
+        );
+        assert_eq!(too_large.status(), Some(200));
+        assert_eq!(too_large.metric_label(), "answer_too_large");
     }
 
     #[test]
     fn only_transient_errors_are_transient() {
         assert!(Error::Unavailable(service(503)).is_transient());
+        assert!(
+            Error::AnswerTooLarge {
+                operation: Operation::CreateIdentity,
+                status: 201
+            }
+            .is_transient()
+        );
         assert!(
             Error::Timeout {
                 after: Duration::from_secs(1)

@@ -11,7 +11,10 @@ pub mod retry;
 pub mod signing;
 pub mod wire;
 
-pub use client::{AcsClient, BuildError, ClientOptions, CreatedIdentity, Observer, RequestOutcome};
+pub use client::{
+    AcsClient, BuildError, ClientOptions, CreatedIdentity, MAX_ANSWER_BYTES, Observer,
+    RequestOutcome,
+};
 pub use connection::{AccessKey, ConnectionString, ConnectionStringError};
 pub use error::{Error, ServiceError};
 pub use ratelimit::{Operation, Quota, RateLimits};

@@ -2,18 +2,21 @@
 //! from the raw request-target and body it received.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use acs::signing;
 use acs::{
-    AcsClient, BuildError, ClientOptions, ConnectionString, Error, Observer, Operation,
-    RequestOutcome, RetryPolicy,
+    AcsClient, BuildError, ClientOptions, ConnectionString, Error, MAX_ANSWER_BYTES, Observer,
+    Operation, RequestOutcome, RetryPolicy,
 };
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 const KEY: &str = "YWNzLW9wZXJhdG9yLXRlc3Qta2V5LTAxMjM0NTY3ODk=";
 const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.c2ln";
@@ -85,16 +88,16 @@ impl Server {
             replies: Mutex::new(replies.into()),
             seen: Mutex::default(),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let app = axum::Router::new()
             .fallback(answer)
             .with_state(script.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let connection =
-            ConnectionString::parse(&format!("endpoint=http://{address}/;accesskey={KEY}"), true)
-                .unwrap();
-        Self { connection, script }
+        Self {
+            connection: connection_to(address),
+            script,
+        }
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -104,6 +107,32 @@ impl Server {
     fn client(&self, options: ClientOptions) -> AcsClient {
         AcsClient::new(self.connection.clone(), options).unwrap()
     }
+}
+
+fn connection_to(address: SocketAddr) -> ConnectionString {
+    ConnectionString::parse(&format!("endpoint=http://{address}/;accesskey={KEY}"), true).unwrap()
+}
+
+/// A server speaking raw HTTP/1.1, for answers axum would not give (endless or stalled
+/// bodies): `answer` gets each connection once the request head has been read.
+async fn raw_server<F, Fut>(answer: F) -> ConnectionString
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && socket.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            tokio::spawn(answer(socket));
+        }
+    });
+    connection_to(address)
 }
 
 async fn answer(State(script): State<Arc<Script>>, request: Request) -> Response {
@@ -533,11 +562,8 @@ async fn an_unreachable_endpoint_is_a_connection_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     drop(listener);
-    let connection =
-        ConnectionString::parse(&format!("endpoint=http://{address}/;accesskey={KEY}"), true)
-            .unwrap();
     let client = AcsClient::new(
-        connection,
+        connection_to(address),
         ClientOptions {
             retry: RetryPolicy::NEVER,
             ..ClientOptions::default()
@@ -549,6 +575,110 @@ async fn an_unreachable_endpoint_is_a_connection_error() {
     assert_eq!(error.metric_label(), "connection");
     assert!(error.to_string().contains(&address.to_string()), "{error}");
     assert_no_secrets(&error);
+}
+
+/// An ACS error body of exactly `length` bytes.
+fn error_body_of(length: usize) -> String {
+    let empty = acs_error(400, "ValidationError", "").body;
+    acs_error(400, "ValidationError", &"x".repeat(length - empty.len())).body
+}
+
+#[tokio::test]
+async fn answers_are_read_up_to_64_kib() {
+    let at_the_cap = error_body_of(MAX_ANSWER_BYTES);
+    assert_eq!(at_the_cap.len(), 64 * 1024);
+    let server = Server::start(vec![
+        reply(400, at_the_cap),
+        reply(400, error_body_of(MAX_ANSWER_BYTES + 1)),
+    ])
+    .await;
+    let client = server.client(ClientOptions {
+        retry: RetryPolicy::NEVER,
+        ..ClientOptions::default()
+    });
+
+    let error = client.issue_token(ID, &scopes(), 60).await.unwrap_err();
+    assert!(matches!(error, Error::BadRequest(_)), "{error:?}");
+    let error = client.issue_token(ID, &scopes(), 60).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::AnswerTooLarge {
+                operation: Operation::IssueToken,
+                status: 400
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("exceeded 64 KiB"), "{error}");
+    assert!(error.is_transient());
+}
+
+#[tokio::test]
+async fn an_oversized_answer_is_retried_like_a_server_error() {
+    let server = Server::start(vec![
+        reply(200, "x".repeat(1024 * 1024)),
+        reply(200, token_body()),
+    ])
+    .await;
+    let client = server.client(options(Arc::default()));
+
+    client.issue_token(ID, &scopes(), 60).await.unwrap();
+    assert_eq!(server.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn an_endless_body_is_cut_off_at_the_cap() {
+    // Chunked, so no Content-Length warns the client: it must stop reading by itself.
+    let connection = raw_server(|mut socket| async move {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+        if socket.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
+        while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+    })
+    .await;
+    let client = AcsClient::new(
+        connection,
+        ClientOptions {
+            retry: RetryPolicy::NEVER,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+
+    let error = client.get_identity(ID).await.unwrap_err();
+    assert!(matches!(error, Error::AnswerTooLarge { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn the_attempt_timeout_covers_a_stalled_body() {
+    let connection = raw_server(|mut socket| async move {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":";
+        if socket.write_all(head.as_bytes()).await.is_ok() {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    })
+    .await;
+    let client = AcsClient::new(
+        connection,
+        ClientOptions {
+            request_timeout: Duration::from_millis(300),
+            retry: RetryPolicy::NEVER,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+
+    let start = Instant::now();
+    let error = client.get_identity(ID).await.unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
