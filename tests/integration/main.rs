@@ -3,6 +3,7 @@
 
 mod chart;
 mod controlplane;
+mod hostile;
 mod leader;
 mod operations;
 mod operator;

@@ -10,7 +10,9 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::support::{Emulator, Operator, TestNamespace, ensure_crd, wait_for, wait_gone};
+use crate::support::{
+    Emulator, Operator, TestNamespace, ensure_crd, secret_strings, wait_for, wait_gone,
+};
 use acs_identity_operator::crd::CommunicationIdentity;
 
 const READY: Duration = Duration::from_secs(30);
@@ -190,16 +192,6 @@ pub(crate) fn ready(resource: &CommunicationIdentity) -> Option<(String, String)
         .iter()
         .find(|c| c.type_ == "Ready")?;
     Some((condition.status.clone(), condition.reason.clone()))
-}
-
-fn secret_strings(secret: &Secret) -> BTreeMap<String, String> {
-    secret
-        .data
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-        .collect()
 }
 
 fn total_requests(stats: &Value) -> u64 {
@@ -768,6 +760,8 @@ async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted(
         .delete("original", &DeleteParams::default())
         .await
         .unwrap();
+    // Until it is gone, the original still holds the identity (IdentityInUse).
+    wait_gone(&setup.identities, "original", READY).await;
 
     let mut adopting = basic_spec();
     adopting["identityId"] = json!(identity_id);

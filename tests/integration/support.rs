@@ -5,12 +5,13 @@
 //! when the test binary exits — however it exits, a panic or a kill included. With
 //! `ACS_TEST_REUSE_CLUSTER=1` the cluster that `KUBECONFIG` points at is used instead.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -111,6 +112,17 @@ impl Drop for TestNamespace {
         })
         .join();
     }
+}
+
+/// A Secret's data as UTF-8 strings.
+pub fn secret_strings(secret: &Secret) -> BTreeMap<String, String> {
+    secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+        .collect()
 }
 
 /// Waits until the object `name` no longer exists.
@@ -307,6 +319,12 @@ impl Operator {
         Self::start_with_kubeconfig(namespace, emulator, extra, kubeconfig())
     }
 
+    /// Like `start`, but trusting the CAs in `ca_file` (a PEM bundle) for ACS instead of the
+    /// emulator's alone: for tenants whose endpoints are servers of the test's own.
+    pub fn start_with_ca_file(namespace: &str, ca_file: &Path, extra: &[&str]) -> Self {
+        Self::spawn(namespace, ca_file, extra, kubeconfig())
+    }
+
     /// Like `start`, but talking to the API server as whoever `kubeconfig` names (e.g. a
     /// ServiceAccount, to prove its RBAC is enough).
     pub fn start_with_kubeconfig(
@@ -315,14 +333,21 @@ impl Operator {
         extra: &[&str],
         kubeconfig: &Path,
     ) -> Self {
+        Self::spawn(namespace, &emulator.ca_file, extra, kubeconfig)
+    }
+
+    fn spawn(namespace: &str, ca_file: &Path, extra: &[&str], kubeconfig: &Path) -> Self {
         let dir = TempDir::new("operator");
         let log = dir.path().join("operator.log");
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_acs-identity-operator"))
             .args(["run", "--watch-namespace", namespace, "--acs-ca-file"])
-            .arg(&emulator.ca_file)
+            .arg(ca_file)
             // Tests run operators side by side: each serves /metrics on a port of its own.
             .args(["--metrics-addr", "127.0.0.1:0"])
+            // Every endpoint a test uses is on loopback, which the default (Azure's ACS domains
+            // only) refuses.
+            .args(["--acs-endpoint-suffixes", "127.0.0.1,localhost"])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,acs_identity_operator=debug")
@@ -374,6 +399,25 @@ impl Operator {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// How the process ended, or `None` while it still runs.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait on the operator process")
+    }
+
+    /// The process's peak resident memory so far (`VmHWM` in `/proc/<pid>/status`), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {path} (has the operator exited?): {e}"));
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmHWM line in {path}"));
+        kib * 1024
     }
 
     /// Stops the process at once, as a crash would.
