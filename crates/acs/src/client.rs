@@ -11,7 +11,10 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use crate::error::{Error, ServiceError, root_cause};
+use crate::error::{
+    Error, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError, bounded_echo,
+    root_cause,
+};
 use crate::ratelimit::{Operation, Quota, RateLimits};
 use crate::retry::{self, RetryPolicy};
 use crate::wire::{
@@ -207,7 +210,8 @@ impl AcsClient {
             cause: root_cause(&source),
             source,
         })?;
-        let invalid = || BuildError::InvalidEndpoint(connection.endpoint.clone());
+        let invalid =
+            || BuildError::InvalidEndpoint(bounded_echo(&connection.endpoint, MAX_ENDPOINT_BYTES));
         let base = Url::parse(&connection.endpoint).map_err(|_| invalid())?;
         let host = match (base.host_str().ok_or_else(invalid)?, base.port()) {
             (host, Some(port)) => format!("{host}:{port}"),
@@ -465,7 +469,10 @@ impl AcsClient {
                     (Error::Timeout { after: timeout }, RequestOutcome::Timeout)
                 } else {
                     let error = Error::Connection {
-                        endpoint: inner.base.as_str().trim_end_matches('/').to_owned(),
+                        endpoint: bounded_echo(
+                            inner.base.as_str().trim_end_matches('/'),
+                            MAX_ENDPOINT_BYTES,
+                        ),
                         cause: root_cause(&source),
                         source,
                     };
@@ -541,18 +548,13 @@ fn decode<T: DeserializeOwned>(
 
 /// The typed error of a non-success answer.
 fn classify(call: &Call, status: StatusCode, headers: &HeaderMap, bytes: &[u8]) -> Error {
-    let parsed = serde_json::from_slice::<ErrorResponse>(bytes).ok();
-    let service = || match &parsed {
-        Some(body) => ServiceError {
-            status: status.as_u16(),
-            code: body.error.code.clone(),
-            message: body.error.message.clone(),
-        },
-        None => ServiceError {
+    let from_body = service_error_in(status, bytes);
+    let service = || {
+        from_body.clone().unwrap_or_else(|| ServiceError {
             status: status.as_u16(),
             code: status.canonical_reason().unwrap_or("Unknown").to_owned(),
             message: no_error_body(headers, bytes),
-        },
+        })
     };
     match status {
         StatusCode::BAD_REQUEST => Error::BadRequest(service()),
@@ -565,8 +567,8 @@ fn classify(call: &Call, status: StatusCode, headers: &HeaderMap, bytes: &[u8]) 
         status if status.is_server_error() => Error::Unavailable(service()),
         _ => {
             let expected: Vec<_> = call.success.iter().map(StatusCode::as_str).collect();
-            let got = match &parsed {
-                Some(body) => format!("{}: {}", body.error.code, body.error.message),
+            let got = match &from_body {
+                Some(error) => format!("{}: {}", error.code, error.message),
                 None => no_error_body(headers, bytes),
             };
             Error::UnexpectedResponse {
@@ -578,18 +580,35 @@ fn classify(call: &Call, status: StatusCode, headers: &HeaderMap, bytes: &[u8]) 
     }
 }
 
+/// The ACS error body in `bytes`, if it is one: the only place the service's words enter an
+/// error, so the only place they are bounded.
+fn service_error_in(status: StatusCode, bytes: &[u8]) -> Option<ServiceError> {
+    let body = serde_json::from_slice::<ErrorResponse>(bytes).ok()?;
+    Some(ServiceError {
+        status: status.as_u16(),
+        code: bounded_echo(&body.error.code, MAX_CODE_BYTES),
+        message: bounded_echo(&body.error.message, MAX_MESSAGE_BYTES),
+    })
+}
+
 /// Describes a body that is not an ACS error without quoting it (a proxy's HTML page, or a
 /// success body that could hold a token).
 fn no_error_body(headers: &HeaderMap, bytes: &[u8]) -> String {
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .unwrap_or("no content type");
+        .map_or_else(
+            || "no content type".to_owned(),
+            |value| bounded_echo(value, MAX_CONTENT_TYPE_BYTES),
+        );
     format!(
         "the answer carries no ACS error body ({content_type}, {} bytes)",
         bytes.len()
     )
 }
+
+/// Longest Content-Type echoed: real ones are like `application/json; charset=utf-8`.
+const MAX_CONTENT_TYPE_BYTES: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -636,5 +655,49 @@ mod tests {
             call.url.as_str(),
             format!("https://r.communication.azure.com{}", call.target)
         );
+    }
+
+    fn call_expecting(success: &'static [StatusCode]) -> Call {
+        Call {
+            operation: Operation::IssueToken,
+            method: Method::POST,
+            url: Url::parse("https://r.communication.azure.com/identities").unwrap(),
+            target: "/identities".into(),
+            body: None,
+            success,
+        }
+    }
+
+    #[test]
+    fn service_words_are_bounded_however_long() {
+        let megabyte = "m".repeat(1 << 20);
+        let body = serde_json::to_vec(&ErrorResponse::new(megabyte.clone(), megabyte)).unwrap();
+        let headers = HeaderMap::new();
+        for status in [400, 401, 404, 429, 503, 409] {
+            let status = StatusCode::from_u16(status).unwrap();
+            let error = classify(&call_expecting(&[StatusCode::OK]), status, &headers, &body);
+            let text = error.to_string();
+            assert!(text.len() < 600, "{status}: {} bytes", text.len());
+            assert!(text.contains("mmm…"), "{text}");
+        }
+        let error = classify(
+            &call_expecting(&[StatusCode::OK]),
+            StatusCode::BAD_REQUEST,
+            &headers,
+            &body,
+        );
+        let service = error.service_error().unwrap();
+        assert_eq!(service.code.len(), MAX_CODE_BYTES + '…'.len_utf8());
+        assert_eq!(service.message.len(), MAX_MESSAGE_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn a_foreign_content_type_is_bounded() {
+        let mut headers = HeaderMap::new();
+        let long = format!("text/html; {}", "x".repeat(10_000));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_str(&long).unwrap());
+        let text = no_error_body(&headers, b"<html>");
+        assert!(text.len() < 150, "{text}");
+        assert!(text.starts_with("the answer carries no ACS error body (text/html; xxx"));
     }
 }

@@ -5,6 +5,8 @@ use std::fmt;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
+use crate::error::{MAX_ENDPOINT_BYTES, bounded_echo};
+
 /// The decoded access key. Its `Debug` never shows the bytes, so it cannot leak into logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AccessKey(Vec<u8>);
@@ -98,17 +100,19 @@ impl ConnectionString {
             .filter(|k| !k.is_empty())
             .ok_or(ConnectionStringError::MissingKey)?;
         let endpoint = endpoint.trim_end_matches('/').to_owned();
+        // The endpoint is whatever the Secret holds: echoed bounded.
+        let shown = || bounded_echo(&endpoint, MAX_ENDPOINT_BYTES);
         let (scheme, authority) = endpoint
             .split_once("://")
-            .ok_or_else(|| ConnectionStringError::EndpointNotUrl(endpoint.clone()))?;
+            .ok_or_else(|| ConnectionStringError::EndpointNotUrl(shown()))?;
         if authority.is_empty() || authority.contains('/') {
-            return Err(ConnectionStringError::EndpointNotUrl(endpoint));
+            return Err(ConnectionStringError::EndpointNotUrl(shown()));
         }
         match scheme.to_ascii_lowercase().as_str() {
             "https" => {}
             "http" if allow_http => {}
-            "http" => return Err(ConnectionStringError::EndpointNotHttps(endpoint)),
-            _ => return Err(ConnectionStringError::EndpointNotUrl(endpoint)),
+            "http" => return Err(ConnectionStringError::EndpointNotHttps(shown())),
+            _ => return Err(ConnectionStringError::EndpointNotUrl(shown())),
         }
         Ok(Self {
             endpoint,
@@ -187,6 +191,14 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_long_endpoint_is_echoed_bounded() {
+        let endpoint = format!("ftp://{}", "r".repeat(1 << 20));
+        let error = ConnectionString::parse(&format!("endpoint={endpoint};accesskey={KEY}"), false)
+            .unwrap_err();
+        assert!(error.to_string().len() < 500, "{}", error.to_string().len());
     }
 
     #[test]

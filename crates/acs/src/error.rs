@@ -146,7 +146,41 @@ pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     while let Some(source) = current.source() {
         current = source;
     }
-    current.to_string()
+    bounded_echo(&current.to_string(), MAX_CAUSE_BYTES)
+}
+
+/// Longest service error `code` echoed, in bytes (ACS codes are words like `Denied`).
+pub(crate) const MAX_CODE_BYTES: usize = 64;
+/// Longest service error `message` echoed, in bytes: room for any real ACS message.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 300;
+/// Longest endpoint (or host) echoed, in bytes: a DNS name has at most 253.
+pub(crate) const MAX_ENDPOINT_BYTES: usize = 300;
+/// Longest low-level cause (a connection or TLS error) echoed, in bytes.
+const MAX_CAUSE_BYTES: usize = 300;
+
+/// `text` made fit to echo in conditions, Events and logs, whoever's server it came from: cut
+/// to at most `max_bytes` (plus the `…` that marks a cut) on a character boundary, with control
+/// and bidirectional-override characters (which could forge log lines or reorder what a
+/// reader sees) replaced by spaces. Only the kept part is visited, however long `text` is.
+pub(crate) fn bounded_echo(text: &str, max_bytes: usize) -> String {
+    let mut kept = String::with_capacity(text.len().min(max_bytes) + '…'.len_utf8());
+    for character in text.chars() {
+        let character = if is_unsafe_to_echo(character) {
+            ' '
+        } else {
+            character
+        };
+        if kept.len() + character.len_utf8() > max_bytes {
+            kept.push('…');
+            break;
+        }
+        kept.push(character);
+    }
+    kept
+}
+
+fn is_unsafe_to_echo(character: char) -> bool {
+    character.is_control() || matches!(character, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]
@@ -219,5 +253,28 @@ mod tests {
         ] {
             assert!(!permanent.is_transient(), "{}", permanent.metric_label());
         }
+    }
+
+    #[test]
+    fn echoes_are_cut_on_a_character_boundary_and_cleaned() {
+        assert_eq!(bounded_echo("Denied", 64), "Denied");
+        assert_eq!(bounded_echo("abcdef", 6), "abcdef");
+        assert_eq!(bounded_echo("abcdefg", 6), "abcdef…");
+        // 'é' is two bytes: it does not fit in the third and fourth, so the cut comes before it.
+        assert_eq!(bounded_echo("abcé", 4), "abc…");
+        assert_eq!(
+            bounded_echo("line\nforged\r\x1b[31m\u{202E}", 64),
+            "line forged  [31m "
+        );
+        assert_eq!(bounded_echo("", 0), "");
+        assert_eq!(bounded_echo("x", 0), "…");
+        let huge = "é".repeat(1 << 20);
+        let cut = bounded_echo(&huge, MAX_MESSAGE_BYTES);
+        assert!(
+            cut.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with("é…"));
     }
 }

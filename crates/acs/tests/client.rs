@@ -453,6 +453,22 @@ async fn bad_requests_are_not_retried() {
 }
 
 #[tokio::test]
+async fn the_service_words_are_echoed_bounded_and_on_one_line() {
+    let message = format!("first line\nforged line {}", "x".repeat(50_000));
+    let server = Server::start(vec![acs_error(401, &"C".repeat(1_000), &message)]).await;
+    let client = server.client(options(Arc::default()));
+
+    let error = client.issue_token(ID, &scopes(), 60).await.unwrap_err();
+    let text = error.to_string();
+    assert!(text.len() < 600, "{} bytes", text.len());
+    assert!(text.contains("first line forged line xxx"), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+    let service = error.service_error().unwrap();
+    assert!(service.code.ends_with("CCC…"), "{}", service.code);
+    assert!(service.message.ends_with("xxx…"), "{}", service.message);
+}
+
+#[tokio::test]
 async fn deleting_a_missing_identity_is_a_distinct_not_found() {
     let server = Server::start(vec![acs_error(
         404,
