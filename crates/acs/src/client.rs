@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -66,6 +66,10 @@ pub struct ClientOptions {
     /// PEM certificates trusted in addition to the public web roots (`--acs-ca-file`, e.g. the
     /// emulator's private CA).
     pub extra_ca_pem: Option<Vec<u8>>,
+    /// Accept `http://` endpoints (`--allow-insecure-http`, local development against the
+    /// emulator only). Off, the client refuses every plain-http URL, whatever the connection
+    /// string says.
+    pub allow_http: bool,
     /// Timeout of one HTTP exchange, body included.
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
@@ -80,6 +84,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             extra_ca_pem: None,
+            allow_http: false,
             request_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             rate_limits: None,
@@ -93,6 +98,7 @@ impl fmt::Debug for ClientOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientOptions")
             .field("extra_ca_pem", &self.extra_ca_pem.as_ref().map(Vec::len))
+            .field("allow_http", &self.allow_http)
             .field("request_timeout", &self.request_timeout)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
@@ -189,7 +195,11 @@ impl AcsClient {
     pub fn new(connection: ConnectionString, options: ClientOptions) -> Result<Self, BuildError> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("acs-identity-operator/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(options.request_timeout);
+            .connect_timeout(options.request_timeout)
+            // A redirect could send the signed request, or the next one, to any address the
+            // endpoint names; ACS never redirects.
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(!options.allow_http);
         if let Some(pem) = &options.extra_ca_pem {
             let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|source| {
                 BuildError::InvalidCaPem {
@@ -565,6 +575,14 @@ fn classify(call: &Call, status: StatusCode, headers: &HeaderMap, bytes: &[u8]) 
             retry_after: retry::retry_after(headers, jiff::Timestamp::now()),
         },
         status if status.is_server_error() => Error::Unavailable(service()),
+        status if status.is_redirection() => Error::UnexpectedResponse {
+            operation: call.operation,
+            status: status.as_u16(),
+            detail: format!(
+                "a redirect{}, which is not followed: put the ACS endpoint itself in the connection string",
+                redirect_target(&call.url, headers)
+            ),
+        },
         _ => {
             let expected: Vec<_> = call.success.iter().map(StatusCode::as_str).collect();
             let got = match &from_body {
@@ -589,6 +607,25 @@ fn service_error_in(status: StatusCode, bytes: &[u8]) -> Option<ServiceError> {
         code: bounded_echo(&body.error.code, MAX_CODE_BYTES),
         message: bounded_echo(&body.error.message, MAX_MESSAGE_BYTES),
     })
+}
+
+/// ` to <scheme>://<host>` of a redirect's Location, bounded; the path and query are left out
+/// (they may be long or carry anything).
+fn redirect_target(from: &Url, headers: &HeaderMap) -> String {
+    let target = headers
+        .get(LOCATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|location| from.join(location).ok());
+    match target
+        .as_ref()
+        .and_then(|url| Some((url.scheme(), url.host_str()?)))
+    {
+        Some((scheme, host)) => format!(
+            " to {}",
+            bounded_echo(&format!("{scheme}://{host}"), MAX_ENDPOINT_BYTES)
+        ),
+        None => String::new(),
+    }
 }
 
 /// Describes a body that is not an ACS error without quoting it (a proxy's HTML page, or a
@@ -699,5 +736,32 @@ mod tests {
         let text = no_error_body(&headers, b"<html>");
         assert!(text.len() < 150, "{text}");
         assert!(text.starts_with("the answer carries no ACS error body (text/html; xxx"));
+    }
+
+    #[test]
+    fn a_redirect_names_only_its_target_origin() {
+        let from = Url::parse("https://r.communication.azure.com/identities").unwrap();
+        let location = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(LOCATION, HeaderValue::from_str(value).unwrap());
+            headers
+        };
+        let cases = [
+            (
+                location("https://Trap.example:8443/steal?token=secret"),
+                " to https://trap.example",
+            ),
+            (
+                location("/elsewhere?x=1"),
+                " to https://r.communication.azure.com",
+            ),
+            (location("http://[::1]:1/"), " to http://[::1]"),
+            (HeaderMap::new(), ""),
+        ];
+        for (headers, expected) in cases {
+            assert_eq!(redirect_target(&from, &headers), expected, "{headers:?}");
+        }
+        let long = location(&format!("https://{}.example/", "a".repeat(10_000)));
+        assert!(redirect_target(&from, &long).len() < MAX_ENDPOINT_BYTES + 10);
     }
 }

@@ -28,7 +28,7 @@ const API: &str = "api-version=2025-03-02-preview";
 /// One scripted answer.
 struct Reply {
     status: u16,
-    headers: Vec<(&'static str, &'static str)>,
+    headers: Vec<(&'static str, String)>,
     body: String,
     delay: Duration,
 }
@@ -186,7 +186,7 @@ async fn answer(State(script): State<Arc<Script>>, request: Request) -> Response
     for (name, value) in headers {
         response.headers_mut().insert(
             HeaderName::from_static(name),
-            HeaderValue::from_static(value),
+            HeaderValue::from_str(&value).unwrap(),
         );
     }
     response
@@ -222,11 +222,19 @@ fn quick_retries() -> RetryPolicy {
     }
 }
 
+/// What a client of the local test servers needs: plain http allowed.
+fn loopback() -> ClientOptions {
+    ClientOptions {
+        allow_http: true,
+        ..ClientOptions::default()
+    }
+}
+
 fn options(observer: Arc<Recorder>) -> ClientOptions {
     ClientOptions {
         retry: quick_retries(),
         observer,
-        ..ClientOptions::default()
+        ..loopback()
     }
 }
 
@@ -244,7 +252,7 @@ fn assert_no_secrets(error: &Error) {
 #[tokio::test]
 async fn create_answers_201_for_new_and_200_for_an_existing_custom_id() {
     let server = Server::start(vec![reply(201, created_body()), reply(200, created_body())]).await;
-    let client = server.client(ClientOptions::default());
+    let client = server.client(loopback());
 
     let first = client
         .create_identity_with_token("ns/name", &scopes(), 60)
@@ -284,7 +292,7 @@ async fn identity_operations_sign_percent_encoded_ids() {
         reply(204, ""),
     ])
     .await;
-    let client = server.client(ClientOptions::default());
+    let client = server.client(loopback());
 
     let token = client.issue_token(ID, &scopes(), 90).await.unwrap();
     assert_eq!(token.token, TOKEN);
@@ -328,7 +336,7 @@ async fn identity_operations_sign_percent_encoded_ids() {
 #[tokio::test]
 async fn throttling_waits_for_retry_after_then_succeeds() {
     let mut throttled = acs_error(429, "TooManyRequests", "Rate limit exceeded.");
-    throttled.headers.push(("retry-after", "1"));
+    throttled.headers.push(("retry-after", "1".into()));
     let server = Server::start(vec![throttled, reply(201, created_body())]).await;
     let recorder = Arc::new(Recorder::default());
     let client = server.client(options(recorder.clone()));
@@ -360,7 +368,7 @@ async fn throttling_waits_for_retry_after_then_succeeds() {
 #[tokio::test]
 async fn too_long_a_retry_after_goes_to_the_caller() {
     let mut throttled = acs_error(429, "TooManyRequests", "Rate limit exceeded.");
-    throttled.headers.push(("retry-after", "120"));
+    throttled.headers.push(("retry-after", "120".into()));
     let server = Server::start(vec![throttled]).await;
     let client = server.client(options(Arc::default()));
 
@@ -543,7 +551,7 @@ async fn a_timeout_without_retries_is_reported() {
     let client = server.client(ClientOptions {
         request_timeout: Duration::from_millis(200),
         retry: RetryPolicy::NEVER,
-        ..ClientOptions::default()
+        ..loopback()
     });
 
     let start = Instant::now();
@@ -563,7 +571,7 @@ async fn the_deadline_bounds_the_whole_call() {
             deadline: Some(Duration::from_millis(300)),
             ..quick_retries()
         },
-        ..ClientOptions::default()
+        ..loopback()
     });
 
     let start = Instant::now();
@@ -582,7 +590,7 @@ async fn an_unreachable_endpoint_is_a_connection_error() {
         connection_to(address),
         ClientOptions {
             retry: RetryPolicy::NEVER,
-            ..ClientOptions::default()
+            ..loopback()
         },
     )
     .unwrap();
@@ -610,7 +618,7 @@ async fn answers_are_read_up_to_64_kib() {
     .await;
     let client = server.client(ClientOptions {
         retry: RetryPolicy::NEVER,
-        ..ClientOptions::default()
+        ..loopback()
     });
 
     let error = client.issue_token(ID, &scopes(), 60).await.unwrap_err();
@@ -659,7 +667,7 @@ async fn an_endless_body_is_cut_off_at_the_cap() {
         connection,
         ClientOptions {
             retry: RetryPolicy::NEVER,
-            ..ClientOptions::default()
+            ..loopback()
         },
     )
     .unwrap();
@@ -682,7 +690,7 @@ async fn the_attempt_timeout_covers_a_stalled_body() {
         ClientOptions {
             request_timeout: Duration::from_millis(300),
             retry: RetryPolicy::NEVER,
-            ..ClientOptions::default()
+            ..loopback()
         },
     )
     .unwrap();
@@ -695,6 +703,54 @@ async fn the_attempt_timeout_covers_a_stalled_body() {
         "{:?}",
         start.elapsed()
     );
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let trap = Server::start(vec![reply(200, token_body())]).await;
+    let trap_url = format!(
+        "http://{}/identities/stolen?token=secret-looking-path",
+        trap.connection.host()
+    );
+    let mut redirect = reply(307, "");
+    redirect.headers.push(("location", trap_url));
+    let server = Server::start(vec![redirect]).await;
+    let client = server.client(options(Arc::default()));
+
+    let error = client.issue_token(ID, &scopes(), 60).await.unwrap_err();
+    assert_eq!(trap.seen().len(), 0, "the trap was reached");
+    assert_eq!(server.seen().len(), 1, "a redirect is not retried");
+    assert!(
+        matches!(error, Error::UnexpectedResponse { status: 307, .. }),
+        "{error:?}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("HTTP 307") && text.contains("redirect"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "to http://{}",
+            trap.connection.host().split(':').next().unwrap()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("secret-looking-path"), "{text}");
+}
+
+#[tokio::test]
+async fn plain_http_is_refused_unless_allowed() {
+    let server = Server::start(vec![reply(200, token_body())]).await;
+    let client = server.client(ClientOptions {
+        allow_http: false,
+        retry: RetryPolicy::NEVER,
+        ..ClientOptions::default()
+    });
+
+    let error = client.issue_token(ID, &scopes(), 60).await.unwrap_err();
+    assert_eq!(error.metric_label(), "connection", "{error:?}");
+    assert_eq!(server.seen().len(), 0);
 }
 
 #[test]
