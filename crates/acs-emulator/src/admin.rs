@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{Reply, json_reply};
 use crate::store::TokenStatus;
 use crate::tokens::TokenError;
-use crate::{Outage, OutageMode, Settings, Shared};
+use crate::{MAX_DURATION_SECONDS, Outage, OutageMode, Settings, Shared};
 
 pub(crate) const PREFIX: &str = "/_emulator/";
 
@@ -119,14 +119,18 @@ pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
             Err(reply) => reply,
         },
         (Method::POST, "outage") => match json_body::<OutageRequest>(req).await {
-            Ok(body) if body.seconds.is_finite() && body.seconds > 0.0 => {
-                shared.outage.send_replace(Some(Outage {
-                    mode: body.mode,
-                    until: Instant::now() + Duration::from_secs_f64(body.seconds),
-                }));
-                json_reply(StatusCode::OK, &config(shared))
-            }
-            Ok(_) => bad_request("seconds must be a positive number"),
+            Ok(body) => match outage_end(body.seconds) {
+                Some(until) => {
+                    shared.outage.send_replace(Some(Outage {
+                        mode: body.mode,
+                        until,
+                    }));
+                    json_reply(StatusCode::OK, &config(shared))
+                }
+                None => bad_request(format!(
+                    "seconds must be a positive number of at most {MAX_DURATION_SECONDS} (ten years)"
+                )),
+            },
             Err(reply) => reply,
         },
         (Method::DELETE, "outage") => {
@@ -138,6 +142,14 @@ pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
             &acs::wire::ErrorResponse::new("NotFound", "No such admin endpoint."),
         ),
     }
+}
+
+/// When an outage of `seconds` starting now ends; `None` unless 0 < `seconds` ≤ ten years.
+fn outage_end(seconds: f64) -> Option<Instant> {
+    if !(seconds > 0.0 && seconds <= MAX_DURATION_SECONDS as f64) {
+        return None;
+    }
+    Instant::now().checked_add(Duration::try_from_secs_f64(seconds).ok()?)
 }
 
 fn stats(shared: &Shared) -> StatsBody {

@@ -531,7 +531,14 @@ fn mint(
 ) -> Result<AccessToken, ApiError> {
     let now = shared.clock.now();
     let lifetime = SignedDuration::from_secs(settings.token_lifetime_seconds(minutes));
-    let expiry: Timestamp = now + lifetime;
+    // Out of range only for a clock set near the end of time (a test's ManualClock).
+    let expiry: Timestamp = now.checked_add(lifetime).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerError",
+            "The token's expiry is beyond the last representable time.",
+        )
+    })?;
     // Whole-second lifetimes make exp − iat exactly the lifetime: ⌊now + L⌋ = ⌊now⌋ + L.
     let claims = Claims::new(
         id,

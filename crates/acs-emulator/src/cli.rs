@@ -9,7 +9,8 @@ use acs::AccessKey;
 use base64::Engine as _;
 use clap::Parser;
 
-use crate::{Config, Faults, Transport};
+use crate::limits::MAX_LIMIT;
+use crate::{Config, Faults, MAX_DURATION_SECONDS, Transport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,17 +39,18 @@ struct Args {
     /// Turn the service limits (429 + Retry-After) off.
     #[arg(long)]
     no_limits: bool,
-    /// Override one limit, e.g. `--limit issueAccessToken=5` (repeatable; N at least 1).
+    /// Override one limit, e.g. `--limit issueAccessToken=5` (repeatable; N from 1 to
+    /// 1000000).
     /// Names: createIdentity, createIdentityWithToken, issueAccessToken, deleteIdentity,
     /// revokeAccessTokens.
     #[arg(long = "limit", value_name = "OPERATION=N")]
     limits: Vec<String>,
-    /// Length of the sliding limit window (at least 1).
+    /// Length of the sliding limit window (1 to 315360000, ten years).
     #[arg(
         long,
         value_name = "SECONDS",
         default_value_t = 30,
-        value_parser = clap::value_parser!(u64).range(1..)
+        value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECONDS)
     )]
     limit_window_seconds: u64,
     /// Keep identities in this file (a JSON-lines journal) across restarts.
@@ -69,8 +71,13 @@ struct Args {
     /// Fraction of API requests answered 503.
     #[arg(long = "fail-503", value_name = "FRACTION", default_value_t = 0.0)]
     fail503: f64,
-    /// Latency added to every API request.
-    #[arg(long, value_name = "MS", default_value_t = 0)]
+    /// Latency added to every API request (at most ten years).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(..=Faults::MAX_LATENCY_MS)
+    )]
     latency_ms: u64,
 }
 
@@ -136,9 +143,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         let value = value
             .parse()
             .map_err(|_| format!("--limit `{spec}`: `{value}` is not a whole number"))?;
-        if value == 0 {
+        if !(1..=MAX_LIMIT).contains(&value) {
             return Err(format!(
-                "--limit `{spec}`: a limit must be at least 1 (--no-limits turns limits off)"
+                "--limit `{spec}`: a limit must be between 1 and {MAX_LIMIT} (--no-limits turns limits off)"
             ));
         }
         settings
@@ -246,10 +253,33 @@ mod tests {
     fn zero_limits_are_refused_naming_the_flag() {
         let err = run(&["--limit", "deleteIdentity=0"]).err().unwrap();
         assert!(
-            err.starts_with("--limit `deleteIdentity=0`: a limit must be at least 1"),
+            err.starts_with("--limit `deleteIdentity=0`: a limit must be between 1 and"),
             "{err}"
         );
         let err = run(&["--limit-window-seconds", "0"]).err().unwrap();
         assert!(err.contains("--limit-window-seconds"), "{err}");
+    }
+
+    #[test]
+    fn counts_and_durations_beyond_their_maximum_are_refused_naming_the_flag() {
+        for (flag, too_big) in [
+            ("--limit", "issueAccessToken=1000001"),
+            ("--limit-window-seconds", "315360001"),
+            ("--latency-ms", "315360000001"),
+        ] {
+            let err = run(&[flag, too_big]).err().unwrap();
+            assert!(err.contains(flag), "{err}");
+        }
+        let err = run(&["--time-scale", "1e-300"]).err().unwrap();
+        assert!(err.contains("timeScale"), "{err}");
+        let longest = run(&[
+            "--limit-window-seconds",
+            "315360000",
+            "--latency-ms",
+            "315360000000",
+            "--limit",
+            "issueAccessToken=1000000",
+        ]);
+        assert!(longest.is_ok());
     }
 }

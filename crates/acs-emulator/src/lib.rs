@@ -30,6 +30,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use limits::Limits;
 pub use tokens::SigningKey;
 
+/// The longest duration a setting or admin request may name (ten years): far beyond any
+/// test, and far from where time arithmetic overflows.
+pub const MAX_DURATION_SECONDS: u64 = 10 * 365 * 24 * 60 * 60;
+
 /// Injected failures, settable at start and at runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -38,17 +42,25 @@ pub struct Faults {
     pub fail500: f64,
     /// Fraction (0..=1) of API requests answered 503.
     pub fail503: f64,
-    /// Added to every API request before it is answered.
+    /// Added to every API request before it is answered (at most [`Faults::MAX_LATENCY_MS`]).
     pub latency_ms: u64,
 }
 
 impl Faults {
+    pub const MAX_LATENCY_MS: u64 = MAX_DURATION_SECONDS * 1000;
+
     pub fn validate(&self) -> Result<(), String> {
         let fraction = |v: f64| (0.0..=1.0).contains(&v);
         if !fraction(self.fail500) || !fraction(self.fail503) || self.fail500 + self.fail503 > 1.0 {
             return Err(
                 "fail500 and fail503 are fractions between 0 and 1 whose sum is at most 1".into(),
             );
+        }
+        if self.latency_ms > Self::MAX_LATENCY_MS {
+            return Err(format!(
+                "faults.latencyMs must be at most {} (ten years)",
+                Self::MAX_LATENCY_MS
+            ));
         }
         Ok(())
     }
@@ -80,6 +92,15 @@ impl Settings {
         self.faults.validate()?;
         if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
             return Err("timeScale must be a positive number".into());
+        }
+        // A tiny scale stretches lifetimes past what a timestamp can hold.
+        let longest = self.token_lifetime_seconds(acs::wire::MAX_TOKEN_MINUTES);
+        if longest.unsigned_abs() > MAX_DURATION_SECONDS {
+            return Err(format!(
+                "timeScale {} would make a {}-minute token last longer than ten years",
+                self.time_scale,
+                acs::wire::MAX_TOKEN_MINUTES
+            ));
         }
         self.limits.validate()
     }

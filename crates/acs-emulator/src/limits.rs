@@ -14,6 +14,12 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::MAX_DURATION_SECONDS;
+
+/// The largest limit accepted: every admission in a window is remembered (16 bytes each),
+/// so this keeps the memory at most 16 MB per operation.
+pub const MAX_LIMIT: u32 = 1_000_000;
+
 /// The throttled operations of the API (reading an identity has no documented limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitedOperation {
@@ -105,18 +111,21 @@ impl Limits {
         Ok(())
     }
 
-    /// A window of at least a second and every limit at least 1: a limit of 0 would refuse
-    /// the operation forever, which no ACS limit does (`enabled: false` turns limits off).
+    /// A window of 1 s to ten years and every limit from 1 to [`MAX_LIMIT`]: a limit of 0
+    /// would refuse the operation forever, which no ACS limit does (`enabled: false` turns
+    /// limits off).
     pub fn validate(&self) -> Result<(), String> {
-        if self.window_seconds == 0 {
-            return Err("limits.windowSeconds must be at least 1".into());
+        if !(1..=MAX_DURATION_SECONDS).contains(&self.window_seconds) {
+            return Err(format!(
+                "limits.windowSeconds must be between 1 and {MAX_DURATION_SECONDS} (ten years)"
+            ));
         }
         if let Some(op) = LimitedOperation::ALL
             .into_iter()
-            .find(|&op| self.limit(op) == 0)
+            .find(|&op| !(1..=MAX_LIMIT).contains(&self.limit(op)))
         {
             return Err(format!(
-                "limits.{} must be at least 1 (`\"enabled\": false` turns the limits off)",
+                "limits.{} must be between 1 and {MAX_LIMIT} (`\"enabled\": false` turns the limits off)",
                 op.name()
             ));
         }
@@ -142,7 +151,10 @@ impl SlidingWindows {
         if !limits.enabled {
             return Ok(());
         }
-        let window = SignedDuration::from_secs(limits.window_seconds.max(1) as i64);
+        // Saturating throughout: `Limits::validate` bounds the window, but this type is public.
+        let window = SignedDuration::from_secs(
+            i64::try_from(limits.window_seconds.max(1)).unwrap_or(i64::MAX),
+        );
         let times = &mut self.admitted[op.index()];
         while times
             .front()
@@ -156,9 +168,9 @@ impl SlidingWindows {
         }
         // Only a zero limit (refused by `Limits::validate`, but this type is public) leaves
         // the window empty here: it admits nothing, so the wait is a whole window.
-        let wait = times
-            .front()
-            .map_or(window, |&oldest| window - now.duration_since(oldest));
+        let wait = times.front().map_or(window, |&oldest| {
+            window.saturating_sub(now.duration_since(oldest))
+        });
         Err(Duration::try_from(wait).unwrap_or(Duration::ZERO))
     }
 
@@ -246,7 +258,7 @@ mod tests {
             limits.set_by_name(op.name(), 0).unwrap();
             let err = limits.validate().unwrap_err();
             assert!(
-                err.starts_with(&format!("limits.{} must be at least 1", op.name())),
+                err.starts_with(&format!("limits.{} must be between 1 and", op.name())),
                 "{err}"
             );
         }
@@ -260,6 +272,45 @@ mod tests {
                 .unwrap_err()
                 .contains("windowSeconds")
         );
+    }
+
+    #[test]
+    fn limits_and_the_window_have_an_upper_bound() {
+        let mut limits = Limits {
+            window_seconds: MAX_DURATION_SECONDS,
+            ..Limits::default()
+        };
+        limits.set_by_name("createIdentity", MAX_LIMIT).unwrap();
+        assert_eq!(limits.validate(), Ok(()));
+        limits.set_by_name("createIdentity", MAX_LIMIT + 1).unwrap();
+        let err = limits.validate().unwrap_err();
+        assert!(
+            err.starts_with("limits.createIdentity must be between 1 and 1000000"),
+            "{err}"
+        );
+        let long_window = Limits {
+            window_seconds: MAX_DURATION_SECONDS + 1,
+            ..Limits::default()
+        };
+        assert!(
+            long_window
+                .validate()
+                .unwrap_err()
+                .contains("windowSeconds")
+        );
+    }
+
+    #[test]
+    fn an_unvalidated_huge_window_with_a_clock_gone_backwards_does_not_panic() {
+        let limits = Limits {
+            window_seconds: i64::MAX as u64,
+            issue_access_token: 1,
+            ..Limits::default()
+        };
+        let mut windows = SlidingWindows::default();
+        let op = LimitedOperation::IssueAccessToken;
+        windows.try_admit(op, at(100.0), &limits).unwrap();
+        assert!(windows.try_admit(op, at(0.0), &limits).is_err());
     }
 
     #[test]

@@ -484,7 +484,7 @@ async fn a_zero_limit_is_refused_at_runtime_and_the_limits_keep_working() {
         )
         .await;
     assert!(
-        message.contains("limits.issueAccessToken must be at least 1"),
+        message.contains("limits.issueAccessToken must be between 1 and"),
         "{message}"
     );
     assert_eq!(client.admin("GET", "config", None).await, before);
@@ -493,6 +493,71 @@ async fn a_zero_limit_is_refused_at_runtime_and_the_limits_keep_working() {
     for _ in 0..2 {
         assert_eq!(client.issue(&id, 60).await.status(), 200);
     }
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_durations_and_counts_beyond_ten_years_are_400_not_a_panic() {
+    let (emulator, client) = start(config()).await;
+    let before = client.admin("GET", "config", None).await;
+    for seconds in [json!(1e30), json!(315_360_001), json!(0), json!(-5)] {
+        let message = client
+            .admin_refused(
+                "POST",
+                "outage",
+                json!({"mode": "unavailable", "seconds": seconds}),
+            )
+            .await;
+        assert!(
+            message.contains("seconds must be a positive number of at most 315360000"),
+            "{message}"
+        );
+    }
+    for (patch, field) in [
+        (
+            json!({"limits": {"windowSeconds": u64::MAX}}),
+            "limits.windowSeconds",
+        ),
+        (
+            json!({"limits": {"deleteIdentity": u32::MAX}}),
+            "limits.deleteIdentity",
+        ),
+        (
+            json!({"faults": {"latencyMs": u64::MAX}}),
+            "faults.latencyMs",
+        ),
+        (json!({"timeScale": 1e-300}), "timeScale"),
+    ] {
+        let message = client.admin_refused("PATCH", "config", patch).await;
+        assert!(message.starts_with(field), "{message}");
+    }
+    assert_eq!(client.admin("GET", "config", None).await, before);
+    // The server is unharmed, and the longest outage is accepted.
+    assert_eq!(
+        client
+            .send("POST", &format!("/identities?{V}"), "")
+            .await
+            .status(),
+        201
+    );
+    let longest = client
+        .admin(
+            "POST",
+            "outage",
+            Some(json!({"mode": "unavailable", "seconds": 315_360_000})),
+        )
+        .await;
+    assert_eq!(longest["outage"]["mode"], "unavailable");
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_expiring_past_the_last_timestamp_is_a_500_not_a_panic() {
+    let (emulator, client, clock) = start_manual(config()).await;
+    let id = client.create("").await.identity.id;
+    clock.set(Timestamp::MAX - jiff::SignedDuration::from_hours(1));
+    let response = client.issue(&id, 1440).await;
+    assert_eq!(response.status(), 500);
     emulator.shutdown().await;
 }
 
