@@ -11,12 +11,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Reply, json_reply};
+use crate::api::{ApiError, Reply, json_reply, read_body};
 use crate::store::TokenStatus;
 use crate::tokens::TokenError;
 use crate::{MAX_DURATION_SECONDS, Outage, OutageMode, Settings, Shared};
@@ -96,12 +95,7 @@ fn bad_request(message: impl Into<String>) -> Reply {
 }
 
 async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-    let bytes = req
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| bad_request(format!("the body could not be read: {e}")))?
-        .to_bytes();
+    let bytes = read_body(req.into_body()).await.map_err(ApiError::reply)?;
     serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("invalid body: {e}")))
 }
 

@@ -17,7 +17,8 @@ use crate::store::StoreError;
 use crate::tokens::Claims;
 use crate::{OutageMode, Shared};
 
-/// The largest request body read; the API's bodies are a few hundred bytes.
+/// The largest request body read, admin bodies included; the API's bodies are a few hundred
+/// bytes.
 const MAX_BODY: usize = 64 * 1024;
 /// The service refuses an `x-ms-date` further than this from its clock.
 const MAX_SKEW: SignedDuration = SignedDuration::from_mins(15);
@@ -89,7 +90,7 @@ fn route(method: &Method, path: &str) -> Route {
 }
 
 /// An answer that is not a success.
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -122,7 +123,7 @@ impl ApiError {
         )
     }
 
-    fn reply(self) -> Reply {
+    pub(crate) fn reply(self) -> Reply {
         let mut reply = json_reply(self.status, &ErrorResponse::new(self.code, self.message));
         // Only a throttling answer carries Retry-After: azure-core retries any status that
         // has it, which would turn a 400 into pointless retries.
@@ -292,7 +293,9 @@ fn not_found_for(e: StoreError, id: &str) -> ApiError {
     }
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
+/// The whole body, or 413 past [`MAX_BODY`] so a client cannot make the server buffer
+/// without bound.
+pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
     match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(

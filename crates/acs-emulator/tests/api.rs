@@ -562,6 +562,36 @@ async fn a_token_expiring_past_the_last_timestamp_is_a_500_not_a_panic() {
 }
 
 #[tokio::test]
+async fn bodies_past_64_kib_are_413_for_admin_and_api_requests() {
+    let (emulator, client) = start(config()).await;
+    let before = client.admin("GET", "config", None).await;
+    let padding = "x".repeat(65 * 1024);
+    for (method, path, body) in [
+        ("POST", "validate", json!({ "token": padding })),
+        (
+            "PATCH",
+            "config",
+            json!({ "timeScale": 2, "padding": padding }),
+        ),
+    ] {
+        let response = client.admin_response(method, path, Some(body)).await;
+        assert_eq!(response.status(), 413, "{method} {path}");
+    }
+    assert_eq!(client.admin("GET", "config", None).await, before);
+    let id = client.create("").await.identity.id;
+    let body = json!({"scopes": ["chat"], "padding": padding}).to_string();
+    let response = client
+        .send(
+            "POST",
+            &format!("/identities/{}/:issueAccessToken?{V}", encode(&id)),
+            &body,
+        )
+        .await;
+    assert_eq!(response.status(), 413);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_custom_id_makes_create_idempotent_in_the_preview() {
     let (emulator, client) = start(config()).await;
     let target = format!("/identities?{PREVIEW}");
