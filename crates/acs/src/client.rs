@@ -11,6 +11,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use crate::endpoint::EndpointPolicy;
 use crate::error::{
     Error, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError, bounded_echo,
     root_cause,
@@ -70,6 +71,9 @@ pub struct ClientOptions {
     /// emulator only). Off, the client refuses every plain-http URL, whatever the connection
     /// string says.
     pub allow_http: bool,
+    /// The hosts the endpoint may name (`--acs-endpoint-suffixes`). The default admits Azure's
+    /// ACS domains only: a local emulator or a private endpoint must be listed.
+    pub endpoint_policy: EndpointPolicy,
     /// Timeout of one HTTP exchange, body included.
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
@@ -85,6 +89,7 @@ impl Default for ClientOptions {
         Self {
             extra_ca_pem: None,
             allow_http: false,
+            endpoint_policy: EndpointPolicy::azure_default(),
             request_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             rate_limits: None,
@@ -99,6 +104,7 @@ impl fmt::Debug for ClientOptions {
         f.debug_struct("ClientOptions")
             .field("extra_ca_pem", &self.extra_ca_pem.as_ref().map(Vec::len))
             .field("allow_http", &self.allow_http)
+            .field("endpoint_policy", &self.endpoint_policy)
             .field("request_timeout", &self.request_timeout)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
@@ -122,6 +128,10 @@ pub enum BuildError {
     EmptyCaPem,
     #[error("the connection string's endpoint `{0}` is not a valid URL")]
     InvalidEndpoint(String),
+    #[error(
+        "the connection string's endpoint host `{host}` is not an allowed ACS endpoint; if it is one, add it (or a domain it is under) to --acs-endpoint-suffixes (Helm value acsEndpointSuffixes)"
+    )]
+    EndpointNotAllowed { host: String },
     #[error("could not set up the HTTPS client: {cause}")]
     HttpClient {
         cause: String,
@@ -193,6 +203,19 @@ fn identity_path(id: &str, suffix: &str) -> String {
 
 impl AcsClient {
     pub fn new(connection: ConnectionString, options: ClientOptions) -> Result<Self, BuildError> {
+        let invalid =
+            || BuildError::InvalidEndpoint(bounded_echo(&connection.endpoint, MAX_ENDPOINT_BYTES));
+        let base = Url::parse(&connection.endpoint).map_err(|_| invalid())?;
+        let url_host = base.host_str().ok_or_else(invalid)?;
+        if !options.endpoint_policy.admits(url_host) {
+            return Err(BuildError::EndpointNotAllowed {
+                host: bounded_echo(url_host, MAX_ENDPOINT_BYTES),
+            });
+        }
+        let host = match base.port() {
+            Some(port) => format!("{url_host}:{port}"),
+            None => url_host.to_owned(),
+        };
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("acs-identity-operator/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(options.request_timeout)
@@ -220,13 +243,6 @@ impl AcsClient {
             cause: root_cause(&source),
             source,
         })?;
-        let invalid =
-            || BuildError::InvalidEndpoint(bounded_echo(&connection.endpoint, MAX_ENDPOINT_BYTES));
-        let base = Url::parse(&connection.endpoint).map_err(|_| invalid())?;
-        let host = match (base.host_str().ok_or_else(invalid)?, base.port()) {
-            (host, Some(port)) => format!("{host}:{port}"),
-            (host, None) => host.to_owned(),
-        };
         let limits = options
             .rate_limits
             .unwrap_or_else(|| RateLimits::for_endpoint(&connection.endpoint, options.quota));

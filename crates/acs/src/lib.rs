@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod connection;
+pub mod endpoint;
 pub mod error;
 pub mod ratelimit;
 pub mod retry;
@@ -16,6 +17,7 @@ pub use client::{
     RequestOutcome,
 };
 pub use connection::{AccessKey, ConnectionString, ConnectionStringError};
+pub use endpoint::{EndpointListError, EndpointPolicy, is_azure_host};
 pub use error::{Error, ServiceError};
 pub use ratelimit::{Operation, Quota, RateLimits};
 pub use retry::{MAX_RETRY_AFTER, RetryPolicy};

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use acs::signing;
 use acs::{
-    AcsClient, BuildError, ClientOptions, ConnectionString, Error, MAX_ANSWER_BYTES, Observer,
-    Operation, RequestOutcome, RetryPolicy,
+    AcsClient, BuildError, ClientOptions, ConnectionString, EndpointPolicy, Error,
+    MAX_ANSWER_BYTES, Observer, Operation, RequestOutcome, RetryPolicy,
 };
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -222,10 +222,11 @@ fn quick_retries() -> RetryPolicy {
     }
 }
 
-/// What a client of the local test servers needs: plain http allowed.
+/// What a client of the local test servers needs: their address admitted, plain http allowed.
 fn loopback() -> ClientOptions {
     ClientOptions {
         allow_http: true,
+        endpoint_policy: EndpointPolicy::from_list("127.0.0.1").unwrap(),
         ..ClientOptions::default()
     }
 }
@@ -745,12 +746,68 @@ async fn plain_http_is_refused_unless_allowed() {
     let client = server.client(ClientOptions {
         allow_http: false,
         retry: RetryPolicy::NEVER,
-        ..ClientOptions::default()
+        ..loopback()
     });
 
     let error = client.issue_token(ID, &scopes(), 60).await.unwrap_err();
     assert_eq!(error.metric_label(), "connection", "{error:?}");
     assert_eq!(server.seen().len(), 0);
+}
+
+#[tokio::test]
+async fn only_endpoints_the_policy_admits_get_a_client() {
+    let server = Server::start(Vec::new()).await;
+    // Loopback is not an Azure host: the default refuses it, whatever else is allowed.
+    let refused = AcsClient::new(
+        server.connection.clone(),
+        ClientOptions {
+            allow_http: true,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&refused, BuildError::EndpointNotAllowed { host } if host == "127.0.0.1"),
+        "{refused:?}"
+    );
+    let text = refused.to_string();
+    assert!(
+        text.contains("`127.0.0.1`") && text.contains("--acs-endpoint-suffixes"),
+        "{text}"
+    );
+    assert!(!text.contains(KEY), "{text}");
+
+    let build = |endpoint: &str, policy: &str| {
+        let connection =
+            ConnectionString::parse(&format!("endpoint={endpoint};accesskey={KEY}"), false)
+                .unwrap();
+        AcsClient::new(
+            connection,
+            ClientOptions {
+                endpoint_policy: EndpointPolicy::from_list(policy).unwrap(),
+                ..ClientOptions::default()
+            },
+        )
+    };
+    let azure = "communication.azure.com,communication.azure.us,communication.azure.cn";
+    assert!(build("https://r.communication.azure.us", azure).is_ok());
+    assert!(build("https://R.Communication.Azure.Com:443/", azure).is_ok());
+    for refused in [
+        "https://evilcommunication.azure.com",
+        "https://communication.azure.com.evil.net",
+        "https://10.0.0.1",
+        "https://kubernetes.default.svc",
+    ] {
+        assert!(
+            matches!(
+                build(refused, azure),
+                Err(BuildError::EndpointNotAllowed { .. })
+            ),
+            "{refused}"
+        );
+    }
+    assert!(build("https://acs.corp.example:8443", "corp.example").is_ok());
+    assert!(build("https://localhost:8443", "localhost").is_ok());
 }
 
 #[test]
