@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use crate::endpoint::EndpointPolicy;
+use crate::endpoint::{EndpointPolicy, is_azure_host};
 use crate::error::{
     Error, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError, bounded_echo,
     root_cause,
@@ -65,7 +65,9 @@ impl fmt::Display for RequestOutcome {
 #[derive(Clone)]
 pub struct ClientOptions {
     /// PEM certificates trusted in addition to the public web roots (`--acs-ca-file`, e.g. the
-    /// emulator's private CA).
+    /// emulator's private CA), for endpoints outside Azure's own domains only: Azure serves its
+    /// endpoints with public certificates, and a private CA must not be able to vouch for them.
+    /// The PEM is checked whatever the endpoint, so a broken file shows at once.
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Accept `http://` endpoints (`--allow-insecure-http`, local development against the
     /// emulator only). Off, the client refuses every plain-http URL, whatever the connection
@@ -196,6 +198,11 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// Whether the extra CA may vouch for `host`: not for Azure's own, publicly certified, hosts.
+fn trusts_extra_ca(host: &str) -> bool {
+    !is_azure_host(host)
+}
+
 /// `/identities/{id}{suffix}` with the id percent-encoded.
 fn identity_path(id: &str, suffix: &str) -> String {
     format!("/identities/{}{suffix}", utf8_percent_encode(id, SEGMENT))
@@ -235,8 +242,10 @@ impl AcsClient {
             }
             // Added to, not instead of, the built-in web roots: the same operator may talk to
             // real ACS and to an emulator.
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
+            if trusts_extra_ca(url_host) {
+                for certificate in certificates {
+                    builder = builder.add_root_certificate(certificate);
+                }
             }
         }
         let http = builder.build().map_err(|source| BuildError::HttpClient {
@@ -779,5 +788,24 @@ mod tests {
         }
         let long = location(&format!("https://{}.example/", "a".repeat(10_000)));
         assert!(redirect_target(&from, &long).len() < MAX_ENDPOINT_BYTES + 10);
+    }
+
+    #[test]
+    fn the_extra_ca_vouches_only_for_hosts_outside_azure() {
+        for host in [
+            "r.communication.azure.com",
+            "R.COMMUNICATION.AZURE.US",
+            "r.communication.azure.cn",
+        ] {
+            assert!(!trusts_extra_ca(host), "{host}");
+        }
+        for host in [
+            "127.0.0.1",
+            "localhost",
+            "acs-emulator.acs-system.svc",
+            "evilcommunication.azure.com",
+        ] {
+            assert!(trusts_extra_ca(host), "{host}");
+        }
     }
 }
