@@ -173,8 +173,10 @@ impl RateLimits {
     }
 
     /// The process-wide limiters of the resource at `endpoint`, created with `quota` by the
-    /// first caller (a process uses one quota). Entries are never dropped: a fresh limiter would
-    /// forget what the service still counts, and endpoints are few.
+    /// first caller (a process uses one quota). An entry outlives its clients while its window
+    /// still counts requests (a fresh limiter would forget what the service still counts), and
+    /// is dropped, when the next endpoint is added, once no client holds it and its window is
+    /// empty: tenants name endpoints, so the registry must not grow with every one ever named.
     pub fn for_endpoint(endpoint: &str, quota: Quota) -> Arc<Self> {
         static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<RateLimits>>>> = OnceLock::new();
         let key = endpoint.trim_end_matches('/').to_ascii_lowercase();
@@ -182,10 +184,25 @@ impl RateLimits {
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        registry
-            .entry(key)
-            .or_insert_with(|| Arc::new(Self::with_quota(quota)))
-            .clone()
+        if let Some(limits) = registry.get(&key) {
+            return limits.clone();
+        }
+        // Under the registry's lock a count of one cannot grow: every other handle is a clone
+        // of one handed out here.
+        registry.retain(|_, limits| Arc::strong_count(limits) > 1 || !limits.is_idle());
+        let limits = Arc::new(Self::with_quota(quota));
+        registry.insert(key, limits.clone());
+        limits
+    }
+
+    /// Nothing answered within the last [`WINDOW`] and nothing in flight, in any lane.
+    fn is_idle(&self) -> bool {
+        let now = Instant::now();
+        self.lanes.iter().all(|lane| {
+            let mut state = lane.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.forget_before(now);
+            state.used() == 0
+        })
     }
 
     /// Waits until `operation` may be sent without the service counting more than its limit.
@@ -348,5 +365,28 @@ mod tests {
         let other = RateLimits::for_endpoint("https://s.communication.azure.com", quota);
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &other));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_registry_drops_entries_nobody_uses_once_their_window_is_empty() {
+        let quota = Quota::default();
+        let endpoint = "https://evicted.communication.azure.com";
+        let limits = RateLimits::for_endpoint(endpoint, quota);
+        drop(limits.acquire(Operation::IssueToken).await);
+        let unused = Arc::downgrade(&limits);
+        drop(limits);
+        // Another endpoint arrives while the answer still counts: the entry stays.
+        let held = RateLimits::for_endpoint("https://held.communication.azure.com", quota);
+        assert!(
+            unused.upgrade().is_some(),
+            "dropped while its window counted"
+        );
+
+        tokio::time::sleep(WINDOW).await;
+        let _next = RateLimits::for_endpoint("https://next.communication.azure.com", quota);
+        assert!(unused.upgrade().is_none(), "kept although idle and unused");
+        // An entry a client still holds stays, idle as it is.
+        let again = RateLimits::for_endpoint("https://held.communication.azure.com", quota);
+        assert!(Arc::ptr_eq(&held, &again));
     }
 }
