@@ -133,12 +133,10 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::new(access_key.clone());
     config.settings.limits.enabled = false;
     config.signing_key = Some(key);
-    let tls_dir = std::env::temp_dir().join(format!("acs-emulator-bench-{}", std::process::id()));
     let mut http = reqwest::Client::builder().pool_max_idle_per_host(options.concurrency);
     if options.https {
-        config.transport = Transport::Https {
-            tls_dir: tls_dir.clone(),
-        };
+        // A fresh private directory, removed at shutdown.
+        config.transport = Transport::Https { tls_dir: None };
     }
     let emulator = acs_emulator::start(config).await?;
     if let Some(pem) = emulator.ca_cert_pem() {
@@ -225,7 +223,6 @@ async fn main() -> anyhow::Result<()> {
     };
     let delete = per_id(reqwest::Method::DELETE, "", "", 204).await;
     emulator.shutdown().await;
-    let _ = std::fs::remove_dir_all(&tls_dir);
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(

@@ -29,8 +29,10 @@ struct Args {
     /// Serve plain HTTP instead of HTTPS.
     #[arg(long)]
     http: bool,
-    /// Where the CA (ca.crt, ca.key) is kept and reused; a per-process temporary directory
-    /// if omitted.
+    /// Keep the CA (ca.crt, ca.key) in DIR and reuse it on restart. DIR is created with mode
+    /// 0700 if missing, and refused if group or others may write it or access ca.key.
+    /// Without it, the CA is made in a fresh private directory of this process's own (see
+    /// the log for its ca.crt), removed on exit.
     #[arg(long, value_name = "DIR", conflicts_with = "http")]
     tls_dir: Option<PathBuf>,
     /// Serve the /_emulator/ admin endpoints (stats, token validation, runtime config).
@@ -125,9 +127,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         Transport::Http
     } else {
         Transport::Https {
-            tls_dir: args.tls_dir.unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("acs-emulator-tls-{}", std::process::id()))
-            }),
+            tls_dir: args.tls_dir,
         }
     };
     config.admin = args.admin;
@@ -209,8 +209,13 @@ mod tests {
         assert_eq!(
             config.transport,
             Transport::Https {
-                tls_dir: "/tmp/x".into()
+                tls_dir: Some("/tmp/x".into())
             }
+        );
+        assert_eq!(
+            run(&[]).unwrap().transport,
+            Transport::Https { tls_dir: None },
+            "no shared default directory"
         );
         assert!(config.admin);
         assert!(!config.settings.limits.enabled);

@@ -16,7 +16,7 @@ mod tls;
 pub mod tokens;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -132,7 +132,13 @@ pub(crate) struct Outage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
     Http,
-    Https { tls_dir: PathBuf },
+    /// `tls_dir: None`: a fresh private directory (mode 0700) of this emulator's own, removed
+    /// when it is shut down or dropped. `Some(dir)`: the CA is kept there and reused on the
+    /// next start; `dir` is created with mode 0700 if missing, and refused if group or others
+    /// may write it or access its `ca.key`.
+    Https {
+        tls_dir: Option<PathBuf>,
+    },
 }
 
 /// How to start an emulator.
@@ -216,6 +222,9 @@ pub struct Emulator {
     key: AccessKey,
     resource_id: String,
     ca_pem: Option<String>,
+    ca_cert_path: Option<PathBuf>,
+    /// Held only to be removed with the emulator.
+    _fresh_tls_dir: Option<tls::PrivateTempDir>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -254,6 +263,11 @@ impl Emulator {
     /// The CA certificate (PEM) to trust, when serving HTTPS.
     pub fn ca_cert_pem(&self) -> Option<&str> {
         self.ca_pem.as_deref()
+    }
+
+    /// Where that CA certificate is written (`ca.crt` in the TLS directory).
+    pub fn ca_cert_path(&self) -> Option<&Path> {
+        self.ca_cert_path.as_deref()
     }
 
     pub fn resource_id(&self) -> &str {
@@ -308,10 +322,15 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
         )?,
         _ => store::Store::in_memory(),
     };
-    let tls = match &config.transport {
-        Transport::Http => None,
-        Transport::Https { tls_dir } => Some(tls::prepare(tls_dir)?),
+    let (tls_dir, fresh_tls_dir) = match &config.transport {
+        Transport::Http => (None, None),
+        Transport::Https { tls_dir: Some(dir) } => (Some(dir.clone()), None),
+        Transport::Https { tls_dir: None } => {
+            let fresh = tls::PrivateTempDir::create()?;
+            (Some(fresh.path().to_owned()), Some(fresh))
+        }
     };
+    let tls = tls_dir.as_deref().map(tls::prepare).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -345,6 +364,8 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
         key: config.access_key,
         resource_id,
         ca_pem: tls.map(|t| t.ca_pem),
+        ca_cert_path: tls_dir.map(|dir| dir.join("ca.crt")),
+        _fresh_tls_dir: fresh_tls_dir,
         shutdown,
         task,
     })

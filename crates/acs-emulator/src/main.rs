@@ -4,7 +4,6 @@
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 
-use acs_emulator::Transport;
 use acs_emulator::cli::{self, Command};
 
 fn main() -> ExitCode {
@@ -44,21 +43,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: acs_emulator::Config) -> anyhow::Result<()> {
-    let tls_dir = match &config.transport {
-        Transport::Https { tls_dir } => Some(tls_dir.clone()),
-        Transport::Http => None,
-    };
     let emulator = acs_emulator::start(config).await?;
     // The one line on stdout: the documented interface, and the only place the key appears.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", emulator.connection_string())?;
     stdout.flush()?;
     drop(stdout);
-    match tls_dir {
-        Some(dir) => tracing::info!(
+    match emulator.ca_cert_path() {
+        Some(ca) => tracing::info!(
             "serving HTTPS on {}; trust {}",
             emulator.local_addr(),
-            dir.join("ca.crt").display()
+            ca.display()
         ),
         None => tracing::info!("serving plain HTTP on {}", emulator.local_addr()),
     }

@@ -839,7 +839,7 @@ async fn https_with_the_emulators_own_ca() {
     let dir = tempdir("https");
     let mut cfg = config();
     cfg.transport = Transport::Https {
-        tls_dir: dir.clone(),
+        tls_dir: Some(dir.clone()),
     };
     let emulator = acs_emulator::start(cfg.clone()).await.unwrap();
     let ca = std::fs::read(dir.join("ca.crt")).unwrap();
@@ -938,7 +938,11 @@ fn tempdir(name: &str) -> std::path::PathBuf {
         std::process::id(),
         rand_suffix()
     ));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Private, whatever the umask: the emulator refuses a TLS directory others may write.
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.recursive(true).create(&dir).unwrap();
     dir
 }
 

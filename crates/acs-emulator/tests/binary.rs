@@ -42,6 +42,54 @@ fn prints_one_connection_string_line_with_the_real_port_and_writes_the_ca_first(
     assert!(!stderr.contains(KEY), "the key leaked to stderr: {stderr}");
 }
 
+/// Without --tls-dir the CA lives in a fresh directory only this user can enter, named in the
+/// log, and gone after a clean exit.
+#[cfg(unix)]
+#[test]
+fn the_default_tls_directory_is_private_to_the_process_and_removed_on_exit() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let mut child = emulator()
+        .args(["--listen", "127.0.0.1:0", "--access-key", KEY])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut ca = None;
+    for line in (&mut stderr).lines() {
+        if let Some((_, path)) = line.unwrap().split_once("; trust ") {
+            ca = Some(std::path::PathBuf::from(path));
+            break;
+        }
+    }
+    let ca = ca.expect("the log names the CA certificate");
+    let dir = ca.parent().unwrap().to_owned();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let (dir_mode, key_mode) = (mode(&dir), mode(&dir.join("ca.key")));
+    let terminated = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {pid}"))
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let exit = child.wait().unwrap();
+
+    assert!(ca.starts_with(std::env::temp_dir()), "{}", ca.display());
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    assert!(
+        !name.ends_with(&format!("-{pid}")),
+        "a name derived from the pid can be planted in advance: {name}"
+    );
+    assert_eq!(dir_mode, 0o700);
+    assert_eq!(key_mode, 0o600);
+    assert!(exit.success(), "{exit:?}");
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}
+
 #[test]
 fn a_bad_flag_is_a_one_line_error() {
     let output = emulator().arg("--no-such-flag").output().unwrap();
