@@ -809,3 +809,138 @@ mod tests {
         }
     }
 }
+
+/// Whatever an endpoint answers, classifying and decoding it neither panics nor echoes more
+/// than a bounded text, and no Retry-After exceeds [`crate::MAX_RETRY_AFTER`].
+#[cfg(test)]
+mod answer_properties {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, RngSeed};
+
+    use super::*;
+    use crate::retry::MAX_RETRY_AFTER;
+    use crate::wire::IdentityDetails;
+
+    /// Display texts end up in conditions and Events; a KiB is far more than any needs.
+    const MAX_DISPLAY_BYTES: usize = 1024;
+
+    const HEADER_NAMES: [&str; 6] = [
+        "retry-after",
+        "retry-after-ms",
+        "x-ms-retry-after-ms",
+        "content-type",
+        "location",
+        "x-ms-error-code",
+    ];
+
+    fn header_value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            "[0-9]{1,40}".prop_map(String::into_bytes),
+            "-?[0-9]{0,20}(\\.[0-9]{0,5})?[ a-z]{0,3}".prop_map(String::into_bytes),
+            "(Mon|Thu|Fri|Sun), [0-9]{1,2} (Jan|Feb|Dec) [0-9]{1,6} [0-9]{2}:[0-9]{2}:[0-9]{2} (GMT|UTC|\\+0100)"
+                .prop_map(String::into_bytes),
+            ("\\PC{0,40}", 1..400usize).prop_map(|(piece, times)| piece.repeat(times).into_bytes()),
+            vec(any::<u8>(), 0..200),
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = HeaderMap> {
+        vec((0..HEADER_NAMES.len(), header_value()), 0..6).prop_map(|pairs| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                // What reqwest could have received: values a client accepts.
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    headers.append(HEADER_NAMES[name], value);
+                }
+            }
+            headers
+        })
+    }
+
+    /// Text up to `MAX_ANSWER_BYTES`-ish: a short arbitrary piece, repeated.
+    fn long_text() -> impl Strategy<Value = String> {
+        (any::<String>(), 0..3000usize).prop_map(|(piece, times)| {
+            let piece: String = piece.chars().take(20).collect();
+            piece.repeat(times)
+        })
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            vec(any::<u8>(), 0..512),
+            (long_text(), long_text()).prop_map(|(code, message)| {
+                serde_json::json!({"error": {"code": code, "message": message, "details": [{"code": "x", "message": "y"}]}})
+                    .to_string()
+                    .into_bytes()
+            }),
+            (long_text(), long_text()).prop_map(|(token, expires_on)| {
+                serde_json::json!({"identity": {"id": token}, "accessToken": {"token": token, "expiresOn": expires_on}})
+                    .to_string()
+                    .into_bytes()
+            }),
+            Just(b"{\"error\":{\"code\":1,\"message\":null}}".to_vec()),
+            Just(b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".to_vec()),
+        ]
+    }
+
+    fn deterministic() -> Config {
+        Config {
+            cases: 96,
+            rng_algorithm: RngAlgorithm::ChaCha,
+            rng_seed: RngSeed::Fixed(0x0ac5_1de7),
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    fn assert_bounded(error: &Error) -> Result<(), TestCaseError> {
+        let text = error.to_string();
+        prop_assert!(
+            text.len() < MAX_DISPLAY_BYTES,
+            "{} bytes: {text}",
+            text.len()
+        );
+        prop_assert!(!text.chars().any(char::is_control), "{text:?}");
+        prop_assert!(
+            error
+                .retry_after()
+                .is_none_or(|after| after <= MAX_RETRY_AFTER)
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(deterministic())]
+
+        #[test]
+        fn any_answer_classifies_and_decodes_bounded(
+            status in 100u16..=999,
+            headers in headers(),
+            body in body(),
+        ) {
+            let status = StatusCode::from_u16(status).unwrap();
+            let call = Call {
+                operation: Operation::CreateIdentity,
+                method: Method::POST,
+                url: Url::parse("https://r.communication.azure.com/identities").unwrap(),
+                target: "/identities".into(),
+                body: None,
+                success: &[StatusCode::CREATED, StatusCode::OK],
+            };
+            assert_bounded(&classify(&call, status, &headers, &body))?;
+            let after = retry::retry_after(&headers, jiff::Timestamp::now());
+            prop_assert!(after.is_none_or(|after| after <= MAX_RETRY_AFTER));
+            let operation = call.operation;
+            if let Err(error) = decode::<CreateIdentityResponse>(operation, status, &body) {
+                assert_bounded(&error)?;
+            }
+            if let Err(error) = decode::<AccessToken>(operation, status, &body) {
+                assert_bounded(&error)?;
+            }
+            if let Err(error) = decode::<IdentityDetails>(operation, status, &body) {
+                assert_bounded(&error)?;
+            }
+        }
+    }
+}
