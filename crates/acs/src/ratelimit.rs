@@ -106,7 +106,7 @@ pub enum Quota {
     /// The published limits times this factor: 1 for a resource with the default quotas, more
     /// for one whose quotas Microsoft raised.
     Scaled(f64),
-    /// No client-side limit (the emulator's `--no-limits` mode).
+    /// No client-side limit (`--acs-rate-limit off`, for an endpoint that sets none).
     Unlimited,
 }
 

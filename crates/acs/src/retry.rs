@@ -11,8 +11,7 @@ use reqwest::header::HeaderMap;
 
 use crate::error::Error;
 
-/// How persistently the client retries. `Copy`, so a caller can use a stricter policy for one
-/// call path (e.g. a reconcile that would rather requeue) via `AcsClient::with_retry_policy`.
+/// How persistently the client retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Retries after the first attempt; 0 disables retrying.
