@@ -240,8 +240,8 @@ impl AcsClient {
             if certificates.is_empty() {
                 return Err(BuildError::EmptyCaPem);
             }
-            // Added to, not instead of, the built-in web roots: the same operator may talk to
-            // real ACS and to an emulator.
+            // Added to, not instead of, the built-in web roots: a private endpoint may just as
+            // well have a public certificate.
             if trusts_extra_ca(url_host) {
                 for certificate in certificates {
                     builder = builder.add_root_certificate(certificate);
