@@ -111,6 +111,55 @@ macro_rules! duration_regex {
 /// DNS-1123 subdomain, as Kubernetes requires for a Secret name.
 const DNS_SUBDOMAIN_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// Longest DNS-1123 subdomain, as a Secret name or a key prefix, Kubernetes accepts.
+const MAX_DNS_SUBDOMAIN_LENGTH: usize = 253;
+
+/// A Kubernetes qualified name, as label and annotation keys must be: an optional DNS-1123
+/// subdomain prefix and `/`, then a name of at most 63 characters. A regex cannot bound the
+/// prefix to 253 characters; the rules using it check that apart. `[.]` rather than `\.` needs
+/// no escaping inside a CEL string.
+macro_rules! qualified_name_regex {
+    () => {
+        "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    };
+}
+/// A label value: empty, or at most 63 characters of the qualified name's name part.
+macro_rules! label_value_regex {
+    () => {
+        "^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+    };
+}
+/// A Secret data key (Kubernetes' `IsConfigMapKey`, which also refuses `.` and a `..` prefix).
+macro_rules! secret_data_key_regex {
+    () => {
+        "^[-._a-zA-Z0-9]+$"
+    };
+}
+/// Longest Secret data key Kubernetes accepts.
+const MAX_SECRET_KEY_LENGTH: usize = 253;
+/// An ACS communication user id: `8:acs:<resource GUID>_<suffix>`, or the same under the
+/// prefixes ACS's SDKs also read as communication users (legacy `spool`, US government clouds).
+macro_rules! communication_user_id_regex {
+    () => {
+        "^8:(acs|spool|dod-acs|gcch-acs):[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}_[-._0-9A-Za-z]{1,128}$"
+    };
+}
+const COMMUNICATION_USER_PREFIXES: [&str; 4] = ["8:acs:", "8:spool:", "8:dod-acs:", "8:gcch-acs:"];
+const MAX_IDENTITY_SUFFIX_LENGTH: usize = 128;
+
+/// Most labels, and most annotations, a Secret template may hold: bounds the cost the API
+/// server estimates for the CEL rules that look at every key.
+const MAX_TEMPLATE_ENTRIES: usize = 64;
+/// Longest label value Kubernetes accepts.
+const MAX_LABEL_VALUE_LENGTH: usize = 63;
+/// Longest template annotation value, in characters; bounds the CEL cost of the size rule.
+const MAX_ANNOTATION_VALUE_LENGTH: usize = 4096;
+/// Most bytes (keys and values) the template's annotations may take together: half of the
+/// 256 KiB Kubernetes allows all annotations of an object, leaving the rest to annotations that
+/// others put on the Secret.
+const MAX_ANNOTATIONS_SIZE: usize = 128 * 1024;
+/// The operator's own label and annotation domain; no template key may start with it.
+const RESERVED_KEY_PREFIX: &str = OPERATOR_ANNOTATION_PREFIX;
 
 /// A Communication Services identity with an access token kept fresh in a Secret.
 // Clippy reads the repeated `type_ = "string"` inside the printcolumns as duplicated attributes.
@@ -226,11 +275,15 @@ pub struct CommunicationIdentitySpec {
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
-    /// Adopt this existing ACS identity instead of creating one. Set only at creation; immutable.
+    /// Adopt this existing ACS identity (8:acs:<resource GUID>_<suffix>) instead of creating one; empty means create. Set only at creation; immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "String", length(max = 256))]
     #[schemars(extend("x-kubernetes-validations" = [
         { "rule": "self == oldSelf", "message": "identityId is immutable once set" },
+        {
+            "rule": concat!("self == '' || self.matches('", communication_user_id_regex!(), "')"),
+            "message": "identityId must be an ACS communication user id, 8:acs:<resource GUID>_<suffix>, as ACS returned it",
+        },
     ]))]
     pub identity_id: Option<String>,
 }
@@ -249,7 +302,13 @@ pub struct ConnectionSecretRef {
     pub name: String,
     /// Key in the Secret whose value is the connection string.
     #[serde(default = "default_connection_key")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_SECRET_KEY_LENGTH))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": concat!("self.matches('", secret_data_key_regex!(), "') && self != '.' && !self.startsWith('..')"),
+            "message": "connectionSecretRef.key must be a Secret data key: letters, digits, '-', '_' and '.', not '.' and not starting with '..'",
+        },
+    ]))]
     pub key: String,
 }
 
@@ -293,19 +352,137 @@ impl std::fmt::Display for Scope {
     }
 }
 
-/// Extra metadata for the Secret. The managed-by label always wins over a template label.
+/// Extra metadata for the Secret. The operator's own keys (the managed-by label, anything under
+/// acs-operator.io/) are refused: the operator sets those itself.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct SecretTemplate {
+    /// At most 64 labels: keys are qualified names ([prefix/]name), values valid label values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAX_TEMPLATE_ENTRIES,
+        "additionalProperties" = {
+            "type": "string",
+            "maxLength": MAX_LABEL_VALUE_LENGTH,
+            "x-kubernetes-validations": [
+                {
+                    "rule": concat!("self.matches('", label_value_regex!(), "')"),
+                    "message": "secretTemplate.labels values must be empty or letters, digits, '-', '_' and '.' that start and end with a letter or digit",
+                },
+            ],
+        },
+        "x-kubernetes-validations" = [
+            {
+                "rule": qualified_keys_rule(),
+                "message": qualified_keys_message("secretTemplate.labels"),
+            },
+            {
+                "rule": format!("self.all(k, k != '{MANAGED_BY_LABEL}' && !k.startsWith('{RESERVED_KEY_PREFIX}'))"),
+                "message": format!("secretTemplate.labels must not set {MANAGED_BY_LABEL} or keys under {RESERVED_KEY_PREFIX}: the operator sets those itself"),
+            },
+        ],
+    ))]
     pub labels: BTreeMap<String, String>,
+    /// At most 64 annotations: keys are qualified names, values at most 4096 characters, 128 KiB in all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAX_TEMPLATE_ENTRIES,
+        "additionalProperties" = { "type": "string", "maxLength": MAX_ANNOTATION_VALUE_LENGTH },
+        "x-kubernetes-validations" = [
+            {
+                "rule": qualified_keys_rule(),
+                "message": qualified_keys_message("secretTemplate.annotations"),
+            },
+            {
+                "rule": format!("self.all(k, !k.startsWith('{RESERVED_KEY_PREFIX}'))"),
+                "message": format!("secretTemplate.annotations must not set keys under {RESERVED_KEY_PREFIX}: the operator owns those"),
+            },
+            {
+                "rule": format!("self.map(k, bytes(k).size() + bytes(self[k]).size()).sum() <= {MAX_ANNOTATIONS_SIZE}"),
+                "message": "secretTemplate.annotations must take at most 128 KiB in all, keys and values",
+            },
+        ],
+    ))]
     pub annotations: BTreeMap<String, String>,
+}
+
+/// CEL: every key of the map is a qualified name, its prefix (before the `/`) at most 253
+/// characters (`indexOf` is -1 without one).
+fn qualified_keys_rule() -> String {
+    format!(
+        "self.all(k, k.matches('{}') && k.indexOf('/') <= {MAX_DNS_SUBDOMAIN_LENGTH})",
+        qualified_name_regex!()
+    )
+}
+
+fn qualified_keys_message(field: &str) -> String {
+    format!(
+        "{field} keys must be qualified names: an optional DNS subdomain prefix (253 characters at \
+         most) and '/', then a name of 1 to 63 letters, digits, '-', '_' and '.' that starts and \
+         ends with a letter or digit, such as team or example.com/team"
+    )
 }
 
 impl SecretTemplate {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty() && self.annotations.is_empty()
     }
+
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        validate_keys("secretTemplate.labels", &self.labels, |key| {
+            key == MANAGED_BY_LABEL || key.starts_with(RESERVED_KEY_PREFIX)
+        })?;
+        if let Some(key) = self.labels.iter().find_map(|(key, value)| {
+            (!value.is_empty() && !is_qualified_name_part(value)).then_some(key)
+        }) {
+            return Err(InvalidSpec::LabelValue { key: key.clone() });
+        }
+        validate_keys("secretTemplate.annotations", &self.annotations, |key| {
+            key.starts_with(RESERVED_KEY_PREFIX)
+        })?;
+        if let Some(key) = self.annotations.iter().find_map(|(key, value)| {
+            (value.chars().count() > MAX_ANNOTATION_VALUE_LENGTH).then_some(key)
+        }) {
+            return Err(InvalidSpec::AnnotationValueTooLong { key: key.clone() });
+        }
+        let size = self
+            .annotations
+            .iter()
+            .map(|(key, value)| key.len() + value.len())
+            .sum();
+        if size > MAX_ANNOTATIONS_SIZE {
+            return Err(InvalidSpec::AnnotationsTooLarge { size });
+        }
+        Ok(())
+    }
+}
+
+/// The checks labels and annotations share: how many, and what their keys look like.
+fn validate_keys(
+    field: &'static str,
+    entries: &BTreeMap<String, String>,
+    is_reserved: impl Fn(&str) -> bool,
+) -> Result<(), InvalidSpec> {
+    if entries.len() > MAX_TEMPLATE_ENTRIES {
+        return Err(InvalidSpec::TooManyTemplateEntries {
+            field,
+            count: entries.len(),
+        });
+    }
+    for key in entries.keys() {
+        if !is_qualified_name(key) {
+            return Err(InvalidSpec::TemplateKey {
+                field,
+                key: key.clone(),
+            });
+        }
+        if is_reserved(key) {
+            return Err(InvalidSpec::ReservedTemplateKey {
+                field,
+                key: key.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What the operator does in ACS when the resource is deleted.
@@ -411,6 +588,48 @@ pub enum InvalidSpec {
     ScopeCount,
     #[error("scopes must be distinct")]
     DuplicateScopes,
+    #[error(
+        "connectionSecretRef.key {value:?} is not a Secret data key: use letters, digits, '-', '_' \
+         and '.' (253 at most), not \".\" and not starting with \"..\""
+    )]
+    ConnectionSecretKey { value: String },
+    #[error(
+        "secretName {value:?} is not a DNS-1123 subdomain: use at most 253 lowercase letters, \
+         digits, '-' and '.', starting and ending with a letter or digit"
+    )]
+    SecretName { value: String },
+    #[error("{field} holds {count} entries, more than the 64 allowed: remove some")]
+    TooManyTemplateEntries { field: &'static str, count: usize },
+    #[error(
+        "{field} key {key:?} is not a qualified name: use an optional DNS subdomain prefix (253 \
+         characters at most) and '/', then a name of 1 to 63 letters, digits, '-', '_' and '.' \
+         that starts and ends with a letter or digit, such as team or example.com/team"
+    )]
+    TemplateKey { field: &'static str, key: String },
+    #[error(
+        "{field} key {key:?} is reserved for the operator, which sets its own keys on the Secret: \
+         remove it"
+    )]
+    ReservedTemplateKey { field: &'static str, key: String },
+    #[error(
+        "secretTemplate.labels value of {key:?} is not a label value: use at most 63 letters, \
+         digits, '-', '_' and '.' that start and end with a letter or digit, or leave it empty"
+    )]
+    LabelValue { key: String },
+    #[error(
+        "secretTemplate.annotations value of {key:?} is longer than 4096 characters: shorten it"
+    )]
+    AnnotationValueTooLong { key: String },
+    #[error(
+        "secretTemplate.annotations take {size} bytes, keys and values together, more than the \
+         128 KiB allowed: shorten or remove some"
+    )]
+    AnnotationsTooLarge { size: usize },
+    #[error(
+        "identityId {value:?} is not an ACS communication user id: use the id ACS returned, \
+         8:acs:<resource GUID>_<suffix>, or leave identityId out to create an identity"
+    )]
+    IdentityId { value: String },
 }
 
 impl CommunicationIdentitySpec {
@@ -425,7 +644,25 @@ impl CommunicationIdentitySpec {
         {
             return Err(InvalidSpec::DuplicateScopes);
         }
-        self.refresh_before().map(drop)
+        self.refresh_before()?;
+        let key = &self.connection_secret_ref.key;
+        if !is_secret_data_key(key) {
+            return Err(InvalidSpec::ConnectionSecretKey { value: key.clone() });
+        }
+        if let Some(name) = &self.secret_name
+            && !is_dns_subdomain(name)
+        {
+            return Err(InvalidSpec::SecretName {
+                value: name.clone(),
+            });
+        }
+        self.secret_template.validate()?;
+        match self.adopted_identity_id() {
+            Some(id) if !is_communication_user_id(id) => Err(InvalidSpec::IdentityId {
+                value: id.to_owned(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The requested token lifetime, within 1h..=24h.
@@ -522,6 +759,90 @@ impl CommunicationIdentity {
             .get(key)
             .map(String::as_str)
     }
+}
+
+/// `qualified_name_regex!`, with the prefix's length bound.
+fn is_qualified_name(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_qualified_name_part(name),
+        None => is_qualified_name_part(key),
+    }
+}
+
+/// The name part of a qualified name, or a label value that is not empty: 1 to 63 of
+/// `[-A-Za-z0-9_.]`, starting and ending with a letter or digit.
+fn is_qualified_name_part(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    match (bytes.first(), bytes.last()) {
+        (Some(first), Some(last)) => {
+            bytes.len() <= MAX_LABEL_VALUE_LENGTH
+                && first.is_ascii_alphanumeric()
+                && last.is_ascii_alphanumeric()
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        }
+        _ => false,
+    }
+}
+
+/// `DNS_SUBDOMAIN_PATTERN`, at most 253 characters.
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= MAX_DNS_SUBDOMAIN_LENGTH
+        && text.split('.').all(|label| {
+            let bytes = label.as_bytes();
+            match (bytes.first(), bytes.last()) {
+                (Some(first), Some(last)) => {
+                    is_lower_alphanumeric(*first)
+                        && is_lower_alphanumeric(*last)
+                        && bytes.iter().all(|&b| is_lower_alphanumeric(b) || b == b'-')
+                }
+                _ => false,
+            }
+        })
+}
+
+fn is_lower_alphanumeric(byte: u8) -> bool {
+    byte.is_ascii_lowercase() || byte.is_ascii_digit()
+}
+
+/// `secret_data_key_regex!`, at most 253 characters, neither `.` nor starting with `..`.
+fn is_secret_data_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_SECRET_KEY_LENGTH
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && key != "."
+        && !key.starts_with("..")
+}
+
+/// `communication_user_id_regex!`.
+fn is_communication_user_id(id: &str) -> bool {
+    let Some(rest) = COMMUNICATION_USER_PREFIXES
+        .iter()
+        .find_map(|prefix| id.strip_prefix(prefix))
+    else {
+        return false;
+    };
+    // A GUID holds no '_', so the first one ends the resource id.
+    let Some((resource, suffix)) = rest.split_once('_') else {
+        return false;
+    };
+    is_guid(resource)
+        && (1..=MAX_IDENTITY_SUFFIX_LENGTH).contains(&suffix.len())
+        && suffix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, hexadecimal digits of either case.
+fn is_guid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.iter().map(|group| group.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|group| group.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Parses "24h", "90m", "1h30m" (the forms the schema admits) into a duration.
@@ -694,6 +1015,376 @@ mod tests {
         let mut none = spec("24h", None);
         none.scopes.clear();
         assert_eq!(none.validate(), Err(InvalidSpec::ScopeCount));
+    }
+
+    /// A valid spec with `extra` merged over it, as the API server would hand it over.
+    fn spec_with(extra: Value) -> CommunicationIdentitySpec {
+        let mut spec = json!({
+            "connectionSecretRef": { "name": "acs-connection" },
+            "scopes": ["chat"],
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            spec[key] = value.clone();
+        }
+        serde_json::from_value(spec).unwrap()
+    }
+
+    fn labels(entries: Value) -> Value {
+        json!({ "secretTemplate": { "labels": entries } })
+    }
+
+    fn annotations(entries: Value) -> Value {
+        json!({ "secretTemplate": { "annotations": entries } })
+    }
+
+    /// `count` entries `k0`, `k1`, ... holding `value`.
+    fn entries(count: usize, value: &str) -> Value {
+        (0..count)
+            .map(|i| (format!("k{i}"), json!(value)))
+            .collect()
+    }
+
+    #[test]
+    fn template_validation_matches_the_schema_rules() {
+        const LABELS: &str = "secretTemplate.labels";
+        const ANNOTATIONS: &str = "secretTemplate.annotations";
+        let key_error = |field, key: &str| {
+            Err(InvalidSpec::TemplateKey {
+                field,
+                key: key.into(),
+            })
+        };
+        let reserved = |field, key: &str| {
+            Err(InvalidSpec::ReservedTemplateKey {
+                field,
+                key: key.into(),
+            })
+        };
+        let prefix_253 = format!("{}.{}", vec!["a".repeat(50); 4].join("."), "b".repeat(49));
+        let four_kib = "x".repeat(4096);
+        let cases = [
+            (
+                "label keys with and without a prefix, values empty or not",
+                labels(json!({ "team": "chat", "example.com/tier": "", "A_b.c-9": "X" })),
+                Ok(()),
+            ),
+            (
+                "label key with a space",
+                labels(json!({ "bad key!": "v" })),
+                key_error(LABELS, "bad key!"),
+            ),
+            (
+                "label key name of 63",
+                labels(json!({ "a".repeat(63): "v" })),
+                Ok(()),
+            ),
+            (
+                "label key name of 64",
+                labels(json!({ "a".repeat(64): "v" })),
+                key_error(LABELS, &"a".repeat(64)),
+            ),
+            (
+                "label key prefix of 253",
+                labels(json!({ format!("{prefix_253}/team"): "v" })),
+                Ok(()),
+            ),
+            (
+                "label key prefix of 254",
+                labels(json!({ format!("{prefix_253}c/team"): "v" })),
+                key_error(LABELS, &format!("{prefix_253}c/team")),
+            ),
+            (
+                "label key prefix in upper case",
+                labels(json!({ "Example.com/team": "v" })),
+                key_error(LABELS, "Example.com/team"),
+            ),
+            (
+                "label key with an empty prefix",
+                labels(json!({ "/team": "v" })),
+                key_error(LABELS, "/team"),
+            ),
+            (
+                "label key with an empty name",
+                labels(json!({ "example.com/": "v" })),
+                key_error(LABELS, "example.com/"),
+            ),
+            (
+                "label key with two slashes",
+                labels(json!({ "a/b/c": "v" })),
+                key_error(LABELS, "a/b/c"),
+            ),
+            (
+                "label key ending in a dot",
+                labels(json!({ "team.": "v" })),
+                key_error(LABELS, "team."),
+            ),
+            (
+                "the managed-by label",
+                labels(json!({ MANAGED_BY_LABEL: "me" })),
+                reserved(LABELS, MANAGED_BY_LABEL),
+            ),
+            (
+                "a label under acs-operator.io/",
+                labels(json!({ "acs-operator.io/team": "v" })),
+                reserved(LABELS, "acs-operator.io/team"),
+            ),
+            (
+                "label value of 63",
+                labels(json!({ "team": "a".repeat(63) })),
+                Ok(()),
+            ),
+            (
+                "label value of 70",
+                labels(json!({ "team": "a".repeat(70) })),
+                Err(InvalidSpec::LabelValue { key: "team".into() }),
+            ),
+            (
+                "label value starting with a dash",
+                labels(json!({ "team": "-chat" })),
+                Err(InvalidSpec::LabelValue { key: "team".into() }),
+            ),
+            (
+                "label value with a slash",
+                labels(json!({ "team": "a/b" })),
+                Err(InvalidSpec::LabelValue { key: "team".into() }),
+            ),
+            ("64 labels", labels(entries(64, "v")), Ok(())),
+            (
+                "65 labels",
+                labels(entries(65, "v")),
+                Err(InvalidSpec::TooManyTemplateEntries {
+                    field: LABELS,
+                    count: 65,
+                }),
+            ),
+            (
+                "annotation values of any text",
+                annotations(json!({ "example.com/note": "é, spaces, / and {json}", "empty": "" })),
+                Ok(()),
+            ),
+            (
+                "annotation key with a space",
+                annotations(json!({ "bad key!": "v" })),
+                key_error(ANNOTATIONS, "bad key!"),
+            ),
+            (
+                "an annotation under acs-operator.io/",
+                annotations(json!({ REFRESH_REQUESTED_ANNOTATION: "1" })),
+                reserved(ANNOTATIONS, REFRESH_REQUESTED_ANNOTATION),
+            ),
+            (
+                "a managed-by annotation (only the label is the operator's)",
+                annotations(json!({ MANAGED_BY_LABEL: "me" })),
+                Ok(()),
+            ),
+            (
+                "annotation value of 4096 two-byte characters",
+                annotations(json!({ "note": "é".repeat(4096) })),
+                Ok(()),
+            ),
+            (
+                "annotation value of 4097 characters",
+                annotations(json!({ "note": "x".repeat(4097) })),
+                Err(InvalidSpec::AnnotationValueTooLong { key: "note".into() }),
+            ),
+            (
+                "annotations of 31 x 4 KiB",
+                annotations(entries(31, &four_kib)),
+                Ok(()),
+            ),
+            (
+                "annotations of 33 x 4 KiB, over 128 KiB",
+                annotations(entries(33, &four_kib)),
+                Err(InvalidSpec::AnnotationsTooLarge {
+                    // 10 keys k0..k9 of 2 bytes, 23 of 3.
+                    size: 33 * 4096 + 10 * 2 + 23 * 3,
+                }),
+            ),
+            (
+                "65 annotations",
+                annotations(entries(65, "v")),
+                Err(InvalidSpec::TooManyTemplateEntries {
+                    field: ANNOTATIONS,
+                    count: 65,
+                }),
+            ),
+        ];
+        for (name, extra, expected) in cases {
+            assert_eq!(spec_with(extra).validate(), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn name_and_id_validation_matches_the_schema_rules() {
+        let connection_key =
+            |key: &str| json!({ "connectionSecretRef": { "name": "acs", "key": key } });
+        let key_error = |key: &str| Err(InvalidSpec::ConnectionSecretKey { value: key.into() });
+        let secret_name = |name: &str| json!({ "secretName": name });
+        let name_error = |name: &str| Err(InvalidSpec::SecretName { value: name.into() });
+        let identity = |id: &str| json!({ "identityId": id });
+        let id_error = |id: &str| Err(InvalidSpec::IdentityId { value: id.into() });
+        const GUID: &str = "bbbcbc1e-9f06-482a-b5d8-20e3f26ef0cd";
+        let cases = [
+            (
+                "connection key with dots, dashes, underscores",
+                connection_key("conn-string_1.txt"),
+                Ok(()),
+            ),
+            (
+                "connection key starting with a dot",
+                connection_key(".env"),
+                Ok(()),
+            ),
+            (
+                "connection key of 253",
+                connection_key(&"k".repeat(253)),
+                Ok(()),
+            ),
+            (
+                "connection key of 254",
+                connection_key(&"k".repeat(254)),
+                key_error(&"k".repeat(254)),
+            ),
+            (
+                "connection key with a slash",
+                connection_key("bad/key"),
+                key_error("bad/key"),
+            ),
+            (
+                "connection key with a space",
+                connection_key("a key"),
+                key_error("a key"),
+            ),
+            ("connection key .", connection_key("."), key_error(".")),
+            ("connection key ..", connection_key(".."), key_error("..")),
+            (
+                "connection key starting with ..",
+                connection_key("..data"),
+                key_error("..data"),
+            ),
+            ("connection key empty", connection_key(""), key_error("")),
+            (
+                "secretName with dots and dashes",
+                secret_name("alice.chat-token"),
+                Ok(()),
+            ),
+            ("secretName of 253", secret_name(&"s".repeat(253)), Ok(())),
+            (
+                "secretName of 254",
+                secret_name(&"s".repeat(254)),
+                name_error(&"s".repeat(254)),
+            ),
+            (
+                "secretName in upper case",
+                secret_name("Alice"),
+                name_error("Alice"),
+            ),
+            (
+                "secretName with an empty label",
+                secret_name("a..b"),
+                name_error("a..b"),
+            ),
+            (
+                "secretName ending in a dash",
+                secret_name("alice-"),
+                name_error("alice-"),
+            ),
+            ("identityId empty: create one", identity(""), Ok(())),
+            (
+                "identityId as the emulator mints it",
+                identity(
+                    "8:acs:0d3c0f6e-8f0a-4c2e-9a53-1f8b9d1a2b3c_00000001-0002-0003-0004-000000000005",
+                ),
+                Ok(()),
+            ),
+            (
+                "identityId as Microsoft's docs show it",
+                identity(
+                    "8:acs:8540c0de-899f-5cce-acb5-3ec493af3800_c94ff260-162d-46d6-94fd-e79f4d213715",
+                ),
+                Ok(()),
+            ),
+            (
+                "identityId with 32 hex digits and more after the resource",
+                identity(&format!(
+                    "8:acs:{GUID}_0000000a1b2c3d4e5f60718293a4b5c6-dd4e-4a7e"
+                )),
+                Ok(()),
+            ),
+            (
+                "identityId with an upper-case GUID",
+                identity(&format!("8:acs:{}_1", GUID.to_uppercase())),
+                Ok(()),
+            ),
+            (
+                "identityId in the GCC High cloud",
+                identity(&format!("8:gcch-acs:{GUID}_{GUID}")),
+                Ok(()),
+            ),
+            (
+                "identityId in the DoD cloud",
+                identity(&format!("8:dod-acs:{GUID}_{GUID}")),
+                Ok(()),
+            ),
+            (
+                "identityId of a legacy spool user",
+                identity(&format!("8:spool:{GUID}_{GUID}")),
+                Ok(()),
+            ),
+            (
+                "identityId with a suffix of 128",
+                identity(&format!("8:acs:{GUID}_{}", "a".repeat(128))),
+                Ok(()),
+            ),
+            (
+                "identityId not an ACS id",
+                identity("not-an-acs-id"),
+                id_error("not-an-acs-id"),
+            ),
+            (
+                "identityId without a GUID",
+                identity("8:acs:r_1"),
+                id_error("8:acs:r_1"),
+            ),
+            (
+                "identityId of a Teams user",
+                identity(&format!("8:orgid:{GUID}")),
+                id_error(&format!("8:orgid:{GUID}")),
+            ),
+            (
+                "identityId without a suffix",
+                identity(&format!("8:acs:{GUID}_")),
+                id_error(&format!("8:acs:{GUID}_")),
+            ),
+            (
+                "identityId without the underscore",
+                identity(&format!("8:acs:{GUID}")),
+                id_error(&format!("8:acs:{GUID}")),
+            ),
+            (
+                "identityId with a suffix of 129",
+                identity(&format!("8:acs:{GUID}_{}", "a".repeat(129))),
+                id_error(&format!("8:acs:{GUID}_{}", "a".repeat(129))),
+            ),
+            (
+                "identityId with a slash in the suffix",
+                identity(&format!("8:acs:{GUID}_a/b")),
+                id_error(&format!("8:acs:{GUID}_a/b")),
+            ),
+            (
+                "identityId with a short GUID group",
+                identity("8:acs:bbbcbc1e-9f06-482a-b5d8-20e3f26ef0c_1"),
+                id_error("8:acs:bbbcbc1e-9f06-482a-b5d8-20e3f26ef0c_1"),
+            ),
+            (
+                "identityId with a non-hex GUID",
+                identity("8:acs:gbbcbc1e-9f06-482a-b5d8-20e3f26ef0cd_1"),
+                id_error("8:acs:gbbcbc1e-9f06-482a-b5d8-20e3f26ef0cd_1"),
+            ),
+        ];
+        for (name, extra, expected) in cases {
+            assert_eq!(spec_with(extra).validate(), expected, "{name}");
+        }
     }
 
     #[test]
@@ -888,8 +1579,52 @@ mod tests {
         );
         assert_eq!(
             messages(&fields["identityId"]),
-            ["identityId is immutable once set"]
+            [
+                "identityId is immutable once set",
+                "identityId must be an ACS communication user id, 8:acs:<resource GUID>_<suffix>, as ACS returned it",
+            ]
         );
+        assert_eq!(
+            messages(&fields["connectionSecretRef"]["properties"]["key"]),
+            [
+                "connectionSecretRef.key must be a Secret data key: letters, digits, '-', '_' and '.', not '.' and not starting with '..'"
+            ]
+        );
+        let qualified_keys = |field: &str| {
+            format!(
+                "{field} keys must be qualified names: an optional DNS subdomain prefix (253 \
+                 characters at most) and '/', then a name of 1 to 63 letters, digits, '-', '_' and \
+                 '.' that starts and ends with a letter or digit, such as team or example.com/team"
+            )
+        };
+        let template = &fields["secretTemplate"]["properties"];
+        let labels = &template["labels"];
+        assert_eq!(
+            messages(labels),
+            [
+                qualified_keys("secretTemplate.labels"),
+                "secretTemplate.labels must not set app.kubernetes.io/managed-by or keys under acs-operator.io/: the operator sets those itself".to_owned(),
+            ]
+        );
+        assert_eq!(
+            messages(&labels["additionalProperties"]),
+            [
+                "secretTemplate.labels values must be empty or letters, digits, '-', '_' and '.' that start and end with a letter or digit"
+            ]
+        );
+        assert_eq!(labels["maxProperties"], 64);
+        assert_eq!(labels["additionalProperties"]["maxLength"], 63);
+        let annotations = &template["annotations"];
+        assert_eq!(
+            messages(annotations),
+            [
+                qualified_keys("secretTemplate.annotations"),
+                "secretTemplate.annotations must not set keys under acs-operator.io/: the operator owns those".to_owned(),
+                "secretTemplate.annotations must take at most 128 KiB in all, keys and values".to_owned(),
+            ]
+        );
+        assert_eq!(annotations["maxProperties"], 64);
+        assert_eq!(annotations["additionalProperties"]["maxLength"], 4096);
         assert_eq!(
             messages(spec),
             [
