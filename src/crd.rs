@@ -193,7 +193,20 @@ const RESERVED_KEY_PREFIX: &str = OPERATOR_ANNOTATION_PREFIX;
         type_ = "string",
         json_path = ".status.nextRefreshTime"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // At the root, where metadata.name is visible. `optionalOldSelf` makes the rule run on
+    // create too; an update passes if the old object already lacked secretName, so a resource
+    // made under an older CRD can still have its status written and its finalizer removed.
+    validation = kube::core::Rule::new(format!(
+        "has(self.spec.secretName) \
+         || size(self.metadata.name + '{DEFAULT_SECRET_SUFFIX}') <= {MAX_DNS_SUBDOMAIN_LENGTH} \
+         || oldSelf.hasValue() && !has(oldSelf.value().spec.secretName)"
+    ))
+    .message(
+        "metadata.name is too long for the default Secret name <metadata.name>-acs-token \
+         (253 characters at most): shorten the name or set spec.secretName"
+    )
+    .optional_old_self(true)
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -598,6 +611,11 @@ pub enum InvalidSpec {
          digits, '-' and '.', starting and ending with a letter or digit"
     )]
     SecretName { value: String },
+    #[error(
+        "metadata.name is too long for the default Secret name <metadata.name>-acs-token \
+         ({length} characters, 253 at most): shorten the name or set spec.secretName"
+    )]
+    DefaultSecretNameTooLong { length: usize },
     #[error("{field} holds {count} entries, more than the 64 allowed: remove some")]
     TooManyTemplateEntries { field: &'static str, count: usize },
     #[error(
@@ -716,6 +734,19 @@ impl CommunicationIdentitySpec {
 }
 
 impl CommunicationIdentity {
+    /// Every check the schema makes, in Rust: the spec's, and the default Secret name's, which
+    /// only the whole resource can tell.
+    pub fn validate(&self) -> Result<(), InvalidSpec> {
+        self.spec.validate()?;
+        // The API server keeps metadata.name a DNS-1123 subdomain, and the suffix keeps it one:
+        // only the length can go wrong.
+        let length = self.secret_name().len();
+        if self.spec.secret_name.is_none() && length > MAX_DNS_SUBDOMAIN_LENGTH {
+            return Err(InvalidSpec::DefaultSecretNameTooLong { length });
+        }
+        Ok(())
+    }
+
     /// The Secret's name: spec.secretName, or `<metadata.name>-acs-token`.
     pub fn secret_name(&self) -> String {
         match &self.spec.secret_name {
@@ -1388,6 +1419,41 @@ mod tests {
     }
 
     #[test]
+    fn resource_validation_checks_the_default_secret_name() {
+        let resource =
+            |name: &str, extra: Value| CommunicationIdentity::new(name, spec_with(extra));
+        let longest = "a".repeat(MAX_DNS_SUBDOMAIN_LENGTH - DEFAULT_SECRET_SUFFIX.len());
+        let too_long = format!("{longest}a");
+        let cases = [
+            (
+                "default Secret name of 253",
+                resource(&longest, json!({})),
+                Ok(()),
+            ),
+            (
+                "default Secret name of 254",
+                resource(&too_long, json!({})),
+                Err(InvalidSpec::DefaultSecretNameTooLong { length: 254 }),
+            ),
+            (
+                "a long name with secretName set",
+                resource(&too_long, json!({ "secretName": "short" })),
+                Ok(()),
+            ),
+            (
+                "the spec's own checks",
+                resource("alice", json!({ "identityId": "not-an-acs-id" })),
+                Err(InvalidSpec::IdentityId {
+                    value: "not-an-acs-id".into(),
+                }),
+            ),
+        ];
+        for (name, resource, expected) in cases {
+            assert_eq!(resource.validate(), expected, "{name}");
+        }
+    }
+
+    #[test]
     fn scopes_serialise_as_acs_names() {
         let all = [
             Scope::Chat,
@@ -1625,6 +1691,15 @@ mod tests {
         );
         assert_eq!(annotations["maxProperties"], 64);
         assert_eq!(annotations["additionalProperties"]["maxLength"], 4096);
+        // At the root, the only place metadata.name is visible; it must also run on create.
+        let root = &schema();
+        assert_eq!(
+            messages(root),
+            [
+                "metadata.name is too long for the default Secret name <metadata.name>-acs-token (253 characters at most): shorten the name or set spec.secretName"
+            ]
+        );
+        assert_eq!(root["x-kubernetes-validations"][0]["optionalOldSelf"], true);
         assert_eq!(
             messages(spec),
             [
