@@ -197,6 +197,12 @@ pub(crate) async fn handle(
         ),
         None => serve(&shared, route, req).await,
     };
+    let faults = shared.settings().faults;
+    if faults.lose_answers > 0.0 && rand::random::<f64>() < faults.lose_answers {
+        // Carried out, never answered: the client's own timeout ends the exchange (and drops
+        // this future with the connection).
+        std::future::pending::<()>().await;
+    }
     if let Some(id) = request_id {
         reply.headers_mut().insert("x-ms-client-request-id", id);
     }

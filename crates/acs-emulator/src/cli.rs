@@ -162,6 +162,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         fail500: args.fail500,
         fail503: args.fail503,
         latency_ms: args.latency_ms,
+        lose_answers: 0.0,
     };
     settings.validate()?;
     Ok(Command::Run(Box::new(config)))

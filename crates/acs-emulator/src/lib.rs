@@ -44,6 +44,11 @@ pub struct Faults {
     pub fail503: f64,
     /// Added to every API request before it is answered (at most [`Faults::MAX_LATENCY_MS`]).
     pub latency_ms: u64,
+    /// Fraction (0..=1) of API requests carried out but never answered: the connection is held
+    /// until the client gives up, as when an answer is lost on its way back. For testing that a
+    /// create whose answer never came leaks nothing.
+    #[serde(default)]
+    pub lose_answers: f64,
 }
 
 impl Faults {
@@ -51,6 +56,9 @@ impl Faults {
 
     pub fn validate(&self) -> Result<(), String> {
         let fraction = |v: f64| (0.0..=1.0).contains(&v);
+        if !fraction(self.lose_answers) {
+            return Err("loseAnswers is a fraction between 0 and 1".into());
+        }
         if !fraction(self.fail500) || !fraction(self.fail503) || self.fail500 + self.fail503 > 1.0 {
             return Err(
                 "fail500 and fail503 are fractions between 0 and 1 whose sum is at most 1".into(),

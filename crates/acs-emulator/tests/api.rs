@@ -734,6 +734,32 @@ async fn faults_and_outages() {
         .admin("PATCH", "config", Some(json!({"faults": {"latencyMs": 0}})))
         .await;
 
+    // A lost answer: the create is carried out, but no answer ever comes.
+    let alive = client.admin("GET", "stats", None).await["identitiesAlive"].clone();
+    client
+        .admin(
+            "PATCH",
+            "config",
+            Some(json!({"faults": {"loseAnswers": 1.0}})),
+        )
+        .await;
+    let unanswered =
+        tokio::time::timeout(Duration::from_millis(300), client.send("POST", &target, "")).await;
+    assert!(unanswered.is_err(), "no answer comes");
+    client
+        .admin(
+            "PATCH",
+            "config",
+            Some(json!({"faults": {"loseAnswers": 0.0}})),
+        )
+        .await;
+    let stats = client.admin("GET", "stats", None).await;
+    assert_eq!(
+        stats["identitiesAlive"],
+        alive.as_u64().unwrap() + 1,
+        "{stats}"
+    );
+
     client
         .admin(
             "POST",
