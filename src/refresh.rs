@@ -30,8 +30,39 @@ pub struct RefreshPlan {
 impl RefreshPlan {
     /// How long from `now` until the refresh is due; zero when it is due already.
     pub fn wait_from(&self, now: Timestamp) -> Duration {
-        Duration::try_from(self.at.duration_since(now)).unwrap_or(Duration::ZERO)
+        wait_until(now, self.at)
     }
+}
+
+/// How long from `now` until `at`; zero when it has passed.
+pub fn wait_until(now: Timestamp, at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// `now + delay`, saturating instead of overflowing: delays can come from outside (a
+/// `Retry-After`), and an overflow panics.
+pub fn later(now: Timestamp, delay: Duration) -> Timestamp {
+    now.checked_add(signed(delay)).unwrap_or(Timestamp::MAX)
+}
+
+/// Beyond the longest lifetime ACS issues, how far ahead an `expiresOn` may lie (clock skew).
+const EXPIRY_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Checks an `expiresOn` that ACS answered: a token already expired, or one said to live
+/// longer than ACS ever issues, is an answer to distrust (and to retry with backoff), not a
+/// token to hand to workloads or to plan refreshes by.
+pub fn check_expiry(expires_on: Timestamp, now: Timestamp) -> Result<(), String> {
+    if expires_on <= now {
+        return Err(format!(
+            "ACS returned a token that had already expired (expiresOn {expires_on})"
+        ));
+    }
+    if expires_on > later(now, crate::crd::MAX_TOKEN_LIFETIME + EXPIRY_SKEW) {
+        return Err(format!(
+            "ACS returned a token said to expire at {expires_on}, more than 24 hours ahead"
+        ));
+    }
+    Ok(())
 }
 
 /// Plans the refresh of a token issued at `issued_at` that ACS said expires at `expires_on`.
@@ -190,6 +221,36 @@ mod tests {
 
     fn before(offset: Duration) -> Timestamp {
         now() - signed(offset)
+    }
+
+    #[test]
+    fn answered_expiries_are_checked() {
+        let cases = [
+            ("an hour ahead", at(HOUR), true),
+            ("a minute ahead (compressed time)", at(MINUTE), true),
+            ("24 hours ahead", at(24 * HOUR), true),
+            (
+                "24 hours and a little skew",
+                at(24 * HOUR + 4 * MINUTE),
+                true,
+            ),
+            ("now", now(), false),
+            ("in the past", before(HOUR), false),
+            ("25 hours ahead", at(25 * HOUR), false),
+            ("the end of time", Timestamp::MAX, false),
+        ];
+        for (name, expires_on, accepted) in cases {
+            assert_eq!(check_expiry(expires_on, now()).is_ok(), accepted, "{name}");
+        }
+    }
+
+    #[test]
+    fn later_saturates() {
+        assert_eq!(later(now(), HOUR), at(HOUR));
+        assert_eq!(later(now(), Duration::MAX), Timestamp::MAX);
+        assert_eq!(later(Timestamp::MAX, MINUTE), Timestamp::MAX);
+        assert_eq!(wait_until(now(), before(HOUR)), Duration::ZERO);
+        assert_eq!(wait_until(now(), at(HOUR)), HOUR);
     }
 
     #[test]

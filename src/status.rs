@@ -51,9 +51,26 @@ pub enum Failure {
     Throttled {
         retry_after: Option<Duration>,
     },
-    /// 5xx, timeout or connection failure; `detail` says which (status code or error kind).
+    /// 5xx, timeout or connection failure, or an answer that makes no sense (too large, a
+    /// redirect, a token already expired); `detail` says which.
     AcsUnavailable {
         detail: String,
+    },
+    /// The connection string names an endpoint outside `--acs-endpoint-suffixes`.
+    EndpointNotAllowed {
+        secret: String,
+        host: String,
+    },
+    /// The API server refused the token Secret; `detail` quotes it.
+    SecretWriteFailed {
+        secret_name: String,
+        detail: String,
+    },
+    /// Another CommunicationIdentity of this cluster created or adopted the identity named in
+    /// `spec.identityId`; `holder` is its `namespace/name`.
+    IdentityInUse {
+        identity_id: String,
+        holder: String,
     },
 }
 
@@ -71,6 +88,9 @@ impl Failure {
             Failure::SecretConflict { .. } => reason::SECRET_CONFLICT,
             Failure::Throttled { .. } => reason::THROTTLED,
             Failure::AcsUnavailable { .. } => reason::ACS_UNAVAILABLE,
+            Failure::EndpointNotAllowed { .. } => reason::ENDPOINT_NOT_ALLOWED,
+            Failure::SecretWriteFailed { .. } => reason::SECRET_WRITE_FAILED,
+            Failure::IdentityInUse { .. } => reason::IDENTITY_IN_USE,
         }
     }
 
@@ -85,8 +105,13 @@ impl Failure {
         }
     }
 
-    /// What is wrong and what to do about it.
+    /// What is wrong and what to do about it, at most [`MAX_MESSAGE_CHARS`] long (ACS error
+    /// texts and API-server messages are quoted, and an Event note over 1 KiB is refused).
     pub fn message(&self) -> String {
+        bounded(self.unbounded_message())
+    }
+
+    fn unbounded_message(&self) -> String {
         match self {
             Failure::ConnectionSecretNotFound { secret, key } => format!(
                 "Secret {secret:?} with the ACS connection string was not found in this namespace; \
@@ -135,8 +160,49 @@ impl Failure {
             Failure::AcsUnavailable { detail } => {
                 format!("ACS is unavailable ({detail}); retrying with backoff")
             }
+            Failure::EndpointNotAllowed { secret, host } => format!(
+                "the connection string in Secret {secret:?} names ACS endpoint host {host:?}, which \
+                 the operator's --acs-endpoint-suffixes does not admit; use the endpoint of your ACS \
+                 resource, or ask the cluster admin to add its domain to --acs-endpoint-suffixes \
+                 (Helm value acsEndpointSuffixes)"
+            ),
+            Failure::SecretWriteFailed {
+                secret_name,
+                detail,
+            } => format!(
+                "the API server refused to write Secret {secret_name:?} ({detail}); fix what it \
+                 names (spec.secretTemplate, a ResourceQuota on Secrets, the namespace); the \
+                 token already issued is written as soon as it can be"
+            ),
+            Failure::IdentityInUse {
+                identity_id,
+                holder,
+            } => format!(
+                "ACS identity {identity_id:?} in spec.identityId belongs to CommunicationIdentity \
+                 {holder}; an identity is adopted by one resource only: recreate this resource \
+                 without spec.identityId, or with an identity of its own"
+            ),
         }
     }
+}
+
+/// The longest message in a condition or Event note, in characters (Event notes are capped at
+/// 1 KiB by the API server, and these are ASCII but for quoted texts).
+pub const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// `text` cut to [`MAX_MESSAGE_CHARS`] bytes on a character boundary, marked when cut.
+pub fn bounded(mut text: String) -> String {
+    const MARK: &str = " […]";
+    if text.len() <= MAX_MESSAGE_CHARS {
+        return text;
+    }
+    let mut end = MAX_MESSAGE_CHARS - MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MARK);
+    text
 }
 
 /// How a reconcile pass ended, as far as readiness goes.
@@ -214,7 +280,7 @@ pub fn ready_condition(
         type_: READY_CONDITION.to_owned(),
         status: status.to_owned(),
         reason: reason.to_owned(),
-        message,
+        message: bounded(message),
         observed_generation: generation,
         last_transition_time,
     }
@@ -279,6 +345,18 @@ mod tests {
             Failure::Throttled { retry_after: None },
             Failure::AcsUnavailable {
                 detail: "503".into(),
+            },
+            Failure::EndpointNotAllowed {
+                secret: "acs-connection".into(),
+                host: "acs.example.net".into(),
+            },
+            Failure::SecretWriteFailed {
+                secret_name: "alice-acs-token".into(),
+                detail: "403: exceeded quota".into(),
+            },
+            Failure::IdentityInUse {
+                identity_id: "8:acs:r_1".into(),
+                holder: "team/bob".into(),
             },
         ]
     }
@@ -460,6 +538,9 @@ mod tests {
                 FailureKind::Throttled { retry_after: None },
             ),
             (reason::ACS_UNAVAILABLE, Transient),
+            (reason::ENDPOINT_NOT_ALLOWED, UserError),
+            (reason::SECRET_WRITE_FAILED, UserError),
+            (reason::IDENTITY_IN_USE, UserError),
         ];
         let failures = every_failure();
         assert_eq!(failures.len(), expected.len());
@@ -487,11 +568,46 @@ mod tests {
             (6, "scopes must be distinct"),
             (7, "set spec.secretName to another name"),
             (8, "retrying in 30s"),
+            (11, "add its domain to --acs-endpoint-suffixes"),
+            (12, "403: exceeded quota"),
+            (13, "belongs to CommunicationIdentity team/bob"),
         ];
         let failures = every_failure();
         for (index, fragment) in expectations {
             let message = failures[index].message();
             assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
         }
+    }
+
+    #[test]
+    fn messages_are_bounded_whatever_they_quote() {
+        let cases = [
+            ("short", "x".repeat(10), 10),
+            (
+                "at the bound",
+                "x".repeat(MAX_MESSAGE_CHARS),
+                MAX_MESSAGE_CHARS,
+            ),
+            ("a megabyte", "x".repeat(1 << 20), MAX_MESSAGE_CHARS),
+            (
+                "multi-byte at the cut",
+                "€".repeat(1 << 10),
+                MAX_MESSAGE_CHARS - 1,
+            ),
+        ];
+        for (name, text, expected_len) in cases {
+            let cut = bounded(text.clone());
+            assert_eq!(cut.len(), expected_len, "{name}");
+            assert_eq!(
+                cut.ends_with(" […]"),
+                text.len() > MAX_MESSAGE_CHARS,
+                "{name}"
+            );
+        }
+        let failure = Failure::InvalidRequest {
+            acs_code: "Bad".into(),
+            acs_message: "m".repeat(1 << 20),
+        };
+        assert!(failure.message().len() <= MAX_MESSAGE_CHARS);
     }
 }
