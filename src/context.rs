@@ -5,23 +5,27 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use acs::{AcsClient, ClientOptions, ConnectionString};
+use acs::{AcsClient, ClientOptions, ConnectionString, EndpointPolicy};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
 
-use crate::crd::ConnectionSecretRef;
+use crate::crd::{CommunicationIdentity, ConnectionSecretRef};
+use crate::held::HeldTokens;
 use crate::metrics::Metrics;
 use crate::status::Failure;
 
 /// Settings from the command line that shape how ACS is reached.
 #[derive(Clone, Default)]
 pub struct AcsSettings {
-    /// Extra CA certificates (PEM) to trust for ACS endpoints.
+    /// Extra CA certificates (PEM) to trust for ACS endpoints outside Azure's own domains.
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Accept `http://` endpoints (local development against the emulator only).
     pub allow_http: bool,
+    /// The endpoint hosts a connection string may name (`--acs-endpoint-suffixes`).
+    pub endpoint_policy: EndpointPolicy,
     /// Requests per ACS resource the client-side rate limiter admits.
     pub quota: acs::Quota,
 }
@@ -31,6 +35,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub acs: AcsClients,
     pub connection_secrets: RecentSecrets,
+    /// Tokens issued but not yet recorded (see [`HeldTokens`]).
+    pub held_tokens: HeldTokens,
+    /// The controller's cache of CommunicationIdentities.
+    pub identities: Store<CommunicationIdentity>,
     pub metrics: Arc<Metrics>,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
@@ -41,12 +49,15 @@ impl Context {
         recorder: Recorder,
         settings: AcsSettings,
         metrics: Arc<Metrics>,
+        identities: Store<CommunicationIdentity>,
     ) -> Self {
         Self {
             client,
             recorder,
             acs: AcsClients::new(settings, metrics.clone()),
             connection_secrets: RecentSecrets::default(),
+            held_tokens: HeldTokens::default(),
+            identities,
             metrics,
             clock: Box::new(Timestamp::now),
         }
@@ -93,9 +104,16 @@ impl RecentSecrets {
     }
 }
 
+/// The longest one ACS call of a reconcile may take, retries included: an endpoint that stalls
+/// or asks for long waits holds a reconcile worker no longer (the failure is recorded and
+/// retried with backoff instead).
+const ACS_CALL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// ACS clients by connection Secret, rebuilt when the Secret's connection string changes, so a
 /// fixed or rotated key takes effect on the next ACS call without a restart. All clients of
 /// one endpoint share that endpoint's rate limiter (see `acs::RateLimits::for_endpoint`).
+/// Clients unused for [`AcsClients::IDLE`] are dropped, so connection strings a tenant cycles
+/// through do not pile up.
 pub struct AcsClients {
     settings: AcsSettings,
     /// Counts every client's requests, throttling and rate-limiter waits.
@@ -110,9 +128,15 @@ struct CachedClient {
     connection_text: String,
     endpoint: String,
     client: AcsClient,
+    used_at: Instant,
 }
 
 impl AcsClients {
+    /// Longer than the longest wait between two ACS calls of one resource that is not failing
+    /// for good (a refresh is planned at most a day ahead, but calls of one Secret's users come
+    /// far more often); a client dropped too early only costs a rebuild.
+    pub const IDLE: Duration = Duration::from_secs(30 * 60);
+
     fn new(settings: AcsSettings, observer: Arc<dyn acs::Observer>) -> Self {
         Self {
             settings,
@@ -149,9 +173,10 @@ impl AcsClients {
             reference.key.clone(),
         );
         let mut cache = self.by_secret.lock().expect("ACS client cache lock");
-        if let Some(cached) = cache.get(&cache_key)
+        if let Some(cached) = cache.get_mut(&cache_key)
             && cached.connection_text == text
         {
+            cached.used_at = Instant::now();
             return Ok((cached.client.clone(), cached.endpoint.clone()));
         }
         let connection =
@@ -165,23 +190,42 @@ impl AcsClients {
         let endpoint = connection.endpoint.clone();
         let options = ClientOptions {
             extra_ca_pem: self.settings.extra_ca_pem.clone(),
+            allow_http: self.settings.allow_http,
+            endpoint_policy: self.settings.endpoint_policy.clone(),
             observer: self.observer.clone(),
             quota: self.settings.quota,
+            retry: acs::RetryPolicy {
+                deadline: Some(ACS_CALL_DEADLINE),
+                ..acs::RetryPolicy::default()
+            },
             ..ClientOptions::default()
         };
-        let client =
-            AcsClient::new(connection, options).map_err(|error| Failure::AcsUnavailable {
-                detail: error.to_string(),
-            })?;
+        let client = AcsClient::new(connection, options).map_err(|error| match error {
+            acs::BuildError::EndpointNotAllowed { host } => Failure::EndpointNotAllowed {
+                secret: reference.name.clone(),
+                host,
+            },
+            other => Failure::AcsUnavailable {
+                detail: other.to_string(),
+            },
+        })?;
+        cache.retain(|_, cached| cached.used_at.elapsed() < Self::IDLE);
         cache.insert(
             cache_key,
             CachedClient {
                 connection_text: text,
                 endpoint: endpoint.clone(),
                 client: client.clone(),
+                used_at: Instant::now(),
             },
         );
         Ok((client, endpoint))
+    }
+
+    /// Drops the clients of a connection Secret no resource uses any more.
+    pub fn forget(&self, namespace: &str, secret_name: &str) {
+        let mut cache = self.by_secret.lock().expect("ACS client cache lock");
+        cache.retain(|(ns, name, _), _| ns != namespace || name != secret_name);
     }
 }
 

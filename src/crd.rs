@@ -66,8 +66,6 @@ pub mod reason {
     pub const SHORT_TOKEN_LIFETIME: &str = "ShortTokenLifetime";
     /// Warning event: the skip-cleanup annotation released the resource without cleanup in ACS.
     pub const CLEANUP_SKIPPED: &str = "CleanupSkipped";
-    /// Condition: no token has been issued yet.
-    pub const PENDING: &str = "Pending";
     /// Condition: the resource is being deleted and cleanup in ACS is under way.
     pub const DELETING: &str = "Deleting";
 
@@ -80,6 +78,9 @@ pub mod reason {
     pub const IDENTITY_NOT_FOUND: &str = "IdentityNotFound";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_CONFLICT: &str = "SecretConflict";
+    pub const ENDPOINT_NOT_ALLOWED: &str = "EndpointNotAllowed";
+    pub const SECRET_WRITE_FAILED: &str = "SecretWriteFailed";
+    pub const IDENTITY_IN_USE: &str = "IdentityInUse";
 
     // Failures that pass by themselves.
     pub const THROTTLED: &str = "Throttled";
@@ -174,6 +175,9 @@ const RESERVED_KEY_PREFIX: &str = OPERATOR_ANNOTATION_PREFIX;
     namespaced,
     status = "CommunicationIdentityStatus",
     derive = "PartialEq",
+    // Deletion asks the API server whether any other resource still uses a connection Secret
+    // with a field selector, instead of listing the whole namespace.
+    selectable = ".spec.connectionSecretRef.name",
     doc = "An Azure Communication Services identity whose access token the operator keeps fresh in a Secret.",
     printcolumn(
         name = "Ready",
@@ -284,9 +288,13 @@ pub struct CommunicationIdentitySpec {
     #[serde(default, skip_serializing_if = "SecretTemplate::is_empty")]
     pub secret_template: SecretTemplate,
 
-    /// What happens in ACS when this resource is deleted.
-    #[serde(default)]
-    pub deletion_policy: DeletionPolicy,
+    /// What happens in ACS when this resource is deleted. Default: Delete for an identity the
+    /// operator created, RevokeTokens for an adopted one (spec.identityId): an identity the
+    /// operator did not create is deleted only when asked for explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // `with` keeps the schema free of `nullable` and of a default, so "not set" stays visible.
+    #[schemars(with = "DeletionPolicy")]
+    pub deletion_policy: Option<DeletionPolicy>,
 
     /// Adopt this existing ACS identity (8:acs:<resource GUID>_<suffix>) instead of creating one; empty means create. Set only at creation; immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -535,6 +543,10 @@ pub struct CommunicationIdentityStatus {
     /// Lifetime in minutes the token in the Secret was requested with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_lifetime_minutes: Option<i32>,
+    /// An identity create was sent to ACS. With no identityId yet, its answer was lost: deletion
+    /// repeats the create (the same customId answers with the same identity) to clean it up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity_create_attempted: bool,
     /// Failures in a row since the last success; with lastFailureTime, backoff survives restarts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failed_attempts: i32,
@@ -725,6 +737,16 @@ impl CommunicationIdentitySpec {
     pub fn scopes_joined(&self) -> String {
         let names: Vec<&str> = self.scopes.iter().map(|s| s.as_str()).collect();
         names.join(",")
+    }
+
+    /// The deletion policy in force: spec.deletionPolicy, or the default for how the identity
+    /// came to be (see the field).
+    pub fn effective_deletion_policy(&self) -> DeletionPolicy {
+        self.deletion_policy
+            .unwrap_or(match self.adopted_identity_id() {
+                Some(_) => DeletionPolicy::RevokeTokens,
+                None => DeletionPolicy::Delete,
+            })
     }
 
     /// The ACS identity to adopt; an empty string means "create one".
@@ -964,7 +986,8 @@ mod tests {
         assert_eq!(spec.token_lifetime(), Ok(24 * HOUR));
         assert_eq!(spec.token_lifetime_minutes(), Ok(1440));
         assert_eq!(spec.refresh_before(), Ok(8 * HOUR));
-        assert_eq!(spec.deletion_policy, DeletionPolicy::Delete);
+        assert_eq!(spec.deletion_policy, None);
+        assert_eq!(spec.effective_deletion_policy(), DeletionPolicy::Delete);
         assert_eq!(spec.scopes_joined(), "voip,chat.join.limited");
         assert_eq!(spec.adopted_identity_id(), None);
         assert_eq!(spec.validate(), Ok(()));
@@ -975,7 +998,6 @@ mod tests {
                 "connectionSecretRef": { "name": "acs-connection", "key": "connectionString" },
                 "scopes": ["voip", "chat.join.limited"],
                 "tokenLifetime": "24h",
-                "deletionPolicy": "Delete",
             })
         );
     }

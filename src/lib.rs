@@ -2,9 +2,11 @@
 //! in step with `CommunicationIdentity` resources.
 
 pub mod admin;
+pub mod adoption;
 pub mod context;
 pub mod crd;
 pub mod decide;
+pub mod held;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

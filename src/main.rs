@@ -45,6 +45,12 @@ struct RunArgs {
     /// Accept plain-http ACS endpoints. For local development against the emulator only.
     #[arg(long)]
     allow_insecure_http: bool,
+    /// Host suffixes a connection string's endpoint may have, comma-separated (an IP address or
+    /// `localhost` only as listed). The default admits Azure's public and sovereign ACS domains
+    /// and nothing else: tenants write their own connection strings, and the operator must not
+    /// be sent to arbitrary servers with them.
+    #[arg(long, env = "ACS_ENDPOINT_SUFFIXES", value_parser = parse_endpoint_policy)]
+    acs_endpoint_suffixes: Option<acs::EndpointPolicy>,
     /// Requests sent to each ACS resource, as a multiple of the published limits (1000 creates
     /// and 1000 token issues per 30 s): raise it for a resource whose quotas Microsoft raised;
     /// `off` lifts the client-side limit (for the emulator's --no-limits mode).
@@ -96,6 +102,9 @@ fn main() -> anyhow::Result<()> {
                 acs: AcsSettings {
                     extra_ca_pem,
                     allow_http: args.allow_insecure_http,
+                    endpoint_policy: args
+                        .acs_endpoint_suffixes
+                        .unwrap_or_else(acs::EndpointPolicy::azure_default),
                     quota: args.acs_rate_limit,
                 },
                 metrics_addr: args.metrics_addr,
@@ -122,6 +131,10 @@ fn parse_quota(text: &str) -> Result<acs::Quota, String> {
             "{text:?} is neither a positive multiple of the published limits (e.g. 1 or 2.5) nor \"off\""
         )),
     }
+}
+
+fn parse_endpoint_policy(text: &str) -> Result<acs::EndpointPolicy, String> {
+    acs::EndpointPolicy::from_list(text).map_err(|error| error.to_string())
 }
 
 fn init_logging(format: LogFormat) {

@@ -2,44 +2,54 @@
 //! (docs/operator.md). Decisions, Secret rendering, refresh times and conditions are pure
 //! functions in their own modules; this file only does I/O around them.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use crate::adoption::claimed_by;
 use crate::context::Context;
 use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CommunicationIdentity, CommunicationIdentityStatus,
     DeletionPolicy, FIELD_MANAGER, FINALIZER, reason, secret_key,
 };
 use crate::decide::{Decision, IssueReason, Observed, SecretState, decide};
-use crate::refresh::{refresh_at, retry_delay};
+use crate::held::{HeldToken, Issuance, Issued};
+use crate::refresh::{check_expiry, later, refresh_at, retry_delay, wait_until};
 use crate::secret::{SecretOwnership, ownership, render_secret, secret_is_current};
-use crate::status::{Failure, Outcome, ready_condition, with_condition};
+use crate::status::{Failure, Outcome, bounded, ready_condition, with_condition};
 
 /// Failures of the Kubernetes API itself; everything about ACS or user input is a [`Failure`]
-/// recorded in status instead.
+/// recorded in status instead. `call` names the request, a bounded metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API call failed: {0}")]
-    Kube(#[from] kube::Error),
+    #[error("Kubernetes API call {call} failed: {}", bounded(.source.to_string()))]
+    Kube {
+        call: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("Kubernetes API call {call} got no answer within {}s", KUBE_CALL_TIMEOUT.as_secs())]
+    KubeTimeout { call: &'static str },
     #[error("the resource has no {0}; it was not read from the API server")]
     MissingMetadata(&'static str),
 }
 
 impl Error {
-    /// A bounded label for metrics.
+    /// A bounded label for metrics: the failing call.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Kube(_) => "kube",
+            Error::Kube { call, .. } | Error::KubeTimeout { call } => call,
             Error::MissingMetadata(_) => "metadata",
         }
     }
@@ -47,6 +57,31 @@ impl Error {
 
 /// How soon an API-server error is retried.
 const KUBE_ERROR_RETRY: Duration = Duration::from_secs(5);
+/// The longest one Kubernetes API call may take; the client's own read timeout is the same
+/// (see `run`), this also bounds the time to a first byte and whole-body reads.
+pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// No requeue sooner than this, so a clock at the edge never spins.
+const MIN_REQUEUE: Duration = Duration::from_secs(1);
+/// No requeue later than this: longer than any refresh plan (tokens live 24 h at most).
+const MAX_REQUEUE: Duration = Duration::from_secs(25 * 60 * 60);
+/// Decisions one reconcile makes at most before requeueing (a fresh read, a Secret that
+/// changed under a write): bounded, so a resource edited in a loop cannot hold a worker.
+const MAX_DECISIONS: usize = 4;
+
+/// `request` under [`KUBE_CALL_TIMEOUT`], its failure labelled `call`.
+async fn kube_call<T>(
+    call: &'static str,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(KUBE_CALL_TIMEOUT, request).await {
+        Ok(result) => result.map_err(|source| Error::Kube { call, source }),
+        Err(_) => Err(Error::KubeTimeout { call }),
+    }
+}
+
+fn requeue(wait: Duration) -> Action {
+    Action::requeue(wait.clamp(MIN_REQUEUE, MAX_REQUEUE))
+}
 
 pub async fn reconcile(
     resource: Arc<CommunicationIdentity>,
@@ -61,16 +96,8 @@ pub async fn reconcile(
     // trigger a pass before our own status update arrives), and acting on that would issue twice.
     // The object a patch returns is as fresh as a read.
     let mut fresh = false;
-    loop {
-        let pass = Pass {
-            api: Api::namespaced(ctx.client.clone(), &namespace),
-            secrets: Api::namespaced(ctx.client.clone(), &namespace),
-            uid: resource.uid().ok_or(Error::MissingMetadata("uid"))?,
-            status: resource.status.clone().unwrap_or_default(),
-            now: ctx.now(),
-            resource: resource.clone(),
-            ctx: ctx.clone(),
-        };
+    for _ in 0..MAX_DECISIONS {
+        let pass = Pass::new(resource.clone(), ctx.clone(), &namespace)?;
         if pass.resource.metadata.deletion_timestamp.is_some() {
             return pass.cleanup().await;
         }
@@ -86,8 +113,10 @@ pub async fn reconcile(
                 resource = Arc::new(*latest);
                 fresh = true;
             }
+            Applied::SecretChanged => {}
         }
     }
+    Ok(requeue(MIN_REQUEUE))
 }
 
 /// How [`Pass::apply`] ended.
@@ -96,6 +125,9 @@ enum Applied {
     /// The cached resource was older than the API server's: decide again from this one (a pass
     /// from a fresh read never ends so).
     Stale(Box<CommunicationIdentity>),
+    /// The Secret appeared or changed between the read and the write: decide again from a
+    /// fresh read of it (a token just issued is held, so this costs no ACS call).
+    SecretChanged,
 }
 
 pub fn error_policy(
@@ -107,51 +139,104 @@ pub fn error_policy(
     Action::requeue(KUBE_ERROR_RETRY)
 }
 
+/// Why a step of a pass stopped short.
+enum Halt {
+    /// Something for the user or ACS to fix: recorded in status, retried after a backoff.
+    /// `tokens_revoked`: every token of the identity was revoked before it, so the one in the
+    /// Secret no longer works.
+    Failed {
+        failure: Failure,
+        tokens_revoked: bool,
+    },
+    Kube(Error),
+    SecretChanged,
+}
+
+impl From<Failure> for Halt {
+    fn from(failure: Failure) -> Self {
+        Halt::Failed {
+            failure,
+            tokens_revoked: false,
+        }
+    }
+}
+
+impl From<Error> for Halt {
+    fn from(error: Error) -> Self {
+        Halt::Kube(error)
+    }
+}
+
+/// What the pass saw of its Secret: the precondition of its write.
+enum SecretSeen {
+    Absent,
+    Ours { resource_version: Option<String> },
+}
+
+/// What a failure interrupted: the status it leaves differs.
+#[derive(Clone, Copy)]
+enum FailedDuring {
+    Apply { tokens_revoked: bool },
+    Cleanup(DeletionPolicy),
+}
+
 /// One reconcile pass of one resource.
 struct Pass {
     resource: Arc<CommunicationIdentity>,
     ctx: Arc<Context>,
     api: Api<CommunicationIdentity>,
     secrets: Api<Secret>,
+    namespace: String,
     uid: String,
     status: CommunicationIdentityStatus,
+    /// Set once this pass recorded that it sends a create to ACS; every later status write of
+    /// the pass keeps it.
+    create_attempted: AtomicBool,
     now: Timestamp,
 }
 
-/// How a token came to be issued, for its event and for which requests it answers.
-enum Issuance {
-    /// With a new identity: the identity's first token.
-    Created,
-    Issued {
-        reason: IssueReason,
-        /// Every earlier token was revoked first.
-        revoked: bool,
-    },
-}
-
-/// A token just issued, with what the Secret and status need of it.
-struct Issued {
-    identity_id: String,
-    token: String,
-    expires_on: Timestamp,
-    endpoint: String,
-}
-
 impl Pass {
+    fn new(
+        resource: Arc<CommunicationIdentity>,
+        ctx: Arc<Context>,
+        namespace: &str,
+    ) -> Result<Self, Error> {
+        let status = resource.status.clone().unwrap_or_default();
+        Ok(Self {
+            api: Api::namespaced(ctx.client.clone(), namespace),
+            secrets: Api::namespaced(ctx.client.clone(), namespace),
+            namespace: namespace.to_owned(),
+            uid: resource.uid().ok_or(Error::MissingMetadata("uid"))?,
+            create_attempted: AtomicBool::new(status.identity_create_attempted),
+            status,
+            now: ctx.now(),
+            resource,
+            ctx,
+        })
+    }
+
     async fn apply(&self, fresh: bool) -> Result<Applied, Error> {
-        if let Err(invalid) = self.resource.spec.validate() {
-            return Ok(Applied::Done(
-                self.record_failure(Failure::InvalidSpec(invalid)).await?,
-            ));
+        if let Err(invalid) = self.resource.validate() {
+            return self
+                .record_failure(Failure::InvalidSpec(invalid), self.applying())
+                .await
+                .map(Applied::Done);
         }
         let secret_name = self.resource.secret_name();
-        let existing = self.secrets.get_opt(&secret_name).await?;
-        if ownership(existing.as_ref(), &self.uid) == SecretOwnership::Foreign {
-            return Ok(Applied::Done(
-                self.record_failure(Failure::SecretConflict { secret_name })
-                    .await?,
-            ));
-        }
+        let existing = kube_call("secret_get", self.secrets.get_opt(&secret_name)).await?;
+        let seen = match ownership(existing.as_ref(), &self.uid) {
+            SecretOwnership::Foreign => {
+                let failure = Failure::SecretConflict { secret_name };
+                return self
+                    .record_failure(failure, self.applying())
+                    .await
+                    .map(Applied::Done);
+            }
+            SecretOwnership::Absent => SecretSeen::Absent,
+            SecretOwnership::Ours => SecretSeen::Ours {
+                resource_version: existing.as_ref().and_then(|s| s.resource_version()),
+            },
+        };
         let (secret_state, rewritten) = self.secret_state(existing.as_ref());
         let observed = Observed {
             generation: self.resource.metadata.generation,
@@ -169,38 +254,73 @@ impl Pass {
             Decision::CreateIdentity | Decision::IssueToken { .. }
         );
         if calls_acs && !fresh {
-            let latest = self.api.get(&self.resource.name_any()).await?;
+            let latest = kube_call("identity_get", self.api.get(&self.resource.name_any())).await?;
             if latest.resource_version() != self.resource.resource_version() {
                 return Ok(Applied::Stale(Box::new(latest)));
             }
         }
-        self.act(decision, rewritten).await.map(Applied::Done)
+        match self.act(decision, rewritten, &seen).await {
+            Ok(action) => Ok(Applied::Done(action)),
+            Err(Halt::Failed {
+                failure,
+                tokens_revoked,
+            }) => self
+                .record_failure(failure, FailedDuring::Apply { tokens_revoked })
+                .await
+                .map(Applied::Done),
+            Err(Halt::Kube(error)) => Err(error),
+            Err(Halt::SecretChanged) => Ok(Applied::SecretChanged),
+        }
     }
 
-    /// Carries out a decision.
-    async fn act(&self, decision: Decision, rewritten: Option<Secret>) -> Result<Action, Error> {
+    fn applying(&self) -> FailedDuring {
+        FailedDuring::Apply {
+            tokens_revoked: false,
+        }
+    }
+
+    /// Carries out a decision. A token issued earlier and not yet recorded stands in for a new
+    /// ACS call while it answers what the resource asks for.
+    async fn act(
+        &self,
+        decision: Decision,
+        rewritten: Option<Secret>,
+        seen: &SecretSeen,
+    ) -> Result<Action, Halt> {
+        let held = || {
+            self.ctx
+                .held_tokens
+                .usable(&self.uid, &self.resource, self.now)
+        };
         match decision {
-            Decision::CreateIdentity => match self.create_identity().await? {
-                Ok(issued) => self.record_issued(issued, Issuance::Created).await,
-                Err(failure) => self.record_failure(failure).await,
-            },
+            Decision::CreateIdentity => {
+                let token = match held() {
+                    Some(token) => token,
+                    None => self.hold(self.create_identity().await?, Issuance::Created),
+                };
+                self.record_issued(token, seen).await
+            }
             Decision::IssueToken {
                 identity_id,
                 reason,
                 revoke_first,
-            } => match self.issue_token(identity_id, revoke_first).await? {
-                Ok(issued) => {
-                    let how = Issuance::Issued {
-                        reason,
-                        revoked: revoke_first,
-                    };
-                    self.record_issued(issued, how).await
-                }
-                Err(failure) => self.record_failure(failure).await,
-            },
+            } => {
+                let token = match held() {
+                    Some(token) => token,
+                    None => {
+                        let issued = self.issue_token(identity_id, revoke_first).await?;
+                        let issuance = Issuance::Issued {
+                            reason,
+                            revoked: revoke_first,
+                        };
+                        self.hold(issued, issuance)
+                    }
+                };
+                self.record_issued(token, seen).await
+            }
             Decision::RewriteSecret => {
                 let desired = rewritten.expect("a rewrite decision comes with the Secret");
-                self.write_secret(&desired).await?;
+                self.write_secret(&desired, seen).await?;
                 info!(identity = ?self.status.identity_id, secret = %self.resource.secret_name(), "secret restored");
                 self.publish(
                     EventType::Normal,
@@ -211,10 +331,16 @@ impl Pass {
                     ),
                 )
                 .await;
-                self.settle().await
+                Ok(self.settle().await?)
             }
-            Decision::WaitUntil(_) => self.settle().await,
+            Decision::WaitUntil(_) => Ok(self.settle().await?),
         }
+    }
+
+    fn hold(&self, issued: Issued, issuance: Issuance) -> HeldToken {
+        let token = HeldToken::new(&self.resource, issued, self.now, issuance);
+        self.ctx.held_tokens.hold(&self.uid, token.clone());
+        token
     }
 
     /// Classifies the resource's Secret; for an edited one, also renders what to write back.
@@ -251,45 +377,40 @@ impl Pass {
     }
 
     /// Creates the identity with its first token. The resource's UID is the identity's
-    /// customId, so a create retried after a crash returns the same identity.
-    async fn create_identity(&self) -> Result<Result<Issued, Failure>, Error> {
-        let (acs, endpoint) = match self.acs_client().await? {
-            Ok(client) => client,
-            Err(failure) => return Ok(Err(failure)),
-        };
-        let spec = &self.resource.spec;
-        let minutes = spec.token_lifetime_minutes().unwrap_or_default() as u32;
-        let created = match acs
-            .create_identity_with_token(&self.uid, &scope_names(spec), minutes)
-            .await
-        {
-            Ok(created) => created,
-            Err(error) => return Ok(Err(failure_from_acs(&error, self, None))),
-        };
-        // Recorded before anything else can fail, so that a crash never loses track of it.
-        let recorded = CommunicationIdentityStatus {
-            identity_id: Some(created.id.clone()),
-            ..self.status.clone()
-        };
-        self.patch_status(&recorded).await?;
+    /// customId, so a create retried after a crash, or after a lost answer, returns the same
+    /// identity.
+    async fn create_identity(&self) -> Result<Issued, Halt> {
+        let (acs, endpoint) = self.acs_client().await?;
+        if !self.create_attempted.load(Ordering::Relaxed) {
+            // Recorded before the call: should its answer be lost, deletion still knows that an
+            // identity may exist, and repeats the create to learn it.
+            self.create_attempted.store(true, Ordering::Relaxed);
+            self.patch_status(&self.status_base()).await?;
+        }
+        let created = self.create_in_acs(&acs).await?;
         info!(identity = %created.id, existing = !created.created, "identity created");
-        Ok(to_issued(created.id, created.token, endpoint))
+        Ok(self.to_issued(created.id, created.token, endpoint)?)
     }
 
-    /// Issues a new token for `identity_id`, revoking all its tokens first when asked to.
-    async fn issue_token(
-        &self,
-        identity_id: String,
-        revoke_first: bool,
-    ) -> Result<Result<Issued, Failure>, Error> {
-        let (acs, endpoint) = match self.acs_client().await? {
-            Ok(client) => client,
-            Err(failure) => return Ok(Err(failure)),
-        };
+    async fn create_in_acs(&self, acs: &acs::AcsClient) -> Result<acs::CreatedIdentity, Failure> {
+        let spec = &self.resource.spec;
+        let minutes = spec.token_lifetime_minutes().unwrap_or_default() as u32;
+        acs.create_identity_with_token(&self.uid, &scope_names(spec), minutes)
+            .await
+            .map_err(|error| self.failure_from_acs(&error, None))
+    }
+
+    /// Issues a new token for `identity_id`, revoking all its tokens first when asked to. An
+    /// identity not yet recorded in status is being adopted: it is checked first.
+    async fn issue_token(&self, identity_id: String, revoke_first: bool) -> Result<Issued, Halt> {
+        let (acs, endpoint) = self.acs_client().await?;
+        if self.status.identity_id.is_none() {
+            self.check_adoption(&acs, &identity_id).await?;
+        }
         if revoke_first {
-            if let Err(error) = acs.revoke_tokens(&identity_id).await {
-                return Ok(Err(failure_from_acs(&error, self, Some(&identity_id))));
-            }
+            acs.revoke_tokens(&identity_id)
+                .await
+                .map_err(|error| self.failure_from_acs(&error, Some(&identity_id)))?;
             info!(identity = %identity_id, "all tokens revoked");
             self.publish(
                 EventType::Normal,
@@ -298,64 +419,104 @@ impl Pass {
             )
             .await;
         }
+        let after_revoke = |failure| Halt::Failed {
+            failure,
+            tokens_revoked: revoke_first,
+        };
         let spec = &self.resource.spec;
         let minutes = spec.token_lifetime_minutes().unwrap_or_default() as u32;
-        match acs
+        let token = acs
             .issue_token(&identity_id, &scope_names(spec), minutes)
             .await
-        {
-            Ok(token) => Ok(to_issued(identity_id, token, endpoint)),
-            Err(error) => Ok(Err(failure_from_acs(&error, self, Some(&identity_id)))),
+            .map_err(|error| after_revoke(self.failure_from_acs(&error, Some(&identity_id))))?;
+        self.to_issued(identity_id, token, endpoint)
+            .map_err(after_revoke)
+    }
+
+    /// An identity is adopted only if it exists and no other resource of this cluster holds it.
+    async fn check_adoption(&self, acs: &acs::AcsClient, identity_id: &str) -> Result<(), Failure> {
+        let known = self.ctx.identities.state();
+        let others = known.iter().map(|other| other.as_ref());
+        if let Some(holder) = claimed_by(identity_id, &self.resource, others) {
+            return Err(Failure::IdentityInUse {
+                identity_id: identity_id.to_owned(),
+                holder: format!(
+                    "{}/{}",
+                    holder.namespace().unwrap_or_default(),
+                    holder.name_any()
+                ),
+            });
         }
+        acs.get_identity(identity_id)
+            .await
+            .map(drop)
+            .map_err(|error| self.failure_from_acs(&error, Some(identity_id)))
     }
 
     /// The ACS client for the connection Secret's connection string.
-    async fn acs_client(&self) -> Result<Result<(acs::AcsClient, String), Failure>, Error> {
+    async fn acs_client(&self) -> Result<(acs::AcsClient, String), Halt> {
         let reference = &self.resource.spec.connection_secret_ref;
-        let namespace = self.resource.namespace().unwrap_or_default();
-        let secret = match self.ctx.connection_secrets.get(&namespace, &reference.name) {
+        let recent = self
+            .ctx
+            .connection_secrets
+            .get(&self.namespace, &reference.name);
+        let read_afresh = recent.is_none();
+        let secret = match recent {
             Some(secret) => Some(secret),
-            None => self.read_connection_secret(&namespace).await?,
+            None => kube_call(
+                "connection_secret_get",
+                self.secrets.get_opt(&reference.name),
+            )
+            .await?
+            .map(Arc::new),
         };
-        let client = self
+        let client = match self
             .ctx
             .acs
-            .client_for(&namespace, reference, secret.as_deref());
-        if client.is_err() {
-            self.ctx
-                .connection_secrets
-                .forget(&namespace, &reference.name);
+            .client_for(&self.namespace, reference, secret.as_deref())
+        {
+            Ok(client) => client,
+            Err(failure) => {
+                self.ctx
+                    .connection_secrets
+                    .forget(&self.namespace, &reference.name);
+                return Err(failure.into());
+            }
+        };
+        if read_afresh && let Some(secret) = secret {
+            self.hold_connection_secret(secret).await?;
         }
         Ok(client)
     }
 
-    /// Reads the connection Secret and holds it with a finalizer while this resource needs it.
-    async fn read_connection_secret(&self, namespace: &str) -> Result<Option<Arc<Secret>>, Error> {
-        let name = &self.resource.spec.connection_secret_ref.name;
-        let Some(mut secret) = self.secrets.get_opt(name).await? else {
-            return Ok(None);
-        };
+    /// Holds the connection Secret with a finalizer while this resource needs it. Only once its
+    /// connection string was found usable: the finalizer must never pin a Secret that is not a
+    /// connection Secret (a ServiceAccount token, another operator's Secret).
+    async fn hold_connection_secret(&self, secret: Arc<Secret>) -> Result<(), Error> {
         if secret.metadata.deletion_timestamp.is_some() {
-            return Ok(Some(Arc::new(secret)));
+            return Ok(());
         }
-        if !secret
+        let secret = if secret
             .finalizers()
             .iter()
             .any(|f| f == CONNECTION_SECRET_FINALIZER)
         {
-            secret = add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER).await?;
-        }
-        let secret = Arc::new(secret);
+            secret
+        } else {
+            Arc::new(add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER).await?)
+        };
         self.ctx
             .connection_secrets
-            .remember(namespace, secret.clone());
-        Ok(Some(secret))
+            .remember(&self.namespace, secret);
+        Ok(())
     }
 
-    /// Writes the Secret with the new token, then the status that describes it.
-    async fn record_issued(&self, issued: Issued, how: Issuance) -> Result<Action, Error> {
+    /// Writes the Secret with the new token, then the status that describes it. The token stays
+    /// held until both are written.
+    async fn record_issued(&self, held: HeldToken, seen: &SecretSeen) -> Result<Action, Halt> {
+        let issued = &held.issued;
         let revoke_handled = matches!(
-            how,
+            held.issuance,
             Issuance::Created | Issuance::Issued { revoked: true, .. }
         );
         let spec = &self.resource.spec;
@@ -367,22 +528,23 @@ impl Pass {
             &issued.endpoint,
         )
         .map_err(|_| Error::MissingMetadata("uid"))?;
-        self.write_secret(&secret).await?;
+        self.write_secret(&secret, seen).await?;
 
         let lifetime = spec.token_lifetime().unwrap_or_default();
         let refresh_before = spec.refresh_before().unwrap_or_default();
         let plan = refresh_at(
-            self.now,
+            held.issued_at,
             issued.expires_on,
             lifetime,
             refresh_before,
             &self.uid,
         );
+        let base = self.status_base();
         let mut status = CommunicationIdentityStatus {
             identity_id: Some(issued.identity_id.clone()),
             secret_name: Some(self.resource.secret_name()),
             token_expires_on: Some(Time(issued.expires_on)),
-            last_refresh_time: Some(Time(self.now)),
+            last_refresh_time: Some(Time(held.issued_at)),
             next_refresh_time: Some(Time(plan.at)),
             token_scopes: spec.scopes.clone(),
             token_lifetime_minutes: spec.token_lifetime_minutes().ok(),
@@ -392,30 +554,46 @@ impl Pass {
                 .resource
                 .pending_refresh_request()
                 .map(str::to_owned)
-                .or_else(|| self.status.handled_refresh_request.clone()),
-            handled_revoke_request: if revoke_handled {
-                self.resource
+                .or(base.handled_refresh_request),
+            handled_revoke_request: match revoke_handled {
+                true => self
+                    .resource
                     .pending_revoke_request()
                     .map(str::to_owned)
-                    .or_else(|| self.status.handled_revoke_request.clone())
-            } else {
-                self.status.handled_revoke_request.clone()
+                    .or(base.handled_revoke_request),
+                false => base.handled_revoke_request,
             },
             observed_generation: self.resource.metadata.generation,
-            conditions: self.status.conditions.clone(),
+            identity_create_attempted: base.identity_create_attempted,
+            conditions: base.conditions,
         };
         status.conditions = self.conditions_with_ready(Outcome::TokenCurrent {
             secret_name: &self.resource.secret_name(),
             expires_on: issued.expires_on,
         });
         self.patch_status(&status).await?;
+        self.ctx.held_tokens.release(&self.uid);
+        self.publish_issued(&held, plan.shortened, plan.at).await;
+        Ok(requeue(plan.wait_from(self.now)))
+    }
 
-        // One event per issue, a creation included: events are API writes too.
-        let (event_reason, verb) = match &how {
+    /// One event per issue, a creation included (events are API writes too), and a Warning for
+    /// a token that lives shorter than asked.
+    async fn publish_issued(&self, held: &HeldToken, shortened: bool, refresh_at: Timestamp) {
+        let issued = &held.issued;
+        let adopted = self.status.identity_id.is_none();
+        let (event_reason, verb) = match held.issuance {
             Issuance::Created => (
                 reason::IDENTITY_CREATED,
                 format!(
                     "Created ACS identity {} and issued its first access token",
+                    issued.identity_id
+                ),
+            ),
+            Issuance::Issued { .. } if adopted => (
+                reason::IDENTITY_ADOPTED,
+                format!(
+                    "Adopted ACS identity {} and issued an access token",
                     issued.identity_id
                 ),
             ),
@@ -425,11 +603,12 @@ impl Pass {
             } => (reason::TOKEN_REFRESHED, "Refreshed the access token".into()),
             Issuance::Issued { .. } => (reason::TOKEN_ISSUED, "Issued an access token".into()),
         };
-        let why = match how {
+        let why = match held.issuance {
             Issuance::Created => None,
             Issuance::Issued { reason, .. } => Some(reason),
         };
         info!(identity = %issued.identity_id, ?why, expires_on = %issued.expires_on, "token issued");
+        let spec = &self.resource.spec;
         self.publish(
             EventType::Normal,
             event_reason,
@@ -441,24 +620,23 @@ impl Pass {
             ),
         )
         .await;
-        if plan.shortened {
+        if shortened {
             self.publish(
                 EventType::Warning,
                 reason::SHORT_TOKEN_LIFETIME,
                 format!(
-                    "ACS issued a token that expires at {}, sooner than the requested {}; refreshing at two thirds of its actual lifetime ({})",
-                    issued.expires_on, spec.token_lifetime, plan.at
+                    "ACS issued a token that expires at {}, sooner than the requested {}; refreshing at two thirds of its actual lifetime ({refresh_at})",
+                    issued.expires_on, spec.token_lifetime
                 ),
             )
             .await;
         }
-        Ok(Action::requeue(plan.wait_from(self.now).max(MIN_REQUEUE)))
     }
 
     /// Nothing to do in ACS: bring status up to date with the spec (a new refreshBefore moves
     /// the refresh time) and wait for the next refresh.
     async fn settle(&self) -> Result<Action, Error> {
-        let mut status = self.status.clone();
+        let mut status = self.status_base();
         if status.failed_attempts == 0
             && let (Some(issued), Some(expires_on)) = (
                 status.last_refresh_time.as_ref().map(|t| t.0),
@@ -486,39 +664,67 @@ impl Pass {
         }
         let wait = status
             .next_refresh_time
-            .map(|t| duration_until(self.now, t.0))
+            .map(|t| wait_until(self.now, t.0))
             .unwrap_or(KUBE_ERROR_RETRY);
-        Ok(Action::requeue(wait.max(MIN_REQUEUE)))
+        Ok(requeue(wait))
     }
 
     /// Records a failure: condition, backoff in status (so it survives a restart), a Warning
-    /// event; the retry comes after the backoff.
-    async fn record_failure(&self, failure: Failure) -> Result<Action, Error> {
+    /// event; the retry comes after the backoff. During cleanup, the condition says what
+    /// deletion waits for.
+    async fn record_failure(
+        &self,
+        failure: Failure,
+        during: FailedDuring,
+    ) -> Result<Action, Error> {
         let attempts = self.status.failed_attempts.saturating_add(1);
-        let expires_on = self.status.token_expires_on.as_ref().map(|t| t.0);
-        let delay = retry_delay(attempts, failure.kind(), self.now, expires_on, &self.uid);
-        let retry_at = self.now + delay;
-        let token_valid_until = expires_on.filter(|_| {
-            self.status.token_matches(&self.resource.spec)
-                && !matches!(failure, Failure::SecretConflict { .. })
-        });
         let mut status = CommunicationIdentityStatus {
             failed_attempts: attempts,
             last_failure_time: Some(Time(self.now)),
-            next_refresh_time: Some(Time(retry_at)),
-            observed_generation: self.resource.metadata.generation,
-            ..self.status.clone()
+            ..self.status_base()
         };
-        status.conditions = self.conditions_with_ready(Outcome::Failed {
-            failure: &failure,
-            token_valid_until,
-        });
+        let outcome = match during {
+            FailedDuring::Apply { tokens_revoked } => {
+                if tokens_revoked {
+                    // The revoke went through: it is handled, and the token in the Secret is dead.
+                    status.handled_revoke_request = self
+                        .resource
+                        .pending_revoke_request()
+                        .map(str::to_owned)
+                        .or(status.handled_revoke_request);
+                    status.token_expires_on = None;
+                }
+                let still_valid = status.token_expires_on.as_ref().map(|t| t.0).filter(|_| {
+                    status.token_matches(&self.resource.spec)
+                        && !matches!(failure, Failure::SecretConflict { .. })
+                });
+                Outcome::Failed {
+                    failure: &failure,
+                    token_valid_until: still_valid,
+                }
+            }
+            FailedDuring::Cleanup(policy) => Outcome::Deleting {
+                policy,
+                blocked_by: Some(&failure),
+            },
+        };
+        let expires_on = match during {
+            FailedDuring::Apply { .. } => status.token_expires_on.as_ref().map(|t| t.0),
+            FailedDuring::Cleanup(_) => None,
+        };
+        let delay = retry_delay(attempts, failure.kind(), self.now, expires_on, &self.uid);
+        if let FailedDuring::Apply { .. } = during {
+            status.next_refresh_time = Some(Time(later(self.now, delay)));
+            status.observed_generation = self.resource.metadata.generation;
+        }
+        status.conditions = self.conditions_with_ready(outcome);
         self.patch_status(&status).await?;
-        warn!(reason = failure.reason(), message = %failure.message(), retry_in = ?delay, "reconcile failed");
+        let message = failure.message();
+        warn!(reason = failure.reason(), %message, retry_in = ?delay, "reconcile failed");
         self.ctx.metrics.failure(failure.reason());
-        self.publish(EventType::Warning, failure.reason(), failure.message())
+        self.publish(EventType::Warning, failure.reason(), message)
             .await;
-        Ok(Action::requeue(delay.max(MIN_REQUEUE)))
+        Ok(requeue(delay))
     }
 
     /// Deletion: clean up in ACS per deletionPolicy, then release the resource and, when it was
@@ -527,57 +733,75 @@ impl Pass {
         if !self.resource.finalizers().iter().any(|f| f == FINALIZER) {
             return Ok(Action::await_change());
         }
-        let policy = self.resource.spec.deletion_policy;
-        let identity_id = self.status.identity_id.clone();
+        let policy = self.resource.spec.effective_deletion_policy();
         if self.resource.skip_cleanup_requested() {
             self.publish(
                 EventType::Warning,
                 reason::CLEANUP_SKIPPED,
                 format!(
                     "Released without cleanup in ACS (skip-cleanup annotation); identity {} is left in ACS",
-                    identity_id.as_deref().unwrap_or("(none created)")
+                    self.status.identity_id.as_deref().unwrap_or("(none recorded)")
                 ),
             )
             .await;
-        } else if let Some(identity_id) = identity_id
-            && let Err(failure) = self.cleanup_in_acs(&identity_id, policy).await?
-        {
-            return self.record_cleanup_failure(policy, failure).await;
+        } else {
+            match self.cleanup_in_acs(policy).await {
+                Ok(()) => {}
+                Err(Halt::Failed { failure, .. }) => {
+                    return self
+                        .record_failure(failure, FailedDuring::Cleanup(policy))
+                        .await;
+                }
+                Err(Halt::Kube(error)) => return Err(error),
+                Err(Halt::SecretChanged) => return Ok(requeue(MIN_REQUEUE)),
+            }
         }
+        self.ctx.held_tokens.release(&self.uid);
         remove_finalizer(&self.api, &self.resource, FINALIZER).await?;
         self.release_connection_secret().await?;
         Ok(Action::await_change())
     }
 
-    async fn cleanup_in_acs(
-        &self,
-        identity_id: &str,
-        policy: DeletionPolicy,
-    ) -> Result<Result<(), Failure>, Error> {
+    async fn cleanup_in_acs(&self, policy: DeletionPolicy) -> Result<(), Halt> {
+        let recorded = self.status.identity_id.clone();
         if policy == DeletionPolicy::Retain {
-            self.publish(
-                EventType::Normal,
-                reason::IDENTITY_RETAINED,
-                format!("Left ACS identity {identity_id} in place (deletionPolicy Retain)"),
-            )
-            .await;
-            return Ok(Ok(()));
+            if let Some(identity_id) = recorded {
+                self.publish(
+                    EventType::Normal,
+                    reason::IDENTITY_RETAINED,
+                    format!("Left ACS identity {identity_id} in place (deletionPolicy Retain)"),
+                )
+                .await;
+            }
+            return Ok(());
         }
-        let (acs, _) = match self.acs_client().await? {
-            Ok(client) => client,
-            Err(failure) => return Ok(Err(failure)),
+        if recorded.is_none() && !self.status.identity_create_attempted {
+            // Nothing was ever created in ACS.
+            return Ok(());
+        }
+        let (acs, _) = self.acs_client().await?;
+        let identity_id = match recorded {
+            Some(identity_id) => identity_id,
+            None => {
+                // A create was sent but its answer never recorded: the same customId answers
+                // with the same identity.
+                let created = self.create_in_acs(&acs).await?;
+                info!(identity = %created.id, "learned the identity of a create whose answer was lost");
+                created.id
+            }
         };
         let (result, event_reason, done) = match policy {
             DeletionPolicy::Delete => (
-                acs.delete_identity(identity_id).await,
+                acs.delete_identity(&identity_id).await,
                 reason::IDENTITY_DELETED,
                 "Deleted ACS identity",
             ),
-            _ => (
-                acs.revoke_tokens(identity_id).await,
+            DeletionPolicy::RevokeTokens => (
+                acs.revoke_tokens(&identity_id).await,
                 reason::TOKENS_REVOKED,
                 "Revoked every access token of ACS identity",
             ),
+            DeletionPolicy::Retain => unreachable!("Retain returned above"),
         };
         match result {
             // Already gone counts as done.
@@ -589,72 +813,130 @@ impl Pass {
                     format!("{done} {identity_id}"),
                 )
                 .await;
-                Ok(Ok(()))
+                Ok(())
             }
-            Err(error) => Ok(Err(failure_from_acs(&error, self, Some(identity_id)))),
+            Err(error) => Err(self.failure_from_acs(&error, Some(&identity_id)).into()),
         }
-    }
-
-    async fn record_cleanup_failure(
-        &self,
-        policy: DeletionPolicy,
-        failure: Failure,
-    ) -> Result<Action, Error> {
-        let attempts = self.status.failed_attempts.saturating_add(1);
-        let delay = retry_delay(attempts, failure.kind(), self.now, None, &self.uid);
-        let mut status = CommunicationIdentityStatus {
-            failed_attempts: attempts,
-            last_failure_time: Some(Time(self.now)),
-            ..self.status.clone()
-        };
-        status.conditions = self.conditions_with_ready(Outcome::Deleting {
-            policy,
-            blocked_by: Some(&failure),
-        });
-        self.patch_status(&status).await?;
-        warn!(reason = failure.reason(), message = %failure.message(), retry_in = ?delay, "cleanup in ACS failed; deletion waits");
-        self.ctx.metrics.failure(failure.reason());
-        self.publish(EventType::Warning, failure.reason(), failure.message())
-            .await;
-        Ok(Action::requeue(delay.max(MIN_REQUEUE)))
     }
 
     /// Drops the connection Secret's finalizer once no other CommunicationIdentity still
-    /// holding its own finalizer refers to it. Runs after this resource dropped its finalizer
-    /// and lists fresh from the API server, so of two resources finishing at once the later one
+    /// holding its own finalizer refers to it. Runs after this resource dropped its finalizer.
+    /// The cache answers while another user lives on; otherwise the API server is asked
+    /// (filtered by the Secret's name), so of two resources finishing at once the later one
     /// always sees the other gone.
     async fn release_connection_secret(&self) -> Result<(), Error> {
         let secret_name = &self.resource.spec.connection_secret_ref.name;
-        let others = self.api.list(&Default::default()).await?;
-        let still_used = others.items.iter().any(|other| {
+        let uses_it = |other: &CommunicationIdentity| {
             other.uid().as_deref() != Some(self.uid.as_str())
                 && other.spec.connection_secret_ref.name == *secret_name
                 && other.finalizers().iter().any(|f| f == FINALIZER)
+        };
+        let live_user = self.ctx.identities.state().iter().any(|other| {
+            other.namespace().as_deref() == Some(self.namespace.as_str())
+                && other.metadata.deletion_timestamp.is_none()
+                && uses_it(other)
         });
-        if still_used {
+        if live_user || self.any_user_left(uses_it).await? {
             return Ok(());
         }
-        if let Some(secret) = self.secrets.get_opt(secret_name).await? {
+        let secret = kube_call("connection_secret_get", self.secrets.get_opt(secret_name)).await?;
+        if let Some(secret) = secret {
             remove_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER).await?;
         }
-        let namespace = self.resource.namespace().unwrap_or_default();
-        self.ctx.connection_secrets.forget(&namespace, secret_name);
+        self.ctx
+            .connection_secrets
+            .forget(&self.namespace, secret_name);
+        self.ctx.acs.forget(&self.namespace, secret_name);
         Ok(())
     }
 
-    async fn write_secret(&self, secret: &Secret) -> Result<(), Error> {
+    /// Whether the API server knows another user of the connection Secret, page by page.
+    async fn any_user_left(
+        &self,
+        uses_it: impl Fn(&CommunicationIdentity) -> bool,
+    ) -> Result<bool, Error> {
+        let selector = format!(
+            "spec.connectionSecretRef.name={}",
+            self.resource.spec.connection_secret_ref.name
+        );
+        let mut params = ListParams::default().fields(&selector).limit(50);
+        loop {
+            let page = kube_call("identity_list", self.api.list(&params)).await?;
+            if page.items.iter().any(&uses_it) {
+                return Ok(true);
+            }
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => params = params.continue_token(&token),
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    /// Creates the Secret if it was absent, or writes it with the resourceVersion it had when
+    /// seen as ours: a Secret someone else created or changed in the meantime is never
+    /// overwritten (the pass decides again instead). A refusal by the API server is a failure
+    /// the user sees, with the token held for the retry.
+    async fn write_secret(&self, secret: &Secret, seen: &SecretSeen) -> Result<(), Halt> {
         let name = secret.metadata.name.as_deref().unwrap_or_default();
-        let mut manifest = serde_json::to_value(secret).expect("a Secret serialises");
-        manifest["apiVersion"] = json!("v1");
-        manifest["kind"] = json!("Secret");
-        self.secrets
-            .patch(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(manifest),
-            )
-            .await?;
-        Ok(())
+        let (call, result) = match seen {
+            SecretSeen::Absent => {
+                let params = PostParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..PostParams::default()
+                };
+                let created =
+                    tokio::time::timeout(KUBE_CALL_TIMEOUT, self.secrets.create(&params, secret))
+                        .await;
+                ("secret_create", created.map(|r| r.map(drop)))
+            }
+            SecretSeen::Ours { resource_version } => {
+                let mut manifest = serde_json::to_value(secret).expect("a Secret serialises");
+                manifest["apiVersion"] = json!("v1");
+                manifest["kind"] = json!("Secret");
+                // A precondition: the apply fails (409) unless the Secret is still as seen.
+                manifest["metadata"]["resourceVersion"] = json!(resource_version);
+                let applied = tokio::time::timeout(
+                    KUBE_CALL_TIMEOUT,
+                    self.secrets.patch(
+                        name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(manifest),
+                    ),
+                )
+                .await;
+                ("secret_apply", applied.map(|r| r.map(drop)))
+            }
+        };
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Err(_) => Err(Error::KubeTimeout { call }.into()),
+            Ok(Err(kube::Error::Api(status))) if matches!(status.code, 404 | 409) => {
+                debug!(
+                    call,
+                    code = status.code,
+                    "the Secret changed under the write"
+                );
+                Err(Halt::SecretChanged)
+            }
+            Ok(Err(kube::Error::Api(status)))
+                if (400..500).contains(&status.code) && status.code != 429 =>
+            {
+                Err(Failure::SecretWriteFailed {
+                    secret_name: name.to_owned(),
+                    detail: format!("{} {}: {}", status.code, status.reason, status.message),
+                }
+                .into())
+            }
+            Ok(Err(source)) => Err(Error::Kube { call, source }.into()),
+        }
+    }
+
+    /// The status this pass starts from, with what the pass itself recorded so far.
+    fn status_base(&self) -> CommunicationIdentityStatus {
+        CommunicationIdentityStatus {
+            identity_create_attempted: self.create_attempted.load(Ordering::Relaxed),
+            ..self.status.clone()
+        }
     }
 
     /// The conditions with Ready computed for `outcome` (its transition time kept from the
@@ -680,13 +962,15 @@ impl Pass {
             "kind": "CommunicationIdentity",
             "status": status,
         });
-        self.api
-            .patch_status(
+        kube_call(
+            "status_patch",
+            self.api.patch_status(
                 &self.resource.name_any(),
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(patch),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(())
     }
 
@@ -694,73 +978,84 @@ impl Pass {
         let event = Event {
             type_,
             reason: reason.to_owned(),
-            note: Some(note),
+            note: Some(bounded(note)),
             action: reason.to_owned(),
             secondary: None,
         };
         let reference = self.resource.object_ref(&());
-        if let Err(error) = self.ctx.recorder.publish(&event, &reference).await {
+        let published = kube_call(
+            "event_publish",
+            self.ctx.recorder.publish(&event, &reference),
+        )
+        .await;
+        if let Err(error) = published {
             // An event is worth a log line, not a failed reconcile.
             warn!(%error, reason, "could not publish event");
         }
     }
+
+    /// A token as the rest of the pass uses it, checked: an `expiresOn` that is unreadable,
+    /// already past or more than a day ahead, or an identity id no ACS would mint, is an
+    /// unexpected answer retried with backoff. `expiresOn` is truncated to whole seconds, the
+    /// precision status keeps, so the Secret and status always agree.
+    fn to_issued(
+        &self,
+        identity_id: String,
+        token: acs::wire::AccessToken,
+        endpoint: String,
+    ) -> Result<Issued, Failure> {
+        let unexpected = |detail: String| Failure::AcsUnavailable { detail };
+        if identity_id.len() > MAX_IDENTITY_ID_LEN || identity_id.chars().any(char::is_control) {
+            return Err(unexpected(format!(
+                "ACS returned an identity id that is not one ({} bytes)",
+                identity_id.len()
+            )));
+        }
+        let expires_on = acs::wire::parse_expires_on(&token.expires_on)
+            .and_then(|t| Timestamp::from_second(t.as_second()).ok())
+            .ok_or_else(|| {
+                unexpected(format!(
+                    "ACS returned an unreadable expiresOn for identity {identity_id}"
+                ))
+            })?;
+        check_expiry(expires_on, self.now).map_err(unexpected)?;
+        Ok(Issued {
+            identity_id,
+            token: token.token,
+            expires_on,
+            endpoint,
+        })
+    }
+
+    fn failure_from_acs(&self, error: &acs::Error, identity_id: Option<&str>) -> Failure {
+        let secret = self.resource.spec.connection_secret_ref.name.clone();
+        match error {
+            acs::Error::Unauthorized(service) => Failure::AuthenticationFailed {
+                secret,
+                acs_message: service.to_string(),
+            },
+            acs::Error::BadRequest(service) => Failure::InvalidRequest {
+                acs_code: service.code.clone(),
+                acs_message: service.message.clone(),
+            },
+            acs::Error::NotFound(_) => Failure::IdentityNotFound {
+                identity_id: identity_id.unwrap_or_default().to_owned(),
+            },
+            acs::Error::Throttled { retry_after, .. } => Failure::Throttled {
+                retry_after: *retry_after,
+            },
+            other => Failure::AcsUnavailable {
+                detail: other.to_string(),
+            },
+        }
+    }
 }
 
-/// No requeue sooner than this, so a clock at the edge never spins.
-const MIN_REQUEUE: Duration = Duration::from_secs(1);
-
-fn duration_until(now: Timestamp, at: Timestamp) -> Duration {
-    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
-}
+/// Longer than any communication user id ACS mints (`8:acs:<guid>_<suffix>`), with room.
+const MAX_IDENTITY_ID_LEN: usize = 256;
 
 fn scope_names(spec: &crate::crd::CommunicationIdentitySpec) -> Vec<String> {
     spec.scopes.iter().map(|s| s.as_str().to_owned()).collect()
-}
-
-/// A token as the rest of the pass uses it. `expiresOn` is truncated to whole seconds, the
-/// precision status keeps, so the Secret and status always agree.
-fn to_issued(
-    identity_id: String,
-    token: acs::wire::AccessToken,
-    endpoint: String,
-) -> Result<Issued, Failure> {
-    let expires_on = acs::wire::parse_expires_on(&token.expires_on)
-        .and_then(|t| Timestamp::from_second(t.as_second()).ok())
-        .ok_or_else(|| Failure::AcsUnavailable {
-            detail: format!(
-                "ACS returned an unreadable expiresOn {:?} for identity {identity_id}",
-                token.expires_on
-            ),
-        })?;
-    Ok(Issued {
-        identity_id,
-        token: token.token,
-        expires_on,
-        endpoint,
-    })
-}
-
-fn failure_from_acs(error: &acs::Error, pass: &Pass, identity_id: Option<&str>) -> Failure {
-    let secret = pass.resource.spec.connection_secret_ref.name.clone();
-    match error {
-        acs::Error::Unauthorized(service) => Failure::AuthenticationFailed {
-            secret,
-            acs_message: service.to_string(),
-        },
-        acs::Error::BadRequest(service) => Failure::InvalidRequest {
-            acs_code: service.code.clone(),
-            acs_message: service.message.clone(),
-        },
-        acs::Error::NotFound(_) => Failure::IdentityNotFound {
-            identity_id: identity_id.unwrap_or_default().to_owned(),
-        },
-        acs::Error::Throttled { retry_after, .. } => Failure::Throttled {
-            retry_after: *retry_after,
-        },
-        other => Failure::AcsUnavailable {
-            detail: other.to_string(),
-        },
-    }
 }
 
 /// Adds `finalizer` with a merge patch guarded by resourceVersion: a concurrent change makes it
@@ -799,11 +1094,13 @@ where
             "resourceVersion": meta.resource_version,
         }
     });
-    Ok(api
-        .patch(
+    kube_call(
+        "finalizer_patch",
+        api.patch(
             meta.name.as_deref().unwrap_or_default(),
             &PatchParams::default(),
             &Patch::Merge(patch),
-        )
-        .await?)
+        ),
+    )
+    .await
 }

@@ -26,7 +26,7 @@ use crate::crd::{
 };
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
-use crate::reconcile::{Error, error_policy, reconcile};
+use crate::reconcile::{Error, KUBE_CALL_TIMEOUT, error_policy, reconcile};
 
 /// What `run` needs from the command line.
 pub struct RunConfig {
@@ -40,11 +40,19 @@ pub struct RunConfig {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let client = Client::try_default().await.map_err(|error| {
+    let kube_config = kube::Config::infer().await.map_err(|error| {
         anyhow::anyhow!(
             "cannot reach Kubernetes: {error}; set KUBECONFIG or run inside the cluster"
         )
     })?;
+    // Watches keep the client's default read timeout (they are quiet for minutes); every other
+    // request goes through a client that gives up on a stalled API server.
+    let watch_client = Client::try_from(kube_config.clone())?;
+    let mut call_config = kube_config;
+    call_config.read_timeout = Some(KUBE_CALL_TIMEOUT);
+    call_config.write_timeout = Some(KUBE_CALL_TIMEOUT);
+    call_config.connect_timeout = Some(KUBE_CALL_TIMEOUT);
+    let client = Client::try_from(call_config)?;
     let metrics = Arc::new(Metrics::default());
     let election = config
         .leader_election
@@ -94,12 +102,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (identities, secrets): (Api<CommunicationIdentity>, Api<Secret>) =
         match &config.watch_namespace {
             Some(namespace) => (
-                Api::namespaced(client.clone(), namespace),
-                Api::namespaced(client.clone(), namespace),
+                Api::namespaced(watch_client.clone(), namespace),
+                Api::namespaced(watch_client.clone(), namespace),
             ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
+            None => (Api::all(watch_client.clone()), Api::all(watch_client)),
         };
-    let context = Arc::new(Context::new(client, recorder, config.acs, metrics));
+    let (store, writer) = reflector::store();
+    let context = Arc::new(Context::new(
+        client,
+        recorder,
+        config.acs,
+        metrics,
+        store.clone(),
+    ));
     info!(
         namespace = config.watch_namespace.as_deref().unwrap_or("(all)"),
         "starting controller"
@@ -112,7 +127,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
     // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
     // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
-    let (store, writer) = reflector::store();
     let identity_events = watcher(identities, watcher::Config::default())
         .default_backoff()
         .modify(trim_for_cache)
