@@ -702,6 +702,10 @@ fn chart_lints_and_renders_least_privilege_rbac() {
     // ServiceMonitor.
     let docs = render(&[
         ("acsRateLimit", "2.5"),
+        (
+            "acsEndpointSuffixes",
+            "communication.azure.com\\,acs.corp.example",
+        ),
         ("watchNamespace", "app"),
         ("extraCA.configMap.name", "corp-ca"),
         ("extraCA.configMap.key", "bundle.pem"),
@@ -729,6 +733,7 @@ fn chart_lints_and_renders_least_privilege_rbac() {
             "--metrics-addr=0.0.0.0:9090",
             "--log-format=json",
             "--acs-rate-limit=2.5",
+            "--acs-endpoint-suffixes=communication.azure.com,acs.corp.example",
             "--watch-namespace=app",
             "--acs-ca-file=/etc/acs-identity-operator/extra-ca/ca.crt",
             "--leader-elect",
@@ -785,6 +790,7 @@ fn chart_lints_and_renders_least_privilege_rbac() {
 fn chart_flags_are_known_to_the_operator() {
     let docs = render(&[
         ("watchNamespace", "app"),
+        ("acsEndpointSuffixes", "127.0.0.1"),
         ("extraCA.secret.name", "corp-ca"),
     ]);
     let args = find(&docs, "Deployment", "r1-acs-identity-operator")["spec"]["template"]["spec"]

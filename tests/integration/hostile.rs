@@ -64,7 +64,9 @@ const PEAK_RSS_LIMIT: u64 = 150 << 20;
 /// that reads it whole fails the memory check instead of exhausting the machine.
 const ENDLESS_BODY_BYTES: usize = 400 << 20;
 const ENDLESS_CHUNK_BYTES: usize = 64 << 10;
-/// The message of the oversized ACS error answers.
+/// The messages of the oversized ACS error answers: one just under the 64 KiB the client reads
+/// (parsed, so its echo must be cut), one of a megabyte (not even read).
+const LONG_MESSAGE_BYTES: usize = 60 << 10;
 const HUGE_MESSAGE_BYTES: usize = 1 << 20;
 /// Seconds: about 3,000 years, beyond any timestamp (a panic on overflow, before).
 const RETRY_AFTER_FOREVER: &str = "99999999999";
@@ -88,9 +90,16 @@ async fn hostile_endpoints_cannot_harm_the_operator_or_an_honest_tenant() {
     let redirecting = Endpoint::serve(&ca, Behaviour::RedirectTo(trap.addr)).await;
     let silent = Endpoint::serve(&ca, Behaviour::Silent).await;
     let expired = Endpoint::serve(&ca, Behaviour::expired_tokens()).await;
-    let bad_request = Endpoint::serve(&ca, Behaviour::HugeError(StatusCode::BAD_REQUEST)).await;
-    let server_error =
-        Endpoint::serve(&ca, Behaviour::HugeError(StatusCode::INTERNAL_SERVER_ERROR)).await;
+    let bad_request = Endpoint::serve(
+        &ca,
+        Behaviour::HugeError(StatusCode::BAD_REQUEST, LONG_MESSAGE_BYTES),
+    )
+    .await;
+    let server_error = Endpoint::serve(
+        &ca,
+        Behaviour::HugeError(StatusCode::INTERNAL_SERVER_ERROR, HUGE_MESSAGE_BYTES),
+    )
+    .await;
 
     // The operator trusts the emulator's CA and the hostile tenants' own, as it would a
     // private CA given with --acs-ca-file.
@@ -804,7 +813,8 @@ enum Behaviour {
     /// Well-formed answers, like the real API's, whose tokens have already expired.
     ExpiredTokens { identity_id: String },
     /// An ACS error answer whose message is 1 MB.
-    HugeError(StatusCode),
+    /// An ACS error answer whose message has this many bytes.
+    HugeError(StatusCode, usize),
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -877,8 +887,8 @@ impl Behaviour {
                     ),
                 }
             }
-            Self::HugeError(status) => {
-                let message = "This message goes on and on. ".repeat(HUGE_MESSAGE_BYTES / 29);
+            Self::HugeError(status, bytes) => {
+                let message = "This message goes on and on. ".repeat(bytes / 29);
                 let code = status
                     .canonical_reason()
                     .unwrap_or("Error")

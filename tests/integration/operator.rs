@@ -433,7 +433,7 @@ async fn the_schema_rejects_bad_input_at_apply_time() {
         .patch(
             "adopted",
             &PatchParams::apply("test"),
-            &Patch::Apply(manifest("8:acs:a_1")),
+            &Patch::Apply(manifest("8:acs:bbbcbc1e-9f06-482a-b5d8-20e3f26ef0cd_1")),
         )
         .await
         .unwrap();
@@ -441,7 +441,7 @@ async fn the_schema_rejects_bad_input_at_apply_time() {
         .patch(
             "adopted",
             &PatchParams::apply("test"),
-            &Patch::Apply(manifest("8:acs:b_2")),
+            &Patch::Apply(manifest("8:acs:bbbcbc1e-9f06-482a-b5d8-20e3f26ef0cd_2")),
         )
         .await
         .expect_err("identityId is immutable");
@@ -864,4 +864,49 @@ async fn throttling_is_reported_while_the_token_stays_valid() {
     assert_eq!(setup.token_validity(&token).await["valid"], true);
     setup.wait_event("Throttled").await;
     assert!(setup.stats().await["throttled"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_leaks_no_identity() {
+    let setup = Setup::new("lostanswer").await;
+    // The emulator carries out every request and answers none, as if each answer were lost.
+    setup
+        .emulator
+        .patch_config(json!({ "faults": { "loseAnswers": 1.0 } }))
+        .await;
+    setup.apply("lost", basic_spec()).await;
+    // Past the operator's 30-s deadline for one ACS call.
+    wait_for(
+        "the create recorded as attempted and failed, with no identity known",
+        Duration::from_secs(90),
+        || async {
+            let status = setup.identities.get("lost").await.unwrap().status?;
+            (status.identity_create_attempted
+                && status.identity_id.is_none()
+                && status.failed_attempts > 0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        setup.stats().await["identitiesAlive"],
+        1,
+        "the create did happen"
+    );
+
+    // Answers come again; the deletion (well before the ~5-s retry of the create) repeats the
+    // create to learn the identity, and deletes it.
+    setup
+        .emulator
+        .patch_config(json!({ "faults": { "loseAnswers": 0.0 } }))
+        .await;
+    setup
+        .identities
+        .delete("lost", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&setup.identities, "lost", READY).await;
+    let stats = setup.stats().await;
+    assert_eq!(stats["identitiesAlive"], 0, "{stats}");
+    assert_eq!(stats["identitiesDeleted"], 1, "{stats}");
 }
