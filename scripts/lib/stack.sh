@@ -76,6 +76,6 @@ stack_up() { # STATE_DIR NAMESPACE
 
   stack_info "starting the operator"
   "$bin/acs-identity-operator" run --watch-namespace "$namespace" --acs-ca-file "$stack_dir/emulator/ca.crt" \
-    --metrics-addr 127.0.0.1:0 >"$stack_dir/operator.log" 2>&1 &
+    --acs-endpoint-suffixes 127.0.0.1,localhost --metrics-addr 127.0.0.1:0 >"$stack_dir/operator.log" 2>&1 &
   stack_pids+=("$!")
 }

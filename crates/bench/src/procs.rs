@@ -307,7 +307,13 @@ impl Operator {
         let proc = Proc::spawn(
             "operator",
             Command::new(bin_dir.join("acs-identity-operator"))
-                .args(["run", "--metrics-addr", "127.0.0.1:0", "--acs-ca-file"])
+                .args(["run", "--metrics-addr", "127.0.0.1:0"])
+                // The emulators listen on loopback, outside the default (Azure-only) allowlist.
+                .args([
+                    "--acs-endpoint-suffixes",
+                    "127.0.0.1,localhost",
+                    "--acs-ca-file",
+                ])
                 .arg(ca_file)
                 .args(extra)
                 .env("KUBECONFIG", &cluster.kubeconfig)
