@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::support::{
     Emulator, Operator, TestNamespace, ensure_crd, secret_strings, wait_for, wait_gone,
 };
-use acs_identity_operator::crd::CommunicationIdentity;
+use acs_identity_operator::crd::{CONNECTION_SECRET_FINALIZER, CommunicationIdentity};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -401,9 +401,31 @@ async fn the_schema_rejects_bad_input_at_apply_time() {
             json!({ "scopes": ["chat"], "secretName": "Not_A_Name" }),
             "secretName",
         ),
+        (
+            json!({ "scopes": ["chat"], "secretTemplate": { "labels": { "bad key!": "v" } } }),
+            "secretTemplate.labels keys must be qualified names",
+        ),
+        (
+            json!({ "scopes": ["chat"], "secretTemplate": { "labels": { "team": "x".repeat(70) } } }),
+            "63",
+        ),
+        (
+            json!({ "scopes": ["chat"], "secretTemplate": { "labels": { "app.kubernetes.io/managed-by": "me" } } }),
+            "must not set app.kubernetes.io/managed-by",
+        ),
+        (
+            json!({ "scopes": ["chat"], "connectionSecretRef": { "name": "acs-connection", "key": "bad/key" } }),
+            "connectionSecretRef.key must be a Secret data key",
+        ),
+        (
+            json!({ "scopes": ["chat"], "identityId": "not-an-acs-id" }),
+            "identityId must be an ACS communication user id",
+        ),
     ];
     for (mut spec, expected) in cases {
-        spec["connectionSecretRef"] = json!({ "name": "acs-connection" });
+        if spec.get("connectionSecretRef").is_none() {
+            spec["connectionSecretRef"] = json!({ "name": "acs-connection" });
+        }
         let manifest = json!({
             "apiVersion": "acs-operator.io/v1alpha1",
             "kind": "CommunicationIdentity",
@@ -592,6 +614,16 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
     setup
         .wait_reason("malformed", "InvalidConnectionString")
         .await;
+    // A Secret whose content is no connection string is never pinned with the finalizer.
+    let malformed = setup.secrets.get("malformed").await.unwrap();
+    assert!(
+        !malformed
+            .finalizers()
+            .iter()
+            .any(|f| f == CONNECTION_SECRET_FINALIZER),
+        "{:?}",
+        malformed.finalizers()
+    );
 
     let wrong_key = setup.emulator.connection_string.replace(
         &setup.emulator.key,
@@ -909,4 +941,31 @@ async fn a_create_whose_answer_was_lost_leaks_no_identity() {
     let stats = setup.stats().await;
     assert_eq!(stats["identitiesAlive"], 0, "{stats}");
     assert_eq!(stats["identitiesDeleted"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn a_revoke_whose_reissue_fails_is_not_ready() {
+    let setup = Setup::new("revokefail").await;
+    setup.apply("rita", basic_spec()).await;
+    setup.wait_ready("rita").await;
+    // Fresh windows admitting one token issue per ten minutes: a refresh uses it up.
+    setup
+        .emulator
+        .patch_config(json!({ "limits": { "issueAccessToken": 1, "windowSeconds": 600 } }))
+        .await;
+    setup
+        .annotate("rita", "acs-operator.io/refresh-requested-at", "1")
+        .await;
+    setup.wait_refresh_handled("rita", "1").await;
+    let token = setup.secret_data("rita-acs-token").await["token"].clone();
+
+    // The revoke goes through, the new token is refused (429): the Secret's token is dead.
+    setup
+        .annotate("rita", "acs-operator.io/revoke-requested-at", "leak-1")
+        .await;
+    let rita = setup.wait_reason("rita", "Throttled").await;
+    assert_eq!(ready(&rita).unwrap().0, "False");
+    let status = rita.status.unwrap();
+    assert_eq!(status.handled_revoke_request.as_deref(), Some("leak-1"));
+    assert_eq!(setup.token_validity(&token).await["status"], "revoked");
 }
