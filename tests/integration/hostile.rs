@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use acs_emulator::random_guid;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use http_body_util::combinators::BoxBody;
@@ -658,20 +659,6 @@ async fn tokens_issued(setup: &Setup) -> u64 {
     stats["tokensIssued"]
         .as_u64()
         .unwrap_or_else(|| panic!("{stats}"))
-}
-
-/// A random (version 4) GUID, the form ACS uses for resource ids and identity suffixes.
-fn random_guid() -> String {
-    let bits = rand::random::<u128>() & !(0xf << 76) & !(0b11 << 62) | (0x4 << 76) | (0b10 << 62);
-    let hex = format!("{bits:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
 }
 
 // --- What the API server showed ---

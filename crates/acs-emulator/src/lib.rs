@@ -380,7 +380,7 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
 }
 
 /// A random (version 4) GUID, the form ACS uses for resource ids and identity suffixes.
-pub(crate) fn random_guid() -> String {
+pub fn random_guid() -> String {
     let bits = rand::random::<u128>() & !(0xf << 76) & !(0b11 << 62) | (0x4 << 76) | (0b10 << 62);
     let hex = format!("{bits:032x}");
     format!(
