@@ -63,6 +63,12 @@ impl Context {
         }
     }
 
+    /// The same context reading time from `clock` (tests run the reconcile at chosen times).
+    pub fn with_clock(mut self, clock: impl Fn() -> Timestamp + Send + Sync + 'static) -> Self {
+        self.clock = Box::new(clock);
+        self
+    }
+
     pub fn now(&self) -> Timestamp {
         (self.clock)()
     }
