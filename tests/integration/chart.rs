@@ -29,7 +29,6 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use crate::support::{
@@ -155,10 +154,8 @@ fn render(values: &[(&str, &str)]) -> Vec<Value> {
     let sets = set_args(values);
     args.extend(sets.iter().map(String::as_str));
     let text = helm(&args);
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|document| Value::deserialize(document).unwrap())
-        .filter(|document| !document.is_null())
-        .collect()
+    // Empty documents (Helm's `# Source:` comments alone) are skipped.
+    serde_saphyr::from_multiple(&text).expect("helm template prints YAML")
 }
 
 fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -316,7 +313,7 @@ impl ServiceAccountKubeconfig {
             .mode(0o600)
             .open(&path)
             .unwrap();
-        file.write_all(serde_yaml::to_string(&config).unwrap().as_bytes())
+        file.write_all(serde_saphyr::to_string(&config).unwrap().as_bytes())
             .unwrap();
         Self { path, _dir: dir }
     }

@@ -443,7 +443,7 @@ pub async fn ensure_crd() {
             let text =
                 std::fs::read_to_string(repo_root().join("crds/communicationidentity.yaml"))
                     .unwrap();
-            let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+            let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).unwrap();
             let name = crd.metadata.name.clone().unwrap();
             let crds: Api<CustomResourceDefinition> = Api::all(admin_client().await);
             crds.patch(&name, &PatchParams::apply("integration-tests").force(), &Patch::Apply(&crd))
