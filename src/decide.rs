@@ -3,7 +3,7 @@
 
 use jiff::Timestamp;
 
-use crate::crd::CommunicationIdentityStatus;
+use crate::crd::{CommunicationIdentityStatus, DeletionPolicy};
 use crate::refresh::{MIN_REMAINING, can_keep_min_remaining};
 
 /// The state of the resource's own Secret, as far as the token goes.
@@ -30,6 +30,35 @@ pub struct Observed<'a> {
     pub refresh_request: Option<&'a str>,
     pub revoke_request: Option<&'a str>,
     pub secret: SecretState,
+    /// Set while the resource is being deleted (and still carries the operator's finalizer).
+    pub deletion: Option<Deletion>,
+}
+
+/// What deletion was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deletion {
+    /// The deletionPolicy in force (spec, or the default for how the identity came to be).
+    pub policy: DeletionPolicy,
+    /// The skip-cleanup annotation: release without touching ACS.
+    pub skip_cleanup: bool,
+}
+
+/// What to do in ACS before a resource being deleted is released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing: asked to skip the cleanup (the credentials are gone for good).
+    Skip,
+    /// Nothing: no identity was ever created or adopted for it.
+    NothingCreated,
+    /// deletionPolicy Retain: the identity (if any is known) stays.
+    Retain { identity_id: Option<String> },
+    /// Delete the identity (which revokes its tokens) or only revoke its tokens.
+    /// `identity_id: None`: a create was sent but its answer never recorded; repeating it (the
+    /// same customId) tells the identity.
+    InAcs {
+        delete: bool,
+        identity_id: Option<String>,
+    },
 }
 
 /// Why a token is issued; each has its own event.
@@ -64,12 +93,17 @@ pub enum Decision {
     RewriteSecret,
     /// Nothing to do before `until` (the refresh time, or the end of a failure backoff).
     WaitUntil(Timestamp),
+    /// The resource is being deleted: clean up in ACS as this says, then release it.
+    CleanUp(Cleanup),
 }
 
 /// Decides the next step. Order matters: explicit requests bypass a failure backoff, a spec
 /// change restarts it, and nothing calls ACS while a backoff runs or before the refresh time.
 pub fn decide(observed: &Observed<'_>, now: Timestamp) -> Decision {
     let status = observed.status;
+    if let Some(deletion) = observed.deletion {
+        return Decision::CleanUp(cleanup(deletion, status));
+    }
     let revoke_requested = is_new_request(observed.revoke_request, &status.handled_revoke_request);
     let refresh_requested =
         is_new_request(observed.refresh_request, &status.handled_refresh_request);
@@ -134,6 +168,26 @@ pub fn decide(observed: &Observed<'_>, now: Timestamp) -> Decision {
     Decision::WaitUntil(next_attempt.expect("refresh_due covers a missing refresh time"))
 }
 
+/// The cleanup a deletion needs: per policy, for the identity status knows or the one a lost
+/// create answer hides. An adopted identity is in status only once its first token was issued;
+/// before that nothing of it was touched, so nothing is cleaned up.
+fn cleanup(deletion: Deletion, status: &CommunicationIdentityStatus) -> Cleanup {
+    let identity_id = status.identity_id.clone();
+    if deletion.skip_cleanup {
+        return Cleanup::Skip;
+    }
+    if deletion.policy == DeletionPolicy::Retain {
+        return Cleanup::Retain { identity_id };
+    }
+    if identity_id.is_none() && !status.identity_create_attempted {
+        return Cleanup::NothingCreated;
+    }
+    Cleanup::InAcs {
+        delete: deletion.policy == DeletionPolicy::Delete,
+        identity_id,
+    }
+}
+
 /// An annotation value not yet acted on. An absent annotation is never a request.
 fn is_new_request(annotation: Option<&str>, handled: &Option<String>) -> bool {
     annotation.is_some_and(|value| handled.as_deref() != Some(value))
@@ -175,6 +229,7 @@ mod tests {
             refresh_request: Some("r1"),
             revoke_request: Some("v1"),
             secret: SecretState::Current,
+            deletion: None,
         }
     }
 
@@ -351,6 +406,105 @@ mod tests {
         ];
         for (name, observed, expected) in cases {
             assert_eq!(decide(&observed, now()), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn deletions() {
+        let lost_create = CommunicationIdentityStatus {
+            identity_create_attempted: true,
+            ..Default::default()
+        };
+        let never_created = CommunicationIdentityStatus::default();
+        let healthy = healthy();
+        let known = Some("8:acs:r_1".to_owned());
+        let deleting = |policy, skip_cleanup| Deletion {
+            policy,
+            skip_cleanup,
+        };
+        use DeletionPolicy::{Delete, Retain, RevokeTokens};
+        let cases = [
+            (
+                "delete the identity",
+                &healthy,
+                deleting(Delete, false),
+                Cleanup::InAcs {
+                    delete: true,
+                    identity_id: known.clone(),
+                },
+            ),
+            (
+                "revoke its tokens",
+                &healthy,
+                deleting(RevokeTokens, false),
+                Cleanup::InAcs {
+                    delete: false,
+                    identity_id: known.clone(),
+                },
+            ),
+            (
+                "retain it",
+                &healthy,
+                deleting(Retain, false),
+                Cleanup::Retain {
+                    identity_id: known.clone(),
+                },
+            ),
+            (
+                "skip the cleanup",
+                &healthy,
+                deleting(Delete, true),
+                Cleanup::Skip,
+            ),
+            (
+                "skip wins over retain",
+                &healthy,
+                deleting(Retain, true),
+                Cleanup::Skip,
+            ),
+            (
+                "a lost create answer is recovered",
+                &lost_create,
+                deleting(Delete, false),
+                Cleanup::InAcs {
+                    delete: true,
+                    identity_id: None,
+                },
+            ),
+            (
+                "a lost create, revoking",
+                &lost_create,
+                deleting(RevokeTokens, false),
+                Cleanup::InAcs {
+                    delete: false,
+                    identity_id: None,
+                },
+            ),
+            (
+                "a lost create, retained",
+                &lost_create,
+                deleting(Retain, false),
+                Cleanup::Retain { identity_id: None },
+            ),
+            (
+                "nothing ever created",
+                &never_created,
+                deleting(Delete, false),
+                Cleanup::NothingCreated,
+            ),
+        ];
+        for (name, status, deletion, expected) in cases {
+            let observed = Observed {
+                deletion: Some(deletion),
+                // A pending revoke or a backoff never holds up a deletion.
+                revoke_request: Some("new"),
+                ..observed(status)
+            };
+            assert_eq!(
+                decide(&observed, now()),
+                Decision::CleanUp(expected),
+                "{name}"
+            );
         }
     }
 }

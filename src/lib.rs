@@ -10,6 +10,7 @@ pub mod held;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod record;
 pub mod refresh;
 pub mod run;
 pub mod secret;

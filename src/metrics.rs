@@ -30,6 +30,7 @@ pub struct Metrics {
     acs_request_duration: Family<OperationLabel, Histogram>,
     acs_throttled: Family<OperationLabel, Counter>,
     acs_rate_limit_wait: Family<OperationLabel, Histogram>,
+    kube_requests: Family<KubeRequestLabels, Counter>,
     leader: Gauge,
 }
 
@@ -52,6 +53,12 @@ struct ResourceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabel {
     operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KubeRequestLabels {
+    call: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +85,7 @@ impl Default for Metrics {
             acs_request_duration: Family::new_with_constructor(seconds_histogram),
             acs_throttled: Family::default(),
             acs_rate_limit_wait: Family::new_with_constructor(seconds_histogram),
+            kube_requests: Family::default(),
             leader: Gauge::default(),
             registry: Registry::with_prefix(PREFIX),
         };
@@ -132,6 +140,11 @@ impl Default for Metrics {
             "acs_rate_limit_wait_seconds",
             "Time a request waited in the client-side rate limiter before it was sent, by operation",
             metrics.acs_rate_limit_wait.clone(),
+        );
+        registry.register(
+            "kube_requests",
+            "Kubernetes API requests of the reconciles, by call and outcome (success, client_error, server_error, transport, timeout)",
+            metrics.kube_requests.clone(),
         );
         registry.register(
             "leader",
@@ -189,6 +202,13 @@ impl Metrics {
                 self.token_expiration.remove(&labels);
             }
         }
+    }
+
+    /// One Kubernetes API request of a reconcile ended; `call` and `outcome` are bounded.
+    pub fn kube_request(&self, call: &'static str, outcome: &'static str) {
+        self.kube_requests
+            .get_or_create(&KubeRequestLabels { call, outcome })
+            .inc();
     }
 
     pub fn set_leader(&self, leading: bool) {

@@ -1,6 +1,7 @@
 //! The reconcile loop: gather → decide → act → record, in the order of the lifecycle
-//! (docs/operator.md). Decisions, Secret rendering, refresh times and conditions are pure
-//! functions in their own modules; this file only does I/O around them.
+//! (docs/operator.md). What to do (`decide`), the Secret (`secret`), the status and Events
+//! after each outcome (`record`), refresh times and conditions are pure functions in their own
+//! modules; this file only does the I/O around them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,10 +10,9 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::Event;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -20,14 +20,16 @@ use tracing::{debug, info, warn};
 use crate::adoption::claimed_by;
 use crate::context::Context;
 use crate::crd::{
-    CONNECTION_SECRET_FINALIZER, CommunicationIdentity, CommunicationIdentityStatus,
-    DeletionPolicy, FIELD_MANAGER, FINALIZER, reason, secret_key,
+    CONNECTION_SECRET_FINALIZER, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
+    FINALIZER, reason,
 };
-use crate::decide::{Decision, IssueReason, Observed, SecretState, decide};
+use crate::decide::{Cleanup, Decision, Deletion, Observed, SecretState, decide};
 use crate::held::{HeldToken, Issuance, Issued};
-use crate::refresh::{check_expiry, later, refresh_at, retry_delay, wait_until};
-use crate::secret::{SecretOwnership, ownership, render_secret, secret_is_current};
-use crate::status::{Failure, Outcome, bounded, ready_condition, with_condition};
+use crate::metrics::Metrics;
+use crate::record::{FailedDuring, Note, after_failure, after_issue, issue_notes, settled};
+use crate::refresh::{check_expiry, wait_until};
+use crate::secret::{SecretOwnership, classify, ownership, render_secret};
+use crate::status::{Failure, bounded};
 
 /// Failures of the Kubernetes API itself; everything about ACS or user input is a [`Failure`]
 /// recorded in status instead. `call` names the request, a bounded metric label.
@@ -68,15 +70,32 @@ const MAX_REQUEUE: Duration = Duration::from_secs(25 * 60 * 60);
 /// changed under a write): bounded, so a resource edited in a loop cannot hold a worker.
 const MAX_DECISIONS: usize = 4;
 
-/// `request` under [`KUBE_CALL_TIMEOUT`], its failure labelled `call`.
+/// `request` under [`KUBE_CALL_TIMEOUT`], counted by call and outcome; its failure labelled
+/// `call`.
 async fn kube_call<T>(
+    metrics: &Metrics,
     call: &'static str,
     request: impl Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, Error> {
-    match tokio::time::timeout(KUBE_CALL_TIMEOUT, request).await {
+    let result = match tokio::time::timeout(KUBE_CALL_TIMEOUT, request).await {
         Ok(result) => result.map_err(|source| Error::Kube { call, source }),
         Err(_) => Err(Error::KubeTimeout { call }),
-    }
+    };
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(Error::Kube {
+            source: kube::Error::Api(status),
+            ..
+        }) if status.code < 500 => "client_error",
+        Err(Error::Kube {
+            source: kube::Error::Api(_),
+            ..
+        }) => "server_error",
+        Err(Error::KubeTimeout { .. }) => "timeout",
+        Err(_) => "transport",
+    };
+    metrics.kube_request(call, outcome);
+    result
 }
 
 fn requeue(wait: Duration) -> Action {
@@ -98,12 +117,19 @@ pub async fn reconcile(
     let mut fresh = false;
     for _ in 0..MAX_DECISIONS {
         let pass = Pass::new(resource.clone(), ctx.clone(), &namespace)?;
+        let has_finalizer = pass.resource.finalizers().iter().any(|f| f == FINALIZER);
         if pass.resource.metadata.deletion_timestamp.is_some() {
-            return pass.cleanup().await;
+            if !has_finalizer {
+                return Ok(Action::await_change());
+            }
+            return pass.clean_up().await;
         }
-        if !pass.resource.finalizers().iter().any(|f| f == FINALIZER) {
+        if !has_finalizer {
             // Before anything exists in ACS, so that no identity can be created without cleanup.
-            resource = Arc::new(add_finalizer(&pass.api, &pass.resource, FINALIZER).await?);
+            resource = Arc::new(
+                pass.add_finalizer(&pass.api, &pass.resource, FINALIZER)
+                    .await?,
+            );
             fresh = true;
             continue;
         }
@@ -173,12 +199,9 @@ enum SecretSeen {
     Ours { resource_version: Option<String> },
 }
 
-/// What a failure interrupted: the status it leaves differs.
-#[derive(Clone, Copy)]
-enum FailedDuring {
-    Apply { tokens_revoked: bool },
-    Cleanup(DeletionPolicy),
-}
+const APPLYING: FailedDuring = FailedDuring::Apply {
+    tokens_revoked: false,
+};
 
 /// One reconcile pass of one resource.
 struct Pass {
@@ -215,46 +238,36 @@ impl Pass {
         })
     }
 
+    /// Create or refresh: gather (the spec's validity, the Secret), decide, act.
     async fn apply(&self, fresh: bool) -> Result<Applied, Error> {
         if let Err(invalid) = self.resource.validate() {
-            return self
-                .record_failure(Failure::InvalidSpec(invalid), self.applying())
-                .await
-                .map(Applied::Done);
+            let failure = Failure::InvalidSpec(invalid);
+            return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
         }
         let secret_name = self.resource.secret_name();
-        let existing = kube_call("secret_get", self.secrets.get_opt(&secret_name)).await?;
+        let existing = self
+            .kube("secret_get", self.secrets.get_opt(&secret_name))
+            .await?;
         let seen = match ownership(existing.as_ref(), &self.uid) {
             SecretOwnership::Foreign => {
                 let failure = Failure::SecretConflict { secret_name };
-                return self
-                    .record_failure(failure, self.applying())
-                    .await
-                    .map(Applied::Done);
+                return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
             }
             SecretOwnership::Absent => SecretSeen::Absent,
             SecretOwnership::Ours => SecretSeen::Ours {
                 resource_version: existing.as_ref().and_then(|s| s.resource_version()),
             },
         };
-        let (secret_state, rewritten) = self.secret_state(existing.as_ref());
-        let observed = Observed {
-            generation: self.resource.metadata.generation,
-            status: &self.status,
-            adopt_identity_id: self.resource.spec.adopted_identity_id(),
-            token_matches_spec: self.status.token_matches(&self.resource.spec),
-            refresh_request: self.resource.pending_refresh_request(),
-            revoke_request: self.resource.pending_revoke_request(),
-            secret: secret_state,
-        };
-        let decision = decide(&observed, self.now);
+        let (secret_state, rewritten) = classify(&self.resource, &self.status, existing.as_ref());
+        let decision = decide(&self.observed(secret_state, None), self.now);
         debug!(?decision, "decided");
         let calls_acs = matches!(
             decision,
             Decision::CreateIdentity | Decision::IssueToken { .. }
         );
         if calls_acs && !fresh {
-            let latest = kube_call("identity_get", self.api.get(&self.resource.name_any())).await?;
+            let name = self.resource.name_any();
+            let latest = self.kube("identity_get", self.api.get(&name)).await?;
             if latest.resource_version() != self.resource.resource_version() {
                 return Ok(Applied::Stale(Box::new(latest)));
             }
@@ -264,18 +277,26 @@ impl Pass {
             Err(Halt::Failed {
                 failure,
                 tokens_revoked,
-            }) => self
-                .record_failure(failure, FailedDuring::Apply { tokens_revoked })
-                .await
-                .map(Applied::Done),
+            }) => {
+                let during = FailedDuring::Apply { tokens_revoked };
+                Ok(Applied::Done(self.record_failure(failure, during).await?))
+            }
             Err(Halt::Kube(error)) => Err(error),
             Err(Halt::SecretChanged) => Ok(Applied::SecretChanged),
         }
     }
 
-    fn applying(&self) -> FailedDuring {
-        FailedDuring::Apply {
-            tokens_revoked: false,
+    /// What [`decide`] looks at. `secret` is not read while deleting.
+    fn observed(&self, secret: SecretState, deletion: Option<Deletion>) -> Observed<'_> {
+        Observed {
+            generation: self.resource.metadata.generation,
+            status: &self.status,
+            adopt_identity_id: self.resource.spec.adopted_identity_id(),
+            token_matches_spec: self.status.token_matches(&self.resource.spec),
+            refresh_request: self.resource.pending_refresh_request(),
+            revoke_request: self.resource.pending_revoke_request(),
+            secret,
+            deletion,
         }
     }
 
@@ -322,18 +343,16 @@ impl Pass {
                 let desired = rewritten.expect("a rewrite decision comes with the Secret");
                 self.write_secret(&desired, seen).await?;
                 info!(identity = ?self.status.identity_id, secret = %self.resource.secret_name(), "secret restored");
-                self.publish(
-                    EventType::Normal,
-                    reason::SECRET_RESTORED,
-                    format!(
-                        "Restored Secret {:?}, which was edited; the token in it is unchanged",
-                        self.resource.secret_name()
-                    ),
-                )
-                .await;
+                let text = format!(
+                    "Restored Secret {:?}, which was edited; the token in it is unchanged",
+                    self.resource.secret_name()
+                );
+                self.publish(Note::normal(reason::SECRET_RESTORED, text))
+                    .await;
                 Ok(self.settle().await?)
             }
             Decision::WaitUntil(_) => Ok(self.settle().await?),
+            Decision::CleanUp(_) => unreachable!("decided without a deletion"),
         }
     }
 
@@ -341,39 +360,6 @@ impl Pass {
         let token = HeldToken::new(&self.resource, issued, self.now, issuance);
         self.ctx.held_tokens.hold(&self.uid, token.clone());
         token
-    }
-
-    /// Classifies the resource's Secret; for an edited one, also renders what to write back.
-    fn secret_state(&self, existing: Option<&Secret>) -> (SecretState, Option<Secret>) {
-        let value = |key: &str| {
-            existing
-                .and_then(|s| s.data.as_ref())
-                .and_then(|data| data.get(key))
-                .and_then(|v| String::from_utf8(v.0.clone()).ok())
-        };
-        let (Some(existing), Some(identity_id), Some(expires_on)) = (
-            existing,
-            self.status.identity_id.as_deref(),
-            self.status.token_expires_on.as_ref().map(|t| t.0),
-        ) else {
-            return (SecretState::TokenMissing, None);
-        };
-        let (Some(token), Some(endpoint)) = (value(secret_key::TOKEN), value(secret_key::ENDPOINT))
-        else {
-            return (SecretState::TokenMissing, None);
-        };
-        if value(secret_key::EXPIRES_ON) != Some(expires_on.to_string()) {
-            return (SecretState::TokenMissing, None);
-        }
-        let Ok(desired) = render_secret(&self.resource, &token, expires_on, identity_id, &endpoint)
-        else {
-            return (SecretState::TokenMissing, None);
-        };
-        if secret_is_current(existing, &desired) {
-            (SecretState::Current, None)
-        } else {
-            (SecretState::TokenIntactButEdited, Some(desired))
-        }
     }
 
     /// Creates the identity with its first token. The resource's UID is the identity's
@@ -412,12 +398,9 @@ impl Pass {
                 .await
                 .map_err(|error| self.failure_from_acs(&error, Some(&identity_id)))?;
             info!(identity = %identity_id, "all tokens revoked");
-            self.publish(
-                EventType::Normal,
-                reason::TOKENS_REVOKED,
-                format!("Revoked every access token of ACS identity {identity_id}"),
-            )
-            .await;
+            let text = format!("Revoked every access token of ACS identity {identity_id}");
+            self.publish(Note::normal(reason::TOKENS_REVOKED, text))
+                .await;
         }
         let after_revoke = |failure| Halt::Failed {
             failure,
@@ -463,12 +446,13 @@ impl Pass {
         let read_afresh = recent.is_none();
         let secret = match recent {
             Some(secret) => Some(secret),
-            None => kube_call(
-                "connection_secret_get",
-                self.secrets.get_opt(&reference.name),
-            )
-            .await?
-            .map(Arc::new),
+            None => self
+                .kube(
+                    "connection_secret_get",
+                    self.secrets.get_opt(&reference.name),
+                )
+                .await?
+                .map(Arc::new),
         };
         let client = match self
             .ctx
@@ -496,14 +480,16 @@ impl Pass {
         if secret.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
-        let secret = if secret
+        let held = secret
             .finalizers()
             .iter()
-            .any(|f| f == CONNECTION_SECRET_FINALIZER)
-        {
-            secret
-        } else {
-            Arc::new(add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER).await?)
+            .any(|f| f == CONNECTION_SECRET_FINALIZER);
+        let secret = match held {
+            true => secret,
+            false => Arc::new(
+                self.add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER)
+                    .await?,
+            ),
         };
         self.ctx
             .connection_secrets
@@ -511,15 +497,10 @@ impl Pass {
         Ok(())
     }
 
-    /// Writes the Secret with the new token, then the status that describes it. The token stays
+    /// Writes the Secret with the new token, then the status that describes it; the token stays
     /// held until both are written.
     async fn record_issued(&self, held: HeldToken, seen: &SecretSeen) -> Result<Action, Halt> {
         let issued = &held.issued;
-        let revoke_handled = matches!(
-            held.issuance,
-            Issuance::Created | Issuance::Issued { revoked: true, .. }
-        );
-        let spec = &self.resource.spec;
         let secret = render_secret(
             &self.resource,
             &issued.token,
@@ -529,136 +510,24 @@ impl Pass {
         )
         .map_err(|_| Error::MissingMetadata("uid"))?;
         self.write_secret(&secret, seen).await?;
-
-        let lifetime = spec.token_lifetime().unwrap_or_default();
-        let refresh_before = spec.refresh_before().unwrap_or_default();
-        let plan = refresh_at(
-            held.issued_at,
-            issued.expires_on,
-            lifetime,
-            refresh_before,
-            &self.uid,
-        );
-        let base = self.status_base();
-        let mut status = CommunicationIdentityStatus {
-            identity_id: Some(issued.identity_id.clone()),
-            secret_name: Some(self.resource.secret_name()),
-            token_expires_on: Some(Time(issued.expires_on)),
-            last_refresh_time: Some(Time(held.issued_at)),
-            next_refresh_time: Some(Time(plan.at)),
-            token_scopes: spec.scopes.clone(),
-            token_lifetime_minutes: spec.token_lifetime_minutes().ok(),
-            failed_attempts: 0,
-            last_failure_time: None,
-            handled_refresh_request: self
-                .resource
-                .pending_refresh_request()
-                .map(str::to_owned)
-                .or(base.handled_refresh_request),
-            handled_revoke_request: match revoke_handled {
-                true => self
-                    .resource
-                    .pending_revoke_request()
-                    .map(str::to_owned)
-                    .or(base.handled_revoke_request),
-                false => base.handled_revoke_request,
-            },
-            observed_generation: self.resource.metadata.generation,
-            identity_create_attempted: base.identity_create_attempted,
-            conditions: base.conditions,
-        };
-        status.conditions = self.conditions_with_ready(Outcome::TokenCurrent {
-            secret_name: &self.resource.secret_name(),
-            expires_on: issued.expires_on,
-        });
+        let (status, plan) = after_issue(&self.status_base(), &self.resource, &held, self.now);
         self.patch_status(&status).await?;
         self.ctx.held_tokens.release(&self.uid);
-        self.publish_issued(&held, plan.shortened, plan.at).await;
-        Ok(requeue(plan.wait_from(self.now)))
-    }
-
-    /// One event per issue, a creation included (events are API writes too), and a Warning for
-    /// a token that lives shorter than asked.
-    async fn publish_issued(&self, held: &HeldToken, shortened: bool, refresh_at: Timestamp) {
-        let issued = &held.issued;
-        let adopted = self.status.identity_id.is_none();
-        let (event_reason, verb) = match held.issuance {
-            Issuance::Created => (
-                reason::IDENTITY_CREATED,
-                format!(
-                    "Created ACS identity {} and issued its first access token",
-                    issued.identity_id
-                ),
-            ),
-            Issuance::Issued { .. } if adopted => (
-                reason::IDENTITY_ADOPTED,
-                format!(
-                    "Adopted ACS identity {} and issued an access token",
-                    issued.identity_id
-                ),
-            ),
-            Issuance::Issued {
-                reason: IssueReason::Refresh | IssueReason::RefreshRequested,
-                ..
-            } => (reason::TOKEN_REFRESHED, "Refreshed the access token".into()),
-            Issuance::Issued { .. } => (reason::TOKEN_ISSUED, "Issued an access token".into()),
-        };
         let why = match held.issuance {
             Issuance::Created => None,
             Issuance::Issued { reason, .. } => Some(reason),
         };
         info!(identity = %issued.identity_id, ?why, expires_on = %issued.expires_on, "token issued");
-        let spec = &self.resource.spec;
-        self.publish(
-            EventType::Normal,
-            event_reason,
-            format!(
-                "{verb} with scopes {} that expires at {} into Secret {:?}",
-                spec.scopes_joined(),
-                issued.expires_on,
-                self.resource.secret_name()
-            ),
-        )
-        .await;
-        if shortened {
-            self.publish(
-                EventType::Warning,
-                reason::SHORT_TOKEN_LIFETIME,
-                format!(
-                    "ACS issued a token that expires at {}, sooner than the requested {}; refreshing at two thirds of its actual lifetime ({refresh_at})",
-                    issued.expires_on, spec.token_lifetime
-                ),
-            )
-            .await;
+        let adopted = self.status.identity_id.is_none();
+        for note in issue_notes(&self.resource, &held, adopted, &plan) {
+            self.publish(note).await;
         }
+        Ok(requeue(plan.wait_from(self.now)))
     }
 
-    /// Nothing to do in ACS: bring status up to date with the spec (a new refreshBefore moves
-    /// the refresh time) and wait for the next refresh.
+    /// Nothing to do in ACS: bring status up to date and wait for the next refresh.
     async fn settle(&self) -> Result<Action, Error> {
-        let mut status = self.status_base();
-        if status.failed_attempts == 0
-            && let (Some(issued), Some(expires_on)) = (
-                status.last_refresh_time.as_ref().map(|t| t.0),
-                status.token_expires_on.as_ref().map(|t| t.0),
-            )
-        {
-            let spec = &self.resource.spec;
-            let plan = refresh_at(
-                issued,
-                expires_on,
-                spec.token_lifetime().unwrap_or_default(),
-                spec.refresh_before().unwrap_or_default(),
-                &self.uid,
-            );
-            status.next_refresh_time = Some(Time(plan.at));
-            status.conditions = self.conditions_with_ready(Outcome::TokenCurrent {
-                secret_name: &self.resource.secret_name(),
-                expires_on,
-            });
-            status.secret_name = Some(self.resource.secret_name());
-        }
-        status.observed_generation = self.resource.metadata.generation;
+        let status = settled(&self.status_base(), &self.resource, self.now);
         if status != self.status {
             self.patch_status(&status).await?;
         }
@@ -669,150 +538,117 @@ impl Pass {
         Ok(requeue(wait))
     }
 
-    /// Records a failure: condition, backoff in status (so it survives a restart), a Warning
-    /// event; the retry comes after the backoff. During cleanup, the condition says what
-    /// deletion waits for.
+    /// Records a failure: status (with the backoff), a Warning event and a metric.
     async fn record_failure(
         &self,
         failure: Failure,
         during: FailedDuring,
     ) -> Result<Action, Error> {
-        let attempts = self.status.failed_attempts.saturating_add(1);
-        let mut status = CommunicationIdentityStatus {
-            failed_attempts: attempts,
-            last_failure_time: Some(Time(self.now)),
-            ..self.status_base()
-        };
-        let outcome = match during {
-            FailedDuring::Apply { tokens_revoked } => {
-                if tokens_revoked {
-                    // The revoke went through: it is handled, and the token in the Secret is dead.
-                    status.handled_revoke_request = self
-                        .resource
-                        .pending_revoke_request()
-                        .map(str::to_owned)
-                        .or(status.handled_revoke_request);
-                    status.token_expires_on = None;
-                }
-                let still_valid = status.token_expires_on.as_ref().map(|t| t.0).filter(|_| {
-                    status.token_matches(&self.resource.spec)
-                        && !matches!(failure, Failure::SecretConflict { .. })
-                });
-                Outcome::Failed {
-                    failure: &failure,
-                    token_valid_until: still_valid,
-                }
-            }
-            FailedDuring::Cleanup(policy) => Outcome::Deleting {
-                policy,
-                blocked_by: Some(&failure),
-            },
-        };
-        let expires_on = match during {
-            FailedDuring::Apply { .. } => status.token_expires_on.as_ref().map(|t| t.0),
-            FailedDuring::Cleanup(_) => None,
-        };
-        let delay = retry_delay(attempts, failure.kind(), self.now, expires_on, &self.uid);
-        if let FailedDuring::Apply { .. } = during {
-            status.next_refresh_time = Some(Time(later(self.now, delay)));
-            status.observed_generation = self.resource.metadata.generation;
-        }
-        status.conditions = self.conditions_with_ready(outcome);
+        let (status, delay) = after_failure(
+            &self.status_base(),
+            &self.resource,
+            &failure,
+            during,
+            self.now,
+        );
         self.patch_status(&status).await?;
         let message = failure.message();
         warn!(reason = failure.reason(), %message, retry_in = ?delay, "reconcile failed");
         self.ctx.metrics.failure(failure.reason());
-        self.publish(EventType::Warning, failure.reason(), message)
-            .await;
+        self.publish(Note::warning(failure.reason(), message)).await;
         Ok(requeue(delay))
     }
 
-    /// Deletion: clean up in ACS per deletionPolicy, then release the resource and, when it was
-    /// the last user, the connection Secret.
-    async fn cleanup(&self) -> Result<Action, Error> {
-        if !self.resource.finalizers().iter().any(|f| f == FINALIZER) {
-            return Ok(Action::await_change());
-        }
+    /// Deletion: clean up in ACS as decided, then release the resource and, when it was the
+    /// last user, the connection Secret.
+    async fn clean_up(&self) -> Result<Action, Error> {
         let policy = self.resource.spec.effective_deletion_policy();
-        if self.resource.skip_cleanup_requested() {
-            self.publish(
-                EventType::Warning,
-                reason::CLEANUP_SKIPPED,
-                format!(
-                    "Released without cleanup in ACS (skip-cleanup annotation); identity {} is left in ACS",
-                    self.status.identity_id.as_deref().unwrap_or("(none recorded)")
-                ),
-            )
-            .await;
-        } else {
-            match self.cleanup_in_acs(policy).await {
-                Ok(()) => {}
-                Err(Halt::Failed { failure, .. }) => {
-                    return self
-                        .record_failure(failure, FailedDuring::Cleanup(policy))
-                        .await;
-                }
-                Err(Halt::Kube(error)) => return Err(error),
-                Err(Halt::SecretChanged) => return Ok(requeue(MIN_REQUEUE)),
+        let deletion = Deletion {
+            policy,
+            skip_cleanup: self.resource.skip_cleanup_requested(),
+        };
+        let decision = decide(
+            &self.observed(SecretState::TokenMissing, Some(deletion)),
+            self.now,
+        );
+        let Decision::CleanUp(cleanup) = decision else {
+            unreachable!("a deletion decides a cleanup")
+        };
+        debug!(?cleanup, "decided");
+        match self.clean_up_in_acs(cleanup).await {
+            Ok(()) => {}
+            Err(Halt::Failed { failure, .. }) => {
+                return self
+                    .record_failure(failure, FailedDuring::Cleanup(policy))
+                    .await;
             }
+            Err(Halt::Kube(error)) => return Err(error),
+            Err(Halt::SecretChanged) => return Ok(requeue(MIN_REQUEUE)),
         }
         self.ctx.held_tokens.release(&self.uid);
-        remove_finalizer(&self.api, &self.resource, FINALIZER).await?;
+        self.remove_finalizer(&self.api, &self.resource, FINALIZER)
+            .await?;
         self.release_connection_secret().await?;
         Ok(Action::await_change())
     }
 
-    async fn cleanup_in_acs(&self, policy: DeletionPolicy) -> Result<(), Halt> {
-        let recorded = self.status.identity_id.clone();
-        if policy == DeletionPolicy::Retain {
-            if let Some(identity_id) = recorded {
-                self.publish(
-                    EventType::Normal,
-                    reason::IDENTITY_RETAINED,
-                    format!("Left ACS identity {identity_id} in place (deletionPolicy Retain)"),
-                )
-                .await;
+    async fn clean_up_in_acs(&self, cleanup: Cleanup) -> Result<(), Halt> {
+        let (delete, recorded) = match cleanup {
+            Cleanup::NothingCreated => return Ok(()),
+            Cleanup::Skip => {
+                let left = self
+                    .status
+                    .identity_id
+                    .as_deref()
+                    .unwrap_or("(none recorded)");
+                let text = format!(
+                    "Released without cleanup in ACS (skip-cleanup annotation); identity {left} is left in ACS"
+                );
+                self.publish(Note::warning(reason::CLEANUP_SKIPPED, text))
+                    .await;
+                return Ok(());
             }
-            return Ok(());
-        }
-        if recorded.is_none() && !self.status.identity_create_attempted {
-            // Nothing was ever created in ACS.
-            return Ok(());
-        }
+            Cleanup::Retain { identity_id } => {
+                if let Some(identity_id) = identity_id {
+                    let text =
+                        format!("Left ACS identity {identity_id} in place (deletionPolicy Retain)");
+                    self.publish(Note::normal(reason::IDENTITY_RETAINED, text))
+                        .await;
+                }
+                return Ok(());
+            }
+            Cleanup::InAcs {
+                delete,
+                identity_id,
+            } => (delete, identity_id),
+        };
         let (acs, _) = self.acs_client().await?;
         let identity_id = match recorded {
             Some(identity_id) => identity_id,
             None => {
-                // A create was sent but its answer never recorded: the same customId answers
-                // with the same identity.
                 let created = self.create_in_acs(&acs).await?;
                 info!(identity = %created.id, "learned the identity of a create whose answer was lost");
                 created.id
             }
         };
-        let (result, event_reason, done) = match policy {
-            DeletionPolicy::Delete => (
+        let (result, event_reason, done) = match delete {
+            true => (
                 acs.delete_identity(&identity_id).await,
                 reason::IDENTITY_DELETED,
                 "Deleted ACS identity",
             ),
-            DeletionPolicy::RevokeTokens => (
+            false => (
                 acs.revoke_tokens(&identity_id).await,
                 reason::TOKENS_REVOKED,
                 "Revoked every access token of ACS identity",
             ),
-            DeletionPolicy::Retain => unreachable!("Retain returned above"),
         };
         match result {
             // Already gone counts as done.
             Ok(()) | Err(acs::Error::NotFound(_)) => {
-                info!(identity = %identity_id, ?policy, "cleaned up in ACS");
-                self.publish(
-                    EventType::Normal,
-                    event_reason,
-                    format!("{done} {identity_id}"),
-                )
-                .await;
+                info!(identity = %identity_id, delete, "cleaned up in ACS");
+                let text = format!("{done} {identity_id}");
+                self.publish(Note::normal(event_reason, text)).await;
                 Ok(())
             }
             Err(error) => Err(self.failure_from_acs(&error, Some(&identity_id)).into()),
@@ -839,9 +675,12 @@ impl Pass {
         if live_user || self.any_user_left(uses_it).await? {
             return Ok(());
         }
-        let secret = kube_call("connection_secret_get", self.secrets.get_opt(secret_name)).await?;
+        let secret = self
+            .kube("connection_secret_get", self.secrets.get_opt(secret_name))
+            .await?;
         if let Some(secret) = secret {
-            remove_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER).await?;
+            self.remove_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER)
+                .await?;
         }
         self.ctx
             .connection_secrets
@@ -861,7 +700,7 @@ impl Pass {
         );
         let mut params = ListParams::default().fields(&selector).limit(50);
         loop {
-            let page = kube_call("identity_list", self.api.list(&params)).await?;
+            let page = self.kube("identity_list", self.api.list(&params)).await?;
             if page.items.iter().any(&uses_it) {
                 return Ok(true);
             }
@@ -878,16 +717,14 @@ impl Pass {
     /// the user sees, with the token held for the retry.
     async fn write_secret(&self, secret: &Secret, seen: &SecretSeen) -> Result<(), Halt> {
         let name = secret.metadata.name.as_deref().unwrap_or_default();
-        let (call, result) = match seen {
+        let written = match seen {
             SecretSeen::Absent => {
                 let params = PostParams {
                     field_manager: Some(FIELD_MANAGER.to_owned()),
                     ..PostParams::default()
                 };
-                let created =
-                    tokio::time::timeout(KUBE_CALL_TIMEOUT, self.secrets.create(&params, secret))
-                        .await;
-                ("secret_create", created.map(|r| r.map(drop)))
+                let request = self.secrets.create(&params, secret);
+                self.kube("secret_create", request).await.map(drop)
             }
             SecretSeen::Ours { resource_version } => {
                 let mut manifest = serde_json::to_value(secret).expect("a Secret serialises");
@@ -895,22 +732,18 @@ impl Pass {
                 manifest["kind"] = json!("Secret");
                 // A precondition: the apply fails (409) unless the Secret is still as seen.
                 manifest["metadata"]["resourceVersion"] = json!(resource_version);
-                let applied = tokio::time::timeout(
-                    KUBE_CALL_TIMEOUT,
-                    self.secrets.patch(
-                        name,
-                        &PatchParams::apply(FIELD_MANAGER).force(),
-                        &Patch::Apply(manifest),
-                    ),
-                )
-                .await;
-                ("secret_apply", applied.map(|r| r.map(drop)))
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                let patch = Patch::Apply(manifest);
+                let request = self.secrets.patch(name, &params, &patch);
+                self.kube("secret_apply", request).await.map(drop)
             }
         };
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Err(_) => Err(Error::KubeTimeout { call }.into()),
-            Ok(Err(kube::Error::Api(status))) if matches!(status.code, 404 | 409) => {
+        match written {
+            Ok(()) => Ok(()),
+            Err(Error::Kube {
+                call,
+                source: kube::Error::Api(status),
+            }) if matches!(status.code, 404 | 409) => {
                 debug!(
                     call,
                     code = status.code,
@@ -918,16 +751,17 @@ impl Pass {
                 );
                 Err(Halt::SecretChanged)
             }
-            Ok(Err(kube::Error::Api(status)))
-                if (400..500).contains(&status.code) && status.code != 429 =>
-            {
+            Err(Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            }) if (400..500).contains(&status.code) && status.code != 429 => {
                 Err(Failure::SecretWriteFailed {
                     secret_name: name.to_owned(),
                     detail: format!("{} {}: {}", status.code, status.reason, status.message),
                 }
                 .into())
             }
-            Ok(Err(source)) => Err(Error::Kube { call, source }.into()),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -939,58 +773,37 @@ impl Pass {
         }
     }
 
-    /// The conditions with Ready computed for `outcome` (its transition time kept from the
-    /// previous status while unchanged).
-    fn conditions_with_ready(
-        &self,
-        outcome: Outcome<'_>,
-    ) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-        with_condition(
-            &self.status.conditions,
-            ready_condition(
-                outcome,
-                self.resource.metadata.generation,
-                self.now,
-                &self.status.conditions,
-            ),
-        )
-    }
-
     async fn patch_status(&self, status: &CommunicationIdentityStatus) -> Result<(), Error> {
         let patch = json!({
             "apiVersion": "acs-operator.io/v1alpha1",
             "kind": "CommunicationIdentity",
             "status": status,
         });
-        kube_call(
-            "status_patch",
-            self.api.patch_status(
-                &self.resource.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            ),
-        )
-        .await?;
-        Ok(())
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let name = self.resource.name_any();
+        let patch = Patch::Apply(patch);
+        let request = self.api.patch_status(&name, &params, &patch);
+        self.kube("status_patch", request).await.map(drop)
     }
 
-    async fn publish(&self, type_: EventType, reason: &str, note: String) {
+    async fn publish(&self, note: Note) {
         let event = Event {
-            type_,
-            reason: reason.to_owned(),
-            note: Some(bounded(note)),
-            action: reason.to_owned(),
+            type_: note.type_,
+            reason: note.reason.to_owned(),
+            note: Some(bounded(note.text)),
+            action: note.reason.to_owned(),
             secondary: None,
         };
         let reference = self.resource.object_ref(&());
-        let published = kube_call(
-            "event_publish",
-            self.ctx.recorder.publish(&event, &reference),
-        )
-        .await;
+        let published = self
+            .kube(
+                "event_publish",
+                self.ctx.recorder.publish(&event, &reference),
+            )
+            .await;
         if let Err(error) = published {
             // An event is worth a log line, not a failed reconcile.
-            warn!(%error, reason, "could not publish event");
+            warn!(%error, reason = note.reason, "could not publish event");
         }
     }
 
@@ -1028,26 +841,69 @@ impl Pass {
     }
 
     fn failure_from_acs(&self, error: &acs::Error, identity_id: Option<&str>) -> Failure {
-        let secret = self.resource.spec.connection_secret_ref.name.clone();
-        match error {
-            acs::Error::Unauthorized(service) => Failure::AuthenticationFailed {
-                secret,
-                acs_message: service.to_string(),
-            },
-            acs::Error::BadRequest(service) => Failure::InvalidRequest {
-                acs_code: service.code.clone(),
-                acs_message: service.message.clone(),
-            },
-            acs::Error::NotFound(_) => Failure::IdentityNotFound {
-                identity_id: identity_id.unwrap_or_default().to_owned(),
-            },
-            acs::Error::Throttled { retry_after, .. } => Failure::Throttled {
-                retry_after: *retry_after,
-            },
-            other => Failure::AcsUnavailable {
-                detail: other.to_string(),
-            },
+        let secret = &self.resource.spec.connection_secret_ref.name;
+        Failure::from_acs(error, secret, identity_id)
+    }
+
+    async fn kube<T>(
+        &self,
+        call: &'static str,
+        request: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, Error> {
+        kube_call(&self.ctx.metrics, call, request).await
+    }
+
+    /// Adds `finalizer` with a merge patch guarded by resourceVersion: a concurrent change makes
+    /// it fail (and the reconcile retry) instead of dropping someone else's finalizer. Returns
+    /// the object as patched.
+    async fn add_finalizer<K>(&self, api: &Api<K>, object: &K, finalizer: &str) -> Result<K, Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut finalizers = object.meta().finalizers.clone().unwrap_or_default();
+        finalizers.push(finalizer.to_owned());
+        self.patch_finalizers(api, object, finalizers).await
+    }
+
+    async fn remove_finalizer<K>(
+        &self,
+        api: &Api<K>,
+        object: &K,
+        finalizer: &str,
+    ) -> Result<(), Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let before = object.meta().finalizers.clone().unwrap_or_default();
+        let finalizers: Vec<String> = before.iter().filter(|f| *f != finalizer).cloned().collect();
+        if finalizers.len() == before.len() {
+            return Ok(());
         }
+        self.patch_finalizers(api, object, finalizers)
+            .await
+            .map(drop)
+    }
+
+    async fn patch_finalizers<K>(
+        &self,
+        api: &Api<K>,
+        object: &K,
+        finalizers: Vec<String>,
+    ) -> Result<K, Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let meta = object.meta();
+        let patch = json!({
+            "metadata": {
+                "finalizers": finalizers,
+                "resourceVersion": meta.resource_version,
+            }
+        });
+        let name = meta.name.as_deref().unwrap_or_default();
+        let (params, patch) = (PatchParams::default(), Patch::Merge(patch));
+        let request = api.patch(name, &params, &patch);
+        self.kube("finalizer_patch", request).await
     }
 }
 
@@ -1056,51 +912,4 @@ const MAX_IDENTITY_ID_LEN: usize = 256;
 
 fn scope_names(spec: &crate::crd::CommunicationIdentitySpec) -> Vec<String> {
     spec.scopes.iter().map(|s| s.as_str().to_owned()).collect()
-}
-
-/// Adds `finalizer` with a merge patch guarded by resourceVersion: a concurrent change makes it
-/// fail (and the reconcile retry) instead of dropping someone else's finalizer. Returns the
-/// object as patched.
-async fn add_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<K, Error>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut finalizers = object.meta().finalizers.clone().unwrap_or_default();
-    finalizers.push(finalizer.to_owned());
-    patch_finalizers(api, object, finalizers).await
-}
-
-async fn remove_finalizer<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<(), Error>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let before = object.meta().finalizers.clone().unwrap_or_default();
-    let finalizers: Vec<String> = before.iter().filter(|f| *f != finalizer).cloned().collect();
-    if finalizers.len() == before.len() {
-        return Ok(());
-    }
-    patch_finalizers(api, object, finalizers).await?;
-    Ok(())
-}
-
-async fn patch_finalizers<K>(api: &Api<K>, object: &K, finalizers: Vec<String>) -> Result<K, Error>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let meta = object.meta();
-    let patch = json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": meta.resource_version,
-        }
-    });
-    kube_call(
-        "finalizer_patch",
-        api.patch(
-            meta.name.as_deref().unwrap_or_default(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        ),
-    )
-    .await
 }

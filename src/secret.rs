@@ -1,5 +1,5 @@
 //! The Secret that workloads mount: rendered from the resource and the token, and checked for
-//! ownership and drift. Pure: the reconciler writes the result with server-side apply.
+//! ownership and drift. Pure: the reconciler writes the result.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +9,11 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use crate::crd::{CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE, secret_key};
+use crate::crd::{
+    CommunicationIdentity, CommunicationIdentityStatus, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    secret_key,
+};
+use crate::decide::SecretState;
 
 /// The resource lacks metadata that every object read from the API server has.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +107,43 @@ pub fn ownership(existing: Option<&Secret>, owner_uid: &str) -> SecretOwnership 
     }
 }
 
+/// Classifies the resource's own Secret against the token `status` says it holds; for one
+/// edited with the token intact, also renders what to write back (no ACS call needed).
+pub fn classify(
+    resource: &CommunicationIdentity,
+    status: &CommunicationIdentityStatus,
+    existing: Option<&Secret>,
+) -> (SecretState, Option<Secret>) {
+    let value = |key: &str| {
+        existing
+            .and_then(|s| s.data.as_ref())
+            .and_then(|data| data.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+    };
+    let (Some(existing), Some(identity_id), Some(expires_on)) = (
+        existing,
+        status.identity_id.as_deref(),
+        status.token_expires_on.as_ref().map(|t| t.0),
+    ) else {
+        return (SecretState::TokenMissing, None);
+    };
+    let (Some(token), Some(endpoint)) = (value(secret_key::TOKEN), value(secret_key::ENDPOINT))
+    else {
+        return (SecretState::TokenMissing, None);
+    };
+    if value(secret_key::EXPIRES_ON) != Some(expires_on.to_string()) {
+        return (SecretState::TokenMissing, None);
+    }
+    let Ok(desired) = render_secret(resource, &token, expires_on, identity_id, &endpoint) else {
+        return (SecretState::TokenMissing, None);
+    };
+    if secret_is_current(existing, &desired) {
+        (SecretState::Current, None)
+    } else {
+        (SecretState::TokenIntactButEdited, Some(desired))
+    }
+}
+
 /// Whether `existing` still carries everything `desired` sets, so no write is needed.
 ///
 /// Only what the operator sets is compared: keys, labels and annotations added by others stay
@@ -186,6 +227,88 @@ mod tests {
 
     fn text(secret: &Secret, key: &str) -> String {
         String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+    }
+
+    #[test]
+    fn the_secret_is_classified_against_the_token_status_describes() {
+        let resource = resource(SecretTemplate::default(), None);
+        let status = CommunicationIdentityStatus {
+            identity_id: Some("8:acs:r_1".into()),
+            token_expires_on: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                expires_on(),
+            )),
+            ..Default::default()
+        };
+        let written = render(&resource);
+        let edited = |change: fn(&mut Secret)| {
+            let mut secret = written.clone();
+            change(&mut secret);
+            secret
+        };
+        let cases = [
+            ("no Secret", None, &status, SecretState::TokenMissing),
+            (
+                "as written",
+                Some(written.clone()),
+                &status,
+                SecretState::Current,
+            ),
+            (
+                "a label removed",
+                Some(edited(|s| drop(s.metadata.labels.take()))),
+                &status,
+                SecretState::TokenIntactButEdited,
+            ),
+            (
+                "a key of someone else's added",
+                Some(edited(|s| {
+                    s.data
+                        .as_mut()
+                        .unwrap()
+                        .insert("extra".into(), ByteString(b"x".to_vec()));
+                })),
+                &status,
+                SecretState::Current,
+            ),
+            (
+                "the token removed",
+                Some(edited(|s| drop(s.data.as_mut().unwrap().remove("token")))),
+                &status,
+                SecretState::TokenMissing,
+            ),
+            (
+                "another expiry",
+                Some(edited(|s| {
+                    s.data.as_mut().unwrap().insert(
+                        "expiresOn".into(),
+                        ByteString(b"2030-01-01T00:00:00Z".to_vec()),
+                    );
+                })),
+                &status,
+                SecretState::TokenMissing,
+            ),
+            (
+                "status knows no token",
+                Some(written.clone()),
+                &CommunicationIdentityStatus::default(),
+                SecretState::TokenMissing,
+            ),
+        ];
+        for (name, existing, status, expected) in cases {
+            let (state, rewrite) = classify(&resource, status, existing.as_ref());
+            assert_eq!(state, expected, "{name}");
+            assert_eq!(
+                rewrite.is_some(),
+                expected == SecretState::TokenIntactButEdited,
+                "{name}"
+            );
+            if let Some(rewrite) = rewrite {
+                assert!(
+                    secret_is_current(&rewrite, &written),
+                    "{name}: the rewrite restores it"
+                );
+            }
+        }
     }
 
     #[test]

@@ -94,6 +94,30 @@ impl Failure {
         }
     }
 
+    /// What an ACS error means for the resource: `secret` is the connection Secret (named in
+    /// the messages), `identity_id` the identity the call was about.
+    pub fn from_acs(error: &acs::Error, secret: &str, identity_id: Option<&str>) -> Self {
+        match error {
+            acs::Error::Unauthorized(service) => Failure::AuthenticationFailed {
+                secret: secret.to_owned(),
+                acs_message: service.to_string(),
+            },
+            acs::Error::BadRequest(service) => Failure::InvalidRequest {
+                acs_code: service.code.clone(),
+                acs_message: service.message.clone(),
+            },
+            acs::Error::NotFound(_) => Failure::IdentityNotFound {
+                identity_id: identity_id.unwrap_or_default().to_owned(),
+            },
+            acs::Error::Throttled { retry_after, .. } => Failure::Throttled {
+                retry_after: *retry_after,
+            },
+            other => Failure::AcsUnavailable {
+                detail: other.to_string(),
+            },
+        }
+    }
+
     /// How the retry is paced (see [`crate::refresh::retry_delay`]).
     pub fn kind(&self) -> FailureKind {
         match self {
@@ -577,6 +601,76 @@ mod tests {
             let message = failures[index].message();
             assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
         }
+    }
+
+    #[test]
+    fn acs_errors_become_failures() {
+        let service = |status, code: &str| acs::ServiceError {
+            status,
+            code: code.into(),
+            message: "m".into(),
+        };
+        let cases = [
+            (
+                "401",
+                acs::Error::Unauthorized(service(401, "Denied")),
+                reason::AUTHENTICATION_FAILED,
+            ),
+            (
+                "400",
+                acs::Error::BadRequest(service(400, "InvalidScope")),
+                reason::INVALID_REQUEST,
+            ),
+            (
+                "404",
+                acs::Error::NotFound(service(404, "NotFound")),
+                reason::IDENTITY_NOT_FOUND,
+            ),
+            (
+                "429",
+                acs::Error::Throttled {
+                    error: service(429, "TooManyRequests"),
+                    retry_after: Some(Duration::from_secs(7)),
+                },
+                reason::THROTTLED,
+            ),
+            (
+                "503",
+                acs::Error::Unavailable(service(503, "ServiceUnavailable")),
+                reason::ACS_UNAVAILABLE,
+            ),
+            (
+                "timeout",
+                acs::Error::Timeout {
+                    after: Duration::from_secs(10),
+                },
+                reason::ACS_UNAVAILABLE,
+            ),
+        ];
+        for (name, error, expected) in cases {
+            let failure = Failure::from_acs(&error, "acs-connection", Some("8:acs:r_1"));
+            assert_eq!(failure.reason(), expected, "{name}");
+        }
+        let not_found = Failure::from_acs(
+            &acs::Error::NotFound(service(404, "x")),
+            "s",
+            Some("8:acs:r_1"),
+        );
+        assert!(not_found.message().contains("8:acs:r_1"));
+        let throttled = Failure::from_acs(
+            &acs::Error::Throttled {
+                error: service(429, "x"),
+                retry_after: Some(Duration::from_secs(7)),
+            },
+            "s",
+            None,
+        );
+        assert_eq!(
+            throttled.kind(),
+            FailureKind::Throttled {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
     }
 
     #[test]

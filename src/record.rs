@@ -1,0 +1,578 @@
+//! What a pass writes back once it acted: the status after an issue, a failure or a settle,
+//! and the Events that tell each outcome. Pure: the reconciler applies what these return.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::events::EventType;
+
+use crate::crd::{CommunicationIdentity, CommunicationIdentityStatus, DeletionPolicy, reason};
+use crate::decide::IssueReason;
+use crate::held::{HeldToken, Issuance};
+use crate::refresh::{RefreshPlan, later, refresh_at, retry_delay};
+use crate::status::{Failure, Outcome, ready_condition, with_condition};
+
+/// An Event to publish about the resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub type_: EventType,
+    pub reason: &'static str,
+    pub text: String,
+}
+
+impl Note {
+    pub fn normal(reason: &'static str, text: String) -> Self {
+        Self {
+            type_: EventType::Normal,
+            reason,
+            text,
+        }
+    }
+
+    pub fn warning(reason: &'static str, text: String) -> Self {
+        Self {
+            type_: EventType::Warning,
+            reason,
+            text,
+        }
+    }
+}
+
+/// What a failure interrupted: the status it leaves differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedDuring {
+    /// Creating or refreshing. `tokens_revoked`: every token of the identity was revoked just
+    /// before, so the one in the Secret no longer works.
+    Apply {
+        tokens_revoked: bool,
+    },
+    Cleanup(DeletionPolicy),
+}
+
+/// The Ready condition for `outcome`, in place in `previous`'s conditions.
+fn conditions(
+    previous: &CommunicationIdentityStatus,
+    resource: &CommunicationIdentity,
+    outcome: Outcome<'_>,
+    now: Timestamp,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let generation = resource.metadata.generation;
+    let ready = ready_condition(outcome, generation, now, &previous.conditions);
+    with_condition(&previous.conditions, ready)
+}
+
+fn uid(resource: &CommunicationIdentity) -> &str {
+    resource.metadata.uid.as_deref().unwrap_or_default()
+}
+
+/// The status once `held` is in the Secret, and the refresh it plans.
+pub fn after_issue(
+    previous: &CommunicationIdentityStatus,
+    resource: &CommunicationIdentity,
+    held: &HeldToken,
+    now: Timestamp,
+) -> (CommunicationIdentityStatus, RefreshPlan) {
+    let spec = &resource.spec;
+    let issued = &held.issued;
+    let plan = refresh_at(
+        held.issued_at,
+        issued.expires_on,
+        spec.token_lifetime().unwrap_or_default(),
+        spec.refresh_before().unwrap_or_default(),
+        uid(resource),
+    );
+    let revoke_handled = matches!(
+        held.issuance,
+        Issuance::Created | Issuance::Issued { revoked: true, .. }
+    );
+    let answered = |pending: Option<&str>, handled: &Option<String>| {
+        pending.map(str::to_owned).or_else(|| handled.clone())
+    };
+    let secret_name = resource.secret_name();
+    let status = CommunicationIdentityStatus {
+        identity_id: Some(issued.identity_id.clone()),
+        secret_name: Some(secret_name.clone()),
+        token_expires_on: Some(Time(issued.expires_on)),
+        last_refresh_time: Some(Time(held.issued_at)),
+        next_refresh_time: Some(Time(plan.at)),
+        token_scopes: spec.scopes.clone(),
+        token_lifetime_minutes: spec.token_lifetime_minutes().ok(),
+        failed_attempts: 0,
+        last_failure_time: None,
+        handled_refresh_request: answered(
+            resource.pending_refresh_request(),
+            &previous.handled_refresh_request,
+        ),
+        handled_revoke_request: match revoke_handled {
+            true => answered(
+                resource.pending_revoke_request(),
+                &previous.handled_revoke_request,
+            ),
+            false => previous.handled_revoke_request.clone(),
+        },
+        observed_generation: resource.metadata.generation,
+        identity_create_attempted: previous.identity_create_attempted,
+        conditions: conditions(
+            previous,
+            resource,
+            Outcome::TokenCurrent {
+                secret_name: &secret_name,
+                expires_on: issued.expires_on,
+            },
+            now,
+        ),
+    };
+    (status, plan)
+}
+
+/// The Events telling that `held` was issued: one per issue, a creation included (Events are
+/// API writes too), and a Warning for a token that lives shorter than asked. `adopted`: the
+/// identity came from spec.identityId and this is its first token here.
+pub fn issue_notes(
+    resource: &CommunicationIdentity,
+    held: &HeldToken,
+    adopted: bool,
+    plan: &RefreshPlan,
+) -> Vec<Note> {
+    let spec = &resource.spec;
+    let issued = &held.issued;
+    let (event_reason, verb) = match held.issuance {
+        Issuance::Created => (
+            reason::IDENTITY_CREATED,
+            format!(
+                "Created ACS identity {} and issued its first access token",
+                issued.identity_id
+            ),
+        ),
+        Issuance::Issued { .. } if adopted => (
+            reason::IDENTITY_ADOPTED,
+            format!(
+                "Adopted ACS identity {} and issued an access token",
+                issued.identity_id
+            ),
+        ),
+        Issuance::Issued {
+            reason: IssueReason::Refresh | IssueReason::RefreshRequested,
+            ..
+        } => (reason::TOKEN_REFRESHED, "Refreshed the access token".into()),
+        Issuance::Issued { .. } => (reason::TOKEN_ISSUED, "Issued an access token".into()),
+    };
+    let mut notes = vec![Note::normal(
+        event_reason,
+        format!(
+            "{verb} with scopes {} that expires at {} into Secret {:?}",
+            spec.scopes_joined(),
+            issued.expires_on,
+            resource.secret_name()
+        ),
+    )];
+    if plan.shortened {
+        notes.push(Note::warning(
+            reason::SHORT_TOKEN_LIFETIME,
+            format!(
+                "ACS issued a token that expires at {}, sooner than the requested {}; refreshing at two thirds of its actual lifetime ({})",
+                issued.expires_on, spec.token_lifetime, plan.at
+            ),
+        ));
+    }
+    notes
+}
+
+/// The status after `failure`, and how long to wait before the retry: the backoff lives in
+/// status (so it survives a restart). During cleanup, the condition says what deletion waits
+/// for.
+pub fn after_failure(
+    previous: &CommunicationIdentityStatus,
+    resource: &CommunicationIdentity,
+    failure: &Failure,
+    during: FailedDuring,
+    now: Timestamp,
+) -> (CommunicationIdentityStatus, Duration) {
+    let attempts = previous.failed_attempts.saturating_add(1);
+    let mut status = CommunicationIdentityStatus {
+        failed_attempts: attempts,
+        last_failure_time: Some(Time(now)),
+        ..previous.clone()
+    };
+    let (outcome, expires_on) = match during {
+        FailedDuring::Apply { tokens_revoked } => {
+            if tokens_revoked {
+                // The revoke went through: it is handled, and the token in the Secret is dead.
+                status.handled_revoke_request = resource
+                    .pending_revoke_request()
+                    .map(str::to_owned)
+                    .or(status.handled_revoke_request);
+                status.token_expires_on = None;
+            }
+            let expires_on = status.token_expires_on.as_ref().map(|t| t.0);
+            let still_valid = expires_on.filter(|_| {
+                status.token_matches(&resource.spec)
+                    && !matches!(failure, Failure::SecretConflict { .. })
+            });
+            let outcome = Outcome::Failed {
+                failure,
+                token_valid_until: still_valid,
+            };
+            (outcome, expires_on)
+        }
+        FailedDuring::Cleanup(policy) => {
+            let outcome = Outcome::Deleting {
+                policy,
+                blocked_by: Some(failure),
+            };
+            (outcome, None)
+        }
+    };
+    let delay = retry_delay(attempts, failure.kind(), now, expires_on, uid(resource));
+    if let FailedDuring::Apply { .. } = during {
+        status.next_refresh_time = Some(Time(later(now, delay)));
+        status.observed_generation = resource.metadata.generation;
+    }
+    status.conditions = conditions(previous, resource, outcome, now);
+    (status, delay)
+}
+
+/// The status when nothing is to be done in ACS: up to date with the spec (a new
+/// refreshBefore moves the refresh time), the backoff of a failure left as it is.
+pub fn settled(
+    previous: &CommunicationIdentityStatus,
+    resource: &CommunicationIdentity,
+    now: Timestamp,
+) -> CommunicationIdentityStatus {
+    let mut status = previous.clone();
+    if status.failed_attempts == 0
+        && let (Some(issued), Some(expires_on)) = (
+            status.last_refresh_time.as_ref().map(|t| t.0),
+            status.token_expires_on.as_ref().map(|t| t.0),
+        )
+    {
+        let spec = &resource.spec;
+        let plan = refresh_at(
+            issued,
+            expires_on,
+            spec.token_lifetime().unwrap_or_default(),
+            spec.refresh_before().unwrap_or_default(),
+            uid(resource),
+        );
+        let secret_name = resource.secret_name();
+        status.next_refresh_time = Some(Time(plan.at));
+        status.conditions = conditions(
+            previous,
+            resource,
+            Outcome::TokenCurrent {
+                secret_name: &secret_name,
+                expires_on,
+            },
+            now,
+        );
+        status.secret_name = Some(secret_name);
+    }
+    status.observed_generation = resource.metadata.generation;
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{READY_CONDITION, REVOKE_REQUESTED_ANNOTATION};
+    use crate::held::Issued;
+    use jiff::SignedDuration;
+    use serde_json::json;
+
+    fn now() -> Timestamp {
+        "2026-11-24T10:00:00Z".parse().unwrap()
+    }
+
+    fn hours(n: i64) -> SignedDuration {
+        SignedDuration::from_hours(n)
+    }
+
+    fn resource(status: serde_json::Value) -> CommunicationIdentity {
+        serde_json::from_value(json!({
+            "apiVersion": "acs-operator.io/v1alpha1",
+            "kind": "CommunicationIdentity",
+            "metadata": { "name": "alice", "namespace": "team", "uid": "u-1", "generation": 2 },
+            "spec": { "connectionSecretRef": { "name": "acs" }, "scopes": ["chat"], "tokenLifetime": "24h" },
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn holding() -> CommunicationIdentityStatus {
+        serde_json::from_value(json!({
+            "identityId": "8:acs:r_1",
+            "tokenExpiresOn": "2026-11-24T20:00:00Z",
+            "lastRefreshTime": "2026-11-23T20:00:00Z",
+            "nextRefreshTime": "2026-11-24T19:30:00Z",
+            "tokenScopes": ["chat"],
+            "tokenLifetimeMinutes": 1440,
+            "observedGeneration": 2,
+            "identityCreateAttempted": true,
+        }))
+        .unwrap()
+    }
+
+    fn held(issuance: Issuance, lifetime_hours: i64) -> HeldToken {
+        let issued = Issued {
+            identity_id: "8:acs:r_1".into(),
+            token: "t".into(),
+            expires_on: now() + hours(lifetime_hours),
+            endpoint: "https://r.communication.azure.com".into(),
+        };
+        HeldToken::new(&resource(json!({})), issued, now(), issuance)
+    }
+
+    fn ready(status: &CommunicationIdentityStatus) -> (String, String) {
+        let condition = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY_CONDITION)
+            .unwrap();
+        (condition.status.clone(), condition.reason.clone())
+    }
+
+    #[test]
+    fn after_an_issue_the_status_describes_the_new_token() {
+        let previous = CommunicationIdentityStatus {
+            failed_attempts: 3,
+            ..holding()
+        };
+        let resource = resource(json!({}));
+        let token = held(
+            Issuance::Issued {
+                reason: IssueReason::Refresh,
+                revoked: false,
+            },
+            24,
+        );
+        let (status, plan) = after_issue(&previous, &resource, &token, now());
+        assert_eq!(status.token_expires_on, Some(Time(now() + hours(24))));
+        assert_eq!(status.last_refresh_time, Some(Time(now())));
+        assert_eq!(status.next_refresh_time, Some(Time(plan.at)));
+        assert_eq!(status.failed_attempts, 0, "a success ends the backoff");
+        assert!(status.identity_create_attempted, "kept");
+        assert_eq!(ready(&status), ("True".into(), reason::TOKEN_ISSUED.into()));
+        assert!(!plan.shortened);
+    }
+
+    #[test]
+    fn which_requests_an_issue_answers() {
+        let mut resource = resource(json!({}));
+        resource.metadata.annotations =
+            Some([(REVOKE_REQUESTED_ANNOTATION.to_owned(), "leak-1".to_owned())].into());
+        let cases = [
+            (
+                "a plain refresh leaves a pending revoke pending",
+                false,
+                None,
+            ),
+            ("an issue after a revoke answers it", true, Some("leak-1")),
+        ];
+        for (name, revoked, handled) in cases {
+            let issuance = Issuance::Issued {
+                reason: IssueReason::RevokeRequested,
+                revoked,
+            };
+            let (status, _) = after_issue(&holding(), &resource, &held(issuance, 24), now());
+            assert_eq!(status.handled_revoke_request.as_deref(), handled, "{name}");
+        }
+    }
+
+    #[test]
+    fn issue_events() {
+        let resource = resource(json!({}));
+        let plan = |shortened| RefreshPlan {
+            at: now() + hours(16),
+            shortened,
+        };
+        let issued = |reason| Issuance::Issued {
+            reason,
+            revoked: false,
+        };
+        let cases = [
+            (
+                "created",
+                Issuance::Created,
+                false,
+                false,
+                vec![reason::IDENTITY_CREATED],
+            ),
+            (
+                "adopted",
+                issued(IssueReason::Initial),
+                true,
+                false,
+                vec![reason::IDENTITY_ADOPTED],
+            ),
+            (
+                "refreshed",
+                issued(IssueReason::Refresh),
+                false,
+                false,
+                vec![reason::TOKEN_REFRESHED],
+            ),
+            (
+                "refresh asked for",
+                issued(IssueReason::RefreshRequested),
+                false,
+                false,
+                vec![reason::TOKEN_REFRESHED],
+            ),
+            (
+                "scopes changed",
+                issued(IssueReason::SpecChanged),
+                false,
+                false,
+                vec![reason::TOKEN_ISSUED],
+            ),
+            (
+                "a short token",
+                issued(IssueReason::Refresh),
+                false,
+                true,
+                vec![reason::TOKEN_REFRESHED, reason::SHORT_TOKEN_LIFETIME],
+            ),
+        ];
+        for (name, issuance, adopted, shortened, expected) in cases {
+            let notes = issue_notes(&resource, &held(issuance, 24), adopted, &plan(shortened));
+            let reasons: Vec<_> = notes.iter().map(|n| n.reason).collect();
+            assert_eq!(reasons, expected, "{name}");
+            assert!(
+                notes[0].text.contains("into Secret \"alice-acs-token\""),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn after_a_failure() {
+        let unavailable = Failure::AcsUnavailable {
+            detail: "503".into(),
+        };
+        let conflict = Failure::SecretConflict {
+            secret_name: "alice-acs-token".into(),
+        };
+        let apply = FailedDuring::Apply {
+            tokens_revoked: false,
+        };
+        let revoked = FailedDuring::Apply {
+            tokens_revoked: true,
+        };
+        let deleting = FailedDuring::Cleanup(DeletionPolicy::Delete);
+        let cases = [
+            (
+                "ACS down, the token still valid",
+                &unavailable,
+                apply,
+                "True",
+                reason::ACS_UNAVAILABLE,
+            ),
+            (
+                "a conflict hides no valid token",
+                &conflict,
+                apply,
+                "False",
+                reason::SECRET_CONFLICT,
+            ),
+            (
+                "the reissue after a revoke failed",
+                &unavailable,
+                revoked,
+                "False",
+                reason::ACS_UNAVAILABLE,
+            ),
+            (
+                "cleanup blocked",
+                &unavailable,
+                deleting,
+                "False",
+                reason::DELETING,
+            ),
+        ];
+        for (name, failure, during, ready_status, ready_reason) in cases {
+            let (status, delay) =
+                after_failure(&holding(), &resource(json!({})), failure, during, now());
+            assert_eq!(
+                ready(&status),
+                (ready_status.into(), ready_reason.into()),
+                "{name}"
+            );
+            assert_eq!(status.failed_attempts, 1, "{name}");
+            assert_eq!(status.last_failure_time, Some(Time(now())), "{name}");
+            assert!(delay >= Duration::from_secs(1), "{name}");
+            match during {
+                FailedDuring::Apply { .. } => {
+                    assert_eq!(
+                        status.next_refresh_time,
+                        Some(Time(later(now(), delay))),
+                        "{name}"
+                    )
+                }
+                FailedDuring::Cleanup(_) => {
+                    assert_eq!(
+                        status.next_refresh_time,
+                        holding().next_refresh_time,
+                        "{name}"
+                    )
+                }
+            }
+            assert_eq!(
+                status.token_expires_on.is_none(),
+                during == revoked,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_huge_retry_after_cannot_overflow_the_next_attempt() {
+        let failure = Failure::Throttled {
+            retry_after: Some(Duration::MAX),
+        };
+        let apply = FailedDuring::Apply {
+            tokens_revoked: false,
+        };
+        let (status, _) = after_failure(&holding(), &resource(json!({})), &failure, apply, now());
+        assert!(status.next_refresh_time.is_some());
+    }
+
+    #[test]
+    fn settling() {
+        let resource = resource(json!({}));
+        let cases = [
+            (
+                "a token in place: Ready and its refresh planned",
+                holding(),
+                true,
+            ),
+            (
+                "backing off: left as it is",
+                CommunicationIdentityStatus {
+                    failed_attempts: 2,
+                    ..holding()
+                },
+                false,
+            ),
+            (
+                "no token yet",
+                CommunicationIdentityStatus::default(),
+                false,
+            ),
+        ];
+        for (name, previous, planned) in cases {
+            let status = settled(&previous, &resource, now());
+            assert_eq!(status.observed_generation, Some(2), "{name}");
+            assert_eq!(
+                status.next_refresh_time != previous.next_refresh_time,
+                planned,
+                "{name}"
+            );
+            assert_eq!(
+                status.conditions.iter().any(|c| c.status == "True"),
+                planned,
+                "{name}"
+            );
+        }
+    }
+}
