@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use crate::endpoint::{EndpointPolicy, is_azure_host};
 use crate::error::{
-    Error, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError, bounded_echo,
-    root_cause,
+    Error, MAX_ANSWER_BYTES, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError,
+    bounded_echo, root_cause,
 };
 use crate::ratelimit::{Operation, Quota, RateLimits};
 use crate::retry::{self, RetryPolicy};
@@ -23,10 +23,6 @@ use crate::wire::{
     ErrorResponse, IdentityDetails, IssueTokenRequest,
 };
 use crate::{AccessKey, ConnectionString, signing};
-
-/// The largest answer the client reads. Identity answers are well under 2 KiB; anything near
-/// this is not ACS talking, and reading it whole would let the endpoint fill memory.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Receives what the client does, for metrics. Every method defaults to doing nothing.
 pub trait Observer: Send + Sync {

@@ -4,8 +4,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::client::MAX_ANSWER_BYTES;
 use crate::ratelimit::Operation;
+
+/// The largest answer the client reads. Identity answers are well under 2 KiB; anything near
+/// this is not ACS talking, and reading it whole would let the endpoint fill memory.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// The error body ACS returned, with the HTTP status it came with.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,12 +12,9 @@ pub mod retry;
 pub mod signing;
 pub mod wire;
 
-pub use client::{
-    AcsClient, BuildError, ClientOptions, CreatedIdentity, MAX_ANSWER_BYTES, Observer,
-    RequestOutcome,
-};
+pub use client::{AcsClient, BuildError, ClientOptions, CreatedIdentity, Observer, RequestOutcome};
 pub use connection::{AccessKey, ConnectionString, ConnectionStringError};
 pub use endpoint::{EndpointListError, EndpointPolicy, is_azure_host};
-pub use error::{Error, ServiceError};
+pub use error::{Error, MAX_ANSWER_BYTES, ServiceError};
 pub use ratelimit::{Operation, Quota, RateLimits};
 pub use retry::{MAX_RETRY_AFTER, RetryPolicy};
