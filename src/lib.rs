@@ -15,3 +15,8 @@ pub mod refresh;
 pub mod run;
 pub mod secret;
 pub mod status;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod reconcile_tests;

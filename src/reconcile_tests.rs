@@ -1,0 +1,684 @@
+//! Reconcile-level scenarios: passes of the real `reconcile` against a mock API server that
+//! checks every request (see `fixtures.rs`), the in-process ACS emulator and a manual clock.
+//! Each test names the behaviour of docs/operator.md it pins down, asserts the Kubernetes
+//! requests of the pass in order, the ACS requests that reached the emulator, and that no
+//! request is left over.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use serde_json::json;
+
+use crate::crd::{
+    CONNECTION_SECRET_FINALIZER, CommunicationIdentityStatus, FINALIZER, MANAGED_BY_LABEL,
+    READY_CONDITION, Scope, reason,
+};
+use crate::fixtures::*;
+use crate::refresh::{FailureKind, retry_delay};
+
+const HOUR: SignedDuration = SignedDuration::from_hours(1);
+const MINUTE: SignedDuration = SignedDuration::from_mins(1);
+/// The first retry after a failure the user must fix (docs/operator.md, Errors).
+const USER_ERROR_RETRY: Duration = Duration::from_secs(15);
+
+/// What a pass that issued a token wrote.
+struct Issued {
+    status: CommunicationIdentityStatus,
+    secret: Secret,
+    action: Action,
+}
+
+impl Issued {
+    fn token(&self) -> String {
+        secret_value(&self.secret, "token")
+    }
+}
+
+/// The opening of the first pass of a new resource: its finalizer first (before anything
+/// exists in ACS); its Secret is absent, so ACS is needed: the connection Secret is read, and
+/// pinned with its finalizer once its connection string proves usable.
+async fn start_first_pass(h: &mut Harness) {
+    h.start_pass();
+    h.expect_identity_finalizer_patch(&[FINALIZER]).await;
+    h.expect_token_secret_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_connection_secret_finalizer_patch(&[CONNECTION_SECRET_FINALIZER])
+        .await;
+}
+
+/// The first pass of a new resource: after [`start_first_pass`], the create is recorded as
+/// attempted, the identity is created with its token in one ACS call, and the Secret is
+/// created, then the status written, then one event sent.
+async fn first_pass(h: &mut Harness) -> Issued {
+    start_first_pass(h).await;
+    let marker = h.expect_status_apply().await;
+    assert!(
+        marker.identity_create_attempted && marker.identity_id.is_none(),
+        "the create is recorded before it is sent: {marker:?}"
+    );
+    let secret = h.expect_secret_create().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::IDENTITY_CREATED).await;
+    let action = h.finish_pass().await;
+    Issued {
+        status,
+        secret,
+        action,
+    }
+}
+
+/// The first pass of a resource adopting an existing identity: as [`first_pass`], but nothing
+/// is created (no create marker); the identity is checked in ACS, then given a token.
+async fn adoption_pass(h: &mut Harness) -> Issued {
+    start_first_pass(h).await;
+    let secret = h.expect_secret_create().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::IDENTITY_ADOPTED).await;
+    let action = h.finish_pass().await;
+    Issued {
+        status,
+        secret,
+        action,
+    }
+}
+
+/// A first pass that fails once the create is recorded as attempted: the failure is written to
+/// status and sent as a Warning event.
+async fn failed_first_pass(
+    h: &mut Harness,
+    failure_reason: &str,
+) -> (CommunicationIdentityStatus, Action) {
+    start_first_pass(h).await;
+    h.expect_status_apply().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(WARNING, failure_reason).await;
+    (status, h.finish_pass().await)
+}
+
+/// The Ready condition's status and reason.
+fn ready(status: &CommunicationIdentityStatus) -> (&str, &str) {
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY_CONDITION)
+        .expect("a Ready condition");
+    (ready.status.as_str(), ready.reason.as_str())
+}
+
+fn next_refresh(status: &CommunicationIdentityStatus) -> Timestamp {
+    status
+        .next_refresh_time
+        .as_ref()
+        .expect("nextRefreshTime")
+        .0
+}
+
+/// The requeue of a pass that waits until `at`.
+fn requeue_until(now: Timestamp, at: Timestamp) -> Action {
+    Action::requeue(Duration::try_from(at.duration_since(now)).expect("in the future"))
+}
+
+/// Asserts a failure recorded by the first pass: one failed attempt, Ready=False with
+/// `failure_reason`, the next attempt `backoff` from now (in whole seconds, as status keeps
+/// times), and the pass requeued for then.
+fn assert_first_failure(
+    h: &Harness,
+    status: &CommunicationIdentityStatus,
+    action: &Action,
+    failure_reason: &str,
+    backoff: Duration,
+) {
+    assert_eq!(status.failed_attempts, 1, "{failure_reason}");
+    assert_eq!(ready(status), ("False", failure_reason));
+    let retry_at = whole_second(h.now() + SignedDuration::try_from(backoff).expect("short"));
+    assert_eq!(next_refresh(status), retry_at, "{failure_reason}");
+    assert_eq!(*action, Action::requeue(backoff), "{failure_reason}");
+}
+
+#[tokio::test]
+async fn a_new_resource_gets_an_identity_its_token_secret_and_ready_in_one_pass() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+
+    let (now, status, secret) = (h.now(), &created.status, &created.secret);
+    let identity_id = status.identity_id.clone().expect("identityId recorded");
+    let expires_on = now + 24 * HOUR;
+    assert_eq!(
+        secret_keys(secret),
+        ["endpoint", "expiresOn", "identityId", "scopes", "token"]
+    );
+    assert_eq!(secret_value(secret, "identityId"), identity_id);
+    assert_eq!(secret_value(secret, "scopes"), "chat,voip");
+    assert_eq!(secret_value(secret, "endpoint"), h.acs.endpoint());
+    assert_eq!(secret_value(secret, "expiresOn"), expires_on.to_string());
+    assert_eq!(h.acs.token_status(&created.token()).await, "valid");
+
+    assert_eq!(status.secret_name.as_deref(), Some(TOKEN_SECRET));
+    assert_eq!(status.token_expires_on, Some(Time(expires_on)));
+    assert_eq!(status.last_refresh_time, Some(Time(now)));
+    // refreshBefore defaults to a third of the lifetime; the jitter is at most 10 minutes.
+    let planned = expires_on - 8 * HOUR;
+    let next = next_refresh(status);
+    assert!(
+        next <= planned && next >= planned - 10 * MINUTE,
+        "next refresh {next}"
+    );
+    assert_eq!(status.token_scopes, [Scope::Chat, Scope::Voip]);
+    assert_eq!(status.token_lifetime_minutes, Some(1440));
+    assert!(status.identity_create_attempted);
+    assert_eq!(status.failed_attempts, 0);
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(ready(status), ("True", reason::TOKEN_ISSUED));
+    assert_eq!(created.action, requeue_until(now, next));
+}
+
+#[tokio::test]
+async fn a_pass_from_a_stale_cache_decides_again_from_a_fresh_read_and_issues_nothing() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    // The cache still shows the resource as the finalizer patch left it, before the first
+    // pass's status writes (a Secret event can trigger a pass before they reach the watch):
+    // from that, an identity is still to be created.
+    let mut stale = h.cluster.identity.clone();
+    stale.status = None;
+    stale.metadata.resource_version = Some("2".into());
+
+    h.start_pass_from(stale);
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_token_secret_get().await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(
+        h.acs.calls().await,
+        Vec::<String>::new(),
+        "no second create"
+    );
+    assert_eq!(
+        action,
+        requeue_until(h.now(), next_refresh(&created.status))
+    );
+}
+
+#[tokio::test]
+async fn a_due_refresh_issues_one_token_and_applies_the_secret_at_the_version_read() {
+    // A 1-hour token refreshed 44 minutes before expiry is due about 16 minutes after its
+    // issue. The clock starts 14 minutes back, so that the emulator's clock stays within the
+    // 15 minutes of real time its signature check allows.
+    let start = whole_second(Timestamp::now()) - 14 * MINUTE;
+    let spec = json!({ "tokenLifetime": "1h", "refreshBefore": "44m" });
+    let mut h = Harness::start(identity(spec), Default::default(), start).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    let due = next_refresh(&created.status);
+    h.set_clock(due);
+    h.restart();
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    // About to call ACS on what the cache showed: read afresh first.
+    h.expect_identity_get().await;
+    // Pinned by the first pass already: no finalizer patch.
+    h.expect_connection_secret_get().await;
+    let applied = h.expect_secret_apply().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_REFRESHED).await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, ["issueAccessToken 200"]);
+    let token = secret_value(&applied, "token");
+    assert_ne!(token, created.token());
+    assert_eq!(h.acs.token_status(&token).await, "valid");
+    assert_eq!(
+        h.acs.token_status(&created.token()).await,
+        "valid",
+        "a refresh never revokes"
+    );
+    assert_eq!(
+        secret_value(&applied, "expiresOn"),
+        (due + HOUR).to_string()
+    );
+    assert_eq!(status.last_refresh_time, Some(Time(due)));
+    assert_eq!(status.token_expires_on, Some(Time(due + HOUR)));
+    assert_eq!(status.identity_id, created.status.identity_id);
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+    assert_eq!(action, requeue_until(due, next_refresh(&status)));
+}
+
+#[tokio::test]
+async fn an_edited_secret_with_its_token_intact_is_restored_without_acs() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    // Someone changed a key and removed the managed-by label; the token is untouched.
+    let secret = h.cluster.token_secret.as_mut().expect("the Secret");
+    secret
+        .data
+        .as_mut()
+        .expect("data")
+        .insert("scopes".into(), ByteString(b"chat,voip,admin".to_vec()));
+    secret.labels_mut().remove(MANAGED_BY_LABEL);
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    let applied = h.expect_secret_apply().await;
+    h.expect_event(NORMAL, reason::SECRET_RESTORED).await;
+    // The status already describes that token: no status write.
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(applied.data, created.secret.data, "written back as it was");
+    assert_eq!(
+        action,
+        requeue_until(h.now(), next_refresh(&created.status))
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_secret_is_created_again_with_a_new_token() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    // A minute later (the emulator mints the same token for the same second).
+    h.set_clock(h.now() + MINUTE);
+    h.cluster.token_secret = None;
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    let secret = h.expect_secret_create().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, ["issueAccessToken 200"]);
+    let token = secret_value(&secret, "token");
+    assert_ne!(token, created.token());
+    assert_eq!(h.acs.token_status(&token).await, "valid");
+    assert_eq!(status.identity_id, created.status.identity_id);
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+}
+
+#[tokio::test]
+async fn a_foreign_secret_of_that_name_is_left_alone_and_reported_as_secret_conflict() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    h.cluster.token_secret = Some(foreign_secret());
+
+    h.start_pass();
+    h.expect_identity_finalizer_patch(&[FINALIZER]).await;
+    h.expect_token_secret_get().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(WARNING, reason::SECRET_CONFLICT).await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(
+        h.cluster.token_secret,
+        Some(foreign_secret()),
+        "never written"
+    );
+    assert_first_failure(
+        &h,
+        &status,
+        &action,
+        reason::SECRET_CONFLICT,
+        USER_ERROR_RETRY,
+    );
+}
+
+/// How ACS fails a create in [`acs_failures_are_recorded_with_their_reason_and_backoff`].
+enum AcsFault {
+    /// The create budget is spent for the next hour: 429 with `Retry-After: 3600`.
+    ThrottledForAnHour,
+    /// Every request answered 503.
+    Unavailable,
+    /// The connection Secret holds a key ACS does not know: 401.
+    WrongKey,
+}
+
+#[tokio::test]
+async fn acs_failures_are_recorded_with_their_reason_and_backoff() {
+    struct Case {
+        name: &'static str,
+        fault: AcsFault,
+        calls: Vec<&'static str>,
+        reason: &'static str,
+        backoff: Duration,
+    }
+    let now = whole_second(Timestamp::now());
+    // 5 s less a jitter of up to 20% that the resource's UID fixes.
+    let transient = retry_delay(1, FailureKind::Transient, now, None, UID);
+    assert!((Duration::from_secs(4)..=Duration::from_secs(5)).contains(&transient));
+    // The ACS client retries a 5xx itself, three times, before the pass sees it.
+    let attempts = 1 + acs::RetryPolicy::default().max_retries as usize;
+    let cases = [
+        Case {
+            name: "429 waits for ACS's Retry-After",
+            fault: AcsFault::ThrottledForAnHour,
+            calls: vec!["createIdentityWithToken 429"],
+            reason: reason::THROTTLED,
+            backoff: Duration::from_secs(3600),
+        },
+        Case {
+            name: "503 backs off 5 s, less up to 20% jitter",
+            fault: AcsFault::Unavailable,
+            calls: vec!["createIdentity 503"; attempts],
+            reason: reason::ACS_UNAVAILABLE,
+            backoff: transient,
+        },
+        Case {
+            name: "401 is retried after 15 s, so a fixed key is taken up soon",
+            fault: AcsFault::WrongKey,
+            calls: vec!["createIdentity 401"],
+            reason: reason::AUTHENTICATION_FAILED,
+            backoff: USER_ERROR_RETRY,
+        },
+    ];
+    for case in cases {
+        let limits = acs_emulator::Limits {
+            create_identity_with_token: 1,
+            window_seconds: 3600,
+            ..Default::default()
+        };
+        let mut h = Harness::start(identity(json!({})), limits, now).await;
+        match case.fault {
+            AcsFault::ThrottledForAnHour => {
+                let scopes = ["chat".to_owned()];
+                h.acs
+                    .client()
+                    .create_identity_with_token("someone-else", &scopes, 60)
+                    .await
+                    .expect("the hour's one create");
+                h.acs.calls().await;
+            }
+            AcsFault::Unavailable => h.acs.set_faults(json!({ "fail503": 1.0 })).await,
+            AcsFault::WrongKey => {
+                let wrong = h.acs.connection_string_with_wrong_key();
+                h.set_connection_string(&wrong);
+            }
+        }
+
+        let (status, action) = failed_first_pass(&mut h, case.reason).await;
+
+        assert_eq!(h.acs.calls().await, case.calls, "{}", case.name);
+        assert_first_failure(&h, &status, &action, case.reason, case.backoff);
+        assert!(
+            status.identity_create_attempted,
+            "{}: the create marker stays (the answer may have been lost)",
+            case.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_missing_connection_secret_is_reported_before_anything_reaches_acs() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    h.cluster.connection_secret = None;
+
+    h.start_pass();
+    h.expect_identity_finalizer_patch(&[FINALIZER]).await;
+    h.expect_token_secret_get().await;
+    h.expect_connection_secret_get().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(WARNING, reason::CONNECTION_SECRET_NOT_FOUND)
+        .await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert!(!status.identity_create_attempted, "nothing was sent to ACS");
+    assert_first_failure(
+        &h,
+        &status,
+        &action,
+        reason::CONNECTION_SECRET_NOT_FOUND,
+        USER_ERROR_RETRY,
+    );
+}
+
+#[tokio::test]
+async fn a_restart_with_valid_tokens_reads_the_secret_and_writes_nothing() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(
+        action,
+        requeue_until(h.now(), next_refresh(&created.status))
+    );
+}
+
+#[tokio::test]
+async fn a_refused_secret_write_is_secret_write_failed_and_the_retry_reuses_the_token() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    start_first_pass(&mut h).await;
+    h.expect_status_apply().await;
+    let refused = h
+        .refuse_secret_create(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "secrets \"alice-acs-token\" is forbidden: exceeded quota: secrets",
+        )
+        .await;
+    let failed = h.expect_status_apply().await;
+    h.expect_event(WARNING, reason::SECRET_WRITE_FAILED).await;
+    let action = h.finish_pass().await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+    assert_first_failure(
+        &h,
+        &failed,
+        &action,
+        reason::SECRET_WRITE_FAILED,
+        USER_ERROR_RETRY,
+    );
+    let message = &failed.conditions[0].message;
+    assert!(message.contains("exceeded quota"), "quoted: {message}");
+
+    // The retry after the backoff, in the same process: the token ACS issued is held.
+    h.set_clock(next_refresh(&failed));
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    let written = h.expect_secret_create().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::IDENTITY_CREATED).await;
+    h.finish_pass().await;
+
+    assert_eq!(
+        h.acs.calls().await,
+        Vec::<String>::new(),
+        "no second ACS call"
+    );
+    assert_eq!(written.data, refused.data, "the held token");
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+    assert_eq!(status.failed_attempts, 0);
+}
+
+#[tokio::test]
+async fn an_existing_identity_is_adopted_once_acs_confirms_it_exists() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let existing = h
+        .acs
+        .client()
+        .create_identity_with_token("made-elsewhere", &["chat".to_owned()], 60)
+        .await
+        .expect("an identity to adopt")
+        .id;
+    h.acs.calls().await;
+    h.cluster.identity.spec.identity_id = Some(existing.clone());
+
+    let adopted = adoption_pass(&mut h).await;
+
+    assert_eq!(
+        h.acs.calls().await,
+        ["getIdentity 200", "issueAccessToken 200"]
+    );
+    assert_eq!(adopted.status.identity_id, Some(existing.clone()));
+    assert_eq!(secret_value(&adopted.secret, "identityId"), existing);
+    assert!(
+        !adopted.status.identity_create_attempted,
+        "nothing was created"
+    );
+    assert_eq!(ready(&adopted.status), ("True", reason::TOKEN_ISSUED));
+    assert_eq!(
+        adopted.action,
+        requeue_until(h.now(), next_refresh(&adopted.status))
+    );
+}
+
+#[tokio::test]
+async fn an_identity_another_resource_holds_is_not_adopted() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let scopes = ["chat".to_owned()];
+    let taken = h
+        .acs
+        .client()
+        .create_identity_with_token("bob's", &scopes, 60)
+        .await
+        .expect("an identity")
+        .id;
+    h.acs.calls().await;
+    h.cluster.identity.spec.identity_id = Some(taken.clone());
+    let mut bob = other_identity("bob", "bob-uid", json!({}));
+    bob.status = Some(CommunicationIdentityStatus {
+        identity_id: Some(taken),
+        ..Default::default()
+    });
+    h.cache(bob);
+
+    start_first_pass(&mut h).await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(WARNING, reason::IDENTITY_IN_USE).await;
+    h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(ready(&status), ("False", reason::IDENTITY_IN_USE));
+    assert_eq!(status.identity_id, None);
+}
+
+#[tokio::test]
+async fn deletion_follows_the_deletion_policy_then_releases_the_connection_secret() {
+    struct Case {
+        name: &'static str,
+        spec: serde_json::Value,
+        /// `spec.identityId` names an identity created outside the operator.
+        adopted: bool,
+        calls: Vec<&'static str>,
+        event: &'static str,
+        /// What the emulator says of the last token afterwards.
+        token_after: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "Delete deletes the identity",
+            spec: json!({ "deletionPolicy": "Delete" }),
+            adopted: false,
+            calls: vec!["deleteIdentity 204"],
+            event: reason::IDENTITY_DELETED,
+            token_after: "deleted",
+        },
+        Case {
+            name: "RevokeTokens revokes every token and keeps the identity",
+            spec: json!({ "deletionPolicy": "RevokeTokens" }),
+            adopted: false,
+            calls: vec!["revokeAccessTokens 204"],
+            event: reason::TOKENS_REVOKED,
+            token_after: "revoked",
+        },
+        Case {
+            name: "Retain leaves ACS alone",
+            spec: json!({ "deletionPolicy": "Retain" }),
+            adopted: false,
+            calls: vec![],
+            event: reason::IDENTITY_RETAINED,
+            token_after: "valid",
+        },
+        Case {
+            name: "an adopted identity defaults to RevokeTokens",
+            spec: json!({}),
+            adopted: true,
+            calls: vec!["revokeAccessTokens 204"],
+            event: reason::TOKENS_REVOKED,
+            token_after: "revoked",
+        },
+    ];
+    for case in cases {
+        let mut h = Harness::new(identity(case.spec)).await;
+        let provisioned = if case.adopted {
+            let scopes = ["chat".to_owned()];
+            let created = h
+                .acs
+                .client()
+                .create_identity_with_token("made-elsewhere", &scopes, 60)
+                .await
+                .expect("an identity to adopt");
+            h.cluster.identity.spec.identity_id = Some(created.id);
+            adoption_pass(&mut h).await
+        } else {
+            first_pass(&mut h).await
+        };
+        h.acs.calls().await;
+        h.restart();
+        h.cluster.delete_identity(h.now());
+
+        h.start_pass();
+        if !case.calls.is_empty() {
+            // Only a cleanup in ACS needs the connection string.
+            h.expect_connection_secret_get().await;
+        }
+        h.expect_event(NORMAL, case.event).await;
+        h.expect_identity_finalizer_patch(&[]).await;
+        // The cache knows no other user: the API server is asked, then the last user unpins
+        // the connection Secret.
+        h.expect_identity_list().await;
+        h.expect_connection_secret_get().await;
+        h.expect_connection_secret_finalizer_patch(&[]).await;
+        let action = h.finish_pass().await;
+
+        assert_eq!(h.acs.calls().await, case.calls, "{}", case.name);
+        assert_eq!(
+            h.acs.token_status(&provisioned.token()).await,
+            case.token_after,
+            "{}",
+            case.name
+        );
+        assert_eq!(action, Action::await_change(), "{}", case.name);
+    }
+}
+
+#[tokio::test]
+async fn the_connection_secret_stays_pinned_while_another_resource_uses_it() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    first_pass(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    h.cache(other_identity("bob", "bob-uid", json!({})));
+    h.cluster.delete_identity(h.now());
+
+    h.start_pass();
+    h.expect_connection_secret_get().await;
+    h.expect_event(NORMAL, reason::IDENTITY_DELETED).await;
+    h.expect_identity_finalizer_patch(&[]).await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, ["deleteIdentity 204"]);
+    let connection = h.cluster.connection_secret.as_ref().expect("the Secret");
+    assert_eq!(connection.finalizers(), [CONNECTION_SECRET_FINALIZER]);
+    assert_eq!(action, Action::await_change());
+}
