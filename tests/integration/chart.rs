@@ -25,15 +25,15 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::support::{
-    Emulator, Operator, TempDir, TestNamespace, admin_client, ensure_crd, kubeconfig, repo_root,
-    wait_for,
+    Emulator, Operator, TempDir, TestNamespace, admin_client, apply_identity, basic_spec,
+    create_connection_secret, ensure_crd, kubeconfig, list_events, repo_root, secret_strings,
+    wait_for, wait_gone, wait_ready,
 };
 use acs_identity_operator::crd::CommunicationIdentity;
 
@@ -444,15 +444,7 @@ async fn create_ready_delete(sa: &ServiceAccountKubeconfig, release: &Release, n
     let admin = admin_client().await;
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), namespace);
     let identities: Api<CommunicationIdentity> = Api::namespaced(admin.clone(), namespace);
-    let connection: Secret = serde_json::from_value(json!({
-        "metadata": { "name": "acs-connection" },
-        "stringData": { "connectionString": emulator.connection_string },
-    }))
-    .unwrap();
-    secrets
-        .create(&PostParams::default(), &connection)
-        .await
-        .unwrap();
+    create_connection_secret(&secrets, "acs-connection", &emulator.connection_string).await;
     let lease = release.fullname();
     let operator = Operator::start_with_kubeconfig(
         namespace,
@@ -467,35 +459,8 @@ async fn create_ready_delete(sa: &ServiceAccountKubeconfig, release: &Release, n
         sa.path(),
     );
 
-    let manifest = json!({
-        "apiVersion": "acs-operator.io/v1alpha1",
-        "kind": "CommunicationIdentity",
-        "metadata": { "name": "alice" },
-        "spec": {
-            "connectionSecretRef": { "name": "acs-connection" },
-            "scopes": ["chat", "voip"],
-            "tokenLifetime": "1h",
-        },
-    });
-    identities
-        .patch(
-            "alice",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(manifest),
-        )
-        .await
-        .unwrap();
-    let resource = wait_for("alice Ready=True (TokenIssued)", CYCLE, || async {
-        let resource = identities.get_opt("alice").await.unwrap()?;
-        let ready = resource
-            .status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")?;
-        (ready.status == "True" && ready.reason == "TokenIssued").then_some(resource)
-    })
-    .await;
+    apply_identity(&identities, "alice", basic_spec()).await;
+    let resource = wait_ready(&identities, "alice", CYCLE).await;
     let identity_id = resource.status.unwrap().identity_id.unwrap();
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &release.namespace);
     let holder = leases
@@ -507,20 +472,14 @@ async fn create_ready_delete(sa: &ServiceAccountKubeconfig, release: &Release, n
         .holder_identity;
     assert!(holder.is_some_and(|h| !h.is_empty()), "the operator leads");
     let secret = secrets.get("alice-acs-token").await.unwrap();
-    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
-    let validity = emulator
-        .admin_post("validate", json!({ "token": token }))
-        .await;
+    let token = secret_strings(&secret)["token"].clone();
+    let validity = emulator.validate(&token).await;
     assert_eq!(validity["valid"], true, "the Secret holds a valid token");
 
     // Events are recorded under the ServiceAccount too.
-    let events: Api<Event> = Api::namespaced(admin.clone(), namespace);
     wait_for("an IdentityCreated event", CYCLE, || async {
-        events
-            .list(&ListParams::default())
+        list_events(&admin, namespace)
             .await
-            .unwrap()
-            .items
             .iter()
             .any(|e| e.reason.as_deref() == Some("IdentityCreated"))
             .then_some(())
@@ -531,23 +490,13 @@ async fn create_ready_delete(sa: &ServiceAccountKubeconfig, release: &Release, n
         .delete("alice", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for("alice to be gone", CYCLE, || async {
-        identities
-            .get_opt("alice")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    let validity = emulator
-        .admin_post("validate", json!({ "token": token }))
-        .await;
+    wait_gone(&identities, "alice", CYCLE).await;
+    let validity = emulator.validate(&token).await;
     assert_eq!(
         validity["status"], "deleted",
         "identity {identity_id} is deleted in ACS"
     );
-    let stats = emulator.admin_get("stats").await;
+    let stats = emulator.stats().await;
     assert_eq!(stats["identitiesAlive"], 0, "{stats}");
     assert_eq!(stats["identitiesDeleted"], 1, "{stats}");
     wait_for("the connection Secret released", CYCLE, || async {

@@ -24,7 +24,6 @@ use hyper::header::{CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{ResourceQuota, Secret};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, ResourceExt};
@@ -39,14 +38,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::operator::{Setup, basic_spec, connection_secret, ready};
 use crate::support::{
-    Emulator, Operator, TempDir, TestNamespace, ensure_crd, secret_strings, wait_for,
+    Emulator, Operator, PROMPTLY, Setup, TempDir, TestNamespace, basic_spec, connection_secret,
+    create_connection_secret, create_identity, ensure_crd, list_events, ready, ready_message,
+    secret_strings, wait_condition, wait_for, wait_identity,
 };
 use acs_identity_operator::crd::{CommunicationIdentity, reason, secret_key};
 
-/// For what an honest tenant, or the emulator, does promptly.
-const DEADLINE: Duration = Duration::from_secs(30);
 /// For a failure to be reported: the client retries 5xx and timeouts a few times first.
 const FAILURE_REPORTED: Duration = Duration::from_secs(60);
 /// From its creation, for a resource whose endpoint never answers to show `AcsUnavailable`.
@@ -135,7 +133,7 @@ async fn hostile_endpoints_cannot_harm_the_operator_or_an_honest_tenant() {
     let created = Instant::now();
     let expired_first_request = wait_for(
         "the expired-token endpoint's first request",
-        DEADLINE,
+        PROMPTLY,
         || async { (expired.requests() > 0).then(Instant::now) },
     )
     .await;
@@ -145,12 +143,12 @@ async fn hostile_endpoints_cannot_harm_the_operator_or_an_honest_tenant() {
         "honest",
         "True",
         reason::TOKEN_ISSUED,
-        DEADLINE,
+        PROMPTLY,
     )
     .await;
 
     let refused = wait_failure(&identities, "not-allowed", reason::ENDPOINT_NOT_ALLOWED).await;
-    let message = condition_message(&refused);
+    let message = ready_message(&refused);
     assert!(message.contains("--acs-endpoint-suffixes"), "{message}");
 
     let throttled = wait_failure(&identities, "throttling", reason::THROTTLED).await;
@@ -172,7 +170,7 @@ async fn hostile_endpoints_cannot_harm_the_operator_or_an_honest_tenant() {
     assert_eq!(trap.connections(), 0, "the operator followed the redirect");
 
     // While the silent endpoint holds a request, a new honest resource is still served.
-    wait_for("the silent endpoint's first request", DEADLINE, || async {
+    wait_for("the silent endpoint's first request", PROMPTLY, || async {
         (silent.requests() > 0).then_some(())
     })
     .await;
@@ -182,7 +180,7 @@ async fn hostile_endpoints_cannot_harm_the_operator_or_an_honest_tenant() {
         "honest-during-silence",
         "True",
         reason::TOKEN_ISSUED,
-        DEADLINE,
+        PROMPTLY,
     )
     .await;
     wait_condition(
@@ -207,10 +205,10 @@ async fn hostile_endpoints_cannot_harm_the_operator_or_an_honest_tenant() {
                 let failed = |r: &CommunicationIdentity| {
                     ready(r).is_some_and(|(status, _)| status == "False")
                 };
-                wait_resource(&identities, name, "a failure", FAILURE_REPORTED, failed).await
+                wait_identity(&identities, name, "a failure", FAILURE_REPORTED, failed).await
             }
         };
-        let length = condition_message(&resource).chars().count();
+        let length = ready_message(&resource).chars().count();
         assert!(
             length <= MESSAGE_LIMIT,
             "{name}: a {length}-character message"
@@ -218,7 +216,7 @@ async fn hostile_endpoints_cannot_harm_the_operator_or_an_honest_tenant() {
         // The API server refuses an Event whose note is over 1 KiB: one must exist at all.
         let notes = wait_for(
             &format!("a Warning Event about {name}"),
-            DEADLINE,
+            PROMPTLY,
             || async { Some(warning_notes(&ns, name).await).filter(|n| !n.is_empty()) },
         )
         .await;
@@ -295,10 +293,11 @@ async fn two_resources_racing_for_one_secret_name() {
     let secrets = History::start(setup.secrets.clone(), SecretVersion::of).await;
     let conditions = History::start(identities.clone(), ready).await;
 
-    let racer = |name: &'static str| create(identities, name, with_secret_name("shared-token"));
+    let racer =
+        |name: &'static str| create_identity(identities, name, with_secret_name("shared-token"));
     tokio::join!(racer("racer-a"), racer("racer-b"));
     let settled = |r: &CommunicationIdentity| matches!(ready(r), Some((_, reason)) if reason == reason::TOKEN_ISSUED || reason == reason::SECRET_CONFLICT);
-    let a = wait_resource(
+    let a = wait_identity(
         identities,
         "racer-a",
         "a settled race",
@@ -306,7 +305,7 @@ async fn two_resources_racing_for_one_secret_name() {
         settled,
     )
     .await;
-    let b = wait_resource(
+    let b = wait_identity(
         identities,
         "racer-b",
         "a settled race",
@@ -350,22 +349,20 @@ async fn two_resources_racing_for_one_secret_name() {
     );
 
     // A Secret created by hand while the operator waits on ACS for its resource.
-    setup
-        .secrets
-        .create(
-            &PostParams::default(),
-            &connection_secret("latecomer-connection", &setup.emulator.connection_string),
-        )
-        .await
-        .unwrap();
+    create_connection_secret(
+        &setup.secrets,
+        "latecomer-connection",
+        &setup.emulator.connection_string,
+    )
+    .await;
     let mut spec = with_secret_name("hand-made");
     spec["connectionSecretRef"]["name"] = json!("latecomer-connection");
-    create(identities, "latecomer", spec).await;
+    create_identity(identities, "latecomer", spec).await;
     // Both finalizers are set before the ACS call (nothing could be cleaned up otherwise), and
     // the call then takes 2 s.
     wait_for(
         "the operator to call ACS for latecomer",
-        DEADLINE,
+        PROMPTLY,
         || async {
             let resource = identities.get("latecomer").await.unwrap();
             let connection = setup.secrets.get("latecomer-connection").await.unwrap();
@@ -430,7 +427,7 @@ async fn a_refused_secret_write_is_a_failure_and_costs_no_tokens() {
         )
         .await
         .unwrap();
-    wait_for("the API server to enforce the quota", DEADLINE, || async {
+    wait_for("the API server to enforce the quota", PROMPTLY, || async {
         let probe = connection_secret("quota-probe", "unused");
         match setup.secrets.create(&PostParams::default(), &probe).await {
             Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("exceeded quota") => {
@@ -449,9 +446,9 @@ async fn a_refused_secret_write_is_a_failure_and_costs_no_tokens() {
     })
     .await;
 
-    create(&setup.identities, "refused", basic_spec()).await;
+    create_identity(&setup.identities, "refused", basic_spec()).await;
     let refused = wait_failure(&setup.identities, "refused", reason::SECRET_WRITE_FAILED).await;
-    let message = condition_message(&refused);
+    let message = ready_message(&refused);
     assert!(
         message.contains("exceeded quota: no-more-secrets"),
         "the API server's refusal is quoted: {message}"
@@ -494,7 +491,7 @@ async fn a_refused_secret_write_is_a_failure_and_costs_no_tokens() {
 async fn adoption_is_checked() {
     let setup = Setup::start("adoption", Emulator::start(&[]), &[]).await;
     let identities = &setup.identities;
-    create(identities, "original", basic_spec()).await;
+    create_identity(identities, "original", basic_spec()).await;
     let original = setup.wait_ready("original").await;
     let taken = original.status.unwrap().identity_id.unwrap();
     let issued = tokens_issued(&setup).await;
@@ -504,7 +501,7 @@ async fn adoption_is_checked() {
         spec["identityId"] = json!(id);
         spec
     };
-    create(identities, "impostor", adopting(&taken)).await;
+    create_identity(identities, "impostor", adopting(&taken)).await;
     wait_failure(identities, "impostor", reason::IDENTITY_IN_USE).await;
     assert_eq!(
         tokens_issued(&setup).await,
@@ -518,7 +515,7 @@ async fn adoption_is_checked() {
         .and_then(|rest| rest.split_once('_'))
         .expect("an emulator identity id");
     let ghost_id = format!("8:acs:{acs_resource}_{}", random_guid());
-    create(identities, "ghost", adopting(&ghost_id)).await;
+    create_identity(identities, "ghost", adopting(&ghost_id)).await;
     wait_failure(identities, "ghost", reason::IDENTITY_NOT_FOUND).await;
     assert_eq!(tokens_issued(&setup).await, issued, "a token for the ghost");
 
@@ -534,29 +531,11 @@ async fn adoption_is_checked() {
 
 /// A connection Secret `<name>-connection` and a CommunicationIdentity `name` using it.
 async fn add_tenant(ns: &TestNamespace, name: &str, connection_string: &str) {
-    let secrets: Api<Secret> = ns.api();
     let connection = format!("{name}-connection");
-    let secret = connection_secret(&connection, connection_string);
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => {}
-        // A second resource of a tenant shares its connection Secret.
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("create {connection}: {e}"),
-    }
+    create_connection_secret(&ns.api(), &connection, connection_string).await;
     let mut spec = basic_spec();
     spec["connectionSecretRef"]["name"] = json!(connection);
-    create(&ns.api(), name, spec).await;
-}
-
-async fn create(identities: &Api<CommunicationIdentity>, name: &str, spec: Value) {
-    let spec = serde_json::from_value(spec).unwrap();
-    identities
-        .create(
-            &PostParams::default(),
-            &CommunicationIdentity::new(name, spec),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    create_identity(&ns.api(), name, spec).await;
 }
 
 fn hostile_connection_string(endpoint: &str) -> String {
@@ -573,54 +552,6 @@ fn has_finalizer(object: &impl kube::Resource, finalizer: &str) -> bool {
     object.finalizers().iter().any(|f| f == finalizer)
 }
 
-fn condition_message(resource: &CommunicationIdentity) -> String {
-    resource
-        .status
-        .as_ref()
-        .and_then(|s| s.condition("Ready"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
-}
-
-/// Waits until `check` holds for the resource; on timeout, fails with its Ready condition then.
-async fn wait_resource(
-    identities: &Api<CommunicationIdentity>,
-    name: &str,
-    what: &str,
-    deadline: Duration,
-    check: impl Fn(&CommunicationIdentity) -> bool,
-) -> CommunicationIdentity {
-    let waiting = wait_for(what, Duration::MAX, || async {
-        let resource = identities.get_opt(name).await.unwrap()?;
-        check(&resource).then_some(resource)
-    });
-    match tokio::time::timeout(deadline, waiting).await {
-        Ok(resource) => resource,
-        Err(_) => {
-            let resource = identities.get(name).await.unwrap();
-            let condition = resource.status.as_ref().and_then(|s| s.condition("Ready"));
-            panic!(
-                "{name}: no {what} within {deadline:?}; Ready is {:?}",
-                condition.map(|c| (&c.status, &c.reason, truncated(&c.message)))
-            )
-        }
-    }
-}
-
-async fn wait_condition(
-    identities: &Api<CommunicationIdentity>,
-    name: &str,
-    status: &str,
-    reason: &str,
-    deadline: Duration,
-) -> CommunicationIdentity {
-    let what = format!("Ready={status} with reason {reason}");
-    wait_resource(identities, name, &what, deadline, |r| {
-        ready(r) == Some((status.into(), reason.into()))
-    })
-    .await
-}
-
 /// Waits until a resource that never got a token reports `reason`.
 async fn wait_failure(
     identities: &Api<CommunicationIdentity>,
@@ -630,21 +561,10 @@ async fn wait_failure(
     wait_condition(identities, name, "False", reason, FAILURE_REPORTED).await
 }
 
-fn truncated(text: &str) -> String {
-    match text.char_indices().nth(300) {
-        Some((end, _)) => format!("{}… ({} characters)", &text[..end], text.chars().count()),
-        None => text.to_owned(),
-    }
-}
-
 /// The notes of the Warning Events about the resource `name`.
 async fn warning_notes(ns: &TestNamespace, name: &str) -> Vec<String> {
-    let events: Api<Event> = ns.api();
-    events
-        .list(&ListParams::default())
+    list_events(&ns.client, &ns.name)
         .await
-        .unwrap()
-        .items
         .into_iter()
         .filter(|e| {
             e.type_.as_deref() == Some("Warning")
@@ -655,7 +575,7 @@ async fn warning_notes(ns: &TestNamespace, name: &str) -> Vec<String> {
 }
 
 async fn tokens_issued(setup: &Setup) -> u64 {
-    let stats = setup.emulator.admin_get("stats").await;
+    let stats = setup.emulator.stats().await;
     stats["tokensIssued"]
         .as_u64()
         .unwrap_or_else(|| panic!("{stats}"))
@@ -724,7 +644,7 @@ impl<T: Clone + Send + 'static> History<T> {
                 }
             }
         });
-        tokio::time::timeout(DEADLINE, on_listed)
+        tokio::time::timeout(PROMPTLY, on_listed)
             .await
             .expect("the watch starts")
             .unwrap();

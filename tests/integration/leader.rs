@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::PostParams;
 
-use crate::operator::{basic_spec, connection_secret, ready};
-use crate::support::{Emulator, Operator, TestNamespace, ensure_crd, wait_for};
+use crate::support::{
+    Emulator, Operator, TestNamespace, basic_spec, create_connection_secret, create_identity,
+    ensure_crd, wait_for, wait_ready,
+};
 use acs_identity_operator::crd::CommunicationIdentity;
 
 /// The default lease duration.
@@ -31,13 +31,7 @@ impl Contest {
         ensure_crd().await;
         let ns = TestNamespace::new(prefix).await;
         let emulator = Emulator::start(&[]);
-        ns.api::<Secret>()
-            .create(
-                &PostParams::default(),
-                &connection_secret("acs-connection", &emulator.connection_string),
-            )
-            .await
-            .unwrap();
+        create_connection_secret(&ns.api(), "acs-connection", &emulator.connection_string).await;
         Self {
             identities: ns.api(),
             ns,
@@ -73,27 +67,16 @@ impl Contest {
     }
 
     async fn create(&self, name: &str) {
-        let spec = serde_json::from_value(basic_spec()).unwrap();
-        self.identities
-            .create(
-                &PostParams::default(),
-                &CommunicationIdentity::new(name, spec),
-            )
-            .await
-            .unwrap();
+        create_identity(&self.identities, name, basic_spec()).await;
     }
 
-    async fn wait_ready(&self, name: &str, deadline: Duration) {
-        wait_for(&format!("{name} to be Ready"), deadline, || async {
-            let resource = self.identities.get_opt(name).await.unwrap()?;
-            (ready(&resource) == Some(("True".into(), "TokenIssued".into()))).then_some(())
-        })
-        .await;
+    async fn wait_ready(&self, name: &str) {
+        wait_ready(&self.identities, name, STARTUP).await;
     }
 
     /// (identitiesAlive, tokensIssued) at the emulator.
     async fn acs_counts(&self) -> (u64, u64) {
-        let stats = self.emulator.admin_get("stats").await;
+        let stats = self.emulator.stats().await;
         (
             stats["identitiesAlive"].as_u64().unwrap(),
             stats["tokensIssued"].as_u64().unwrap(),
@@ -131,7 +114,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
         contest.create(name).await;
     }
     for name in ["alpha", "beta", "gamma"] {
-        contest.wait_ready(name, STARTUP).await;
+        contest.wait_ready(name).await;
     }
     let leader_logs = leader.logs();
     assert_eq!(
@@ -160,7 +143,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
     )
     .await;
     eprintln!("takeover {:?} after kill -9", killed.elapsed());
-    contest.wait_ready("delta", STARTUP).await;
+    contest.wait_ready("delta").await;
     wait_readyz(&standby, "running the controller").await;
 
     // The new leader issued only delta's token; the others were current already.
@@ -184,6 +167,6 @@ async fn a_leader_that_stops_cleanly_hands_over_at_once() {
     )
     .await;
     contest.create("alpha").await;
-    contest.wait_ready("alpha", STARTUP).await;
+    contest.wait_ready("alpha").await;
     assert_eq!(contest.acs_counts().await, (1, 1));
 }

@@ -2,16 +2,13 @@
 //! after a create and a delete, and `--log-format json` lines that name the resource and never
 //! hold the access key or a token.
 
-use std::time::Duration;
-
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use serde_json::Value;
 
-use crate::operator::{Setup, basic_spec};
-use crate::support::{Emulator, wait_for};
-use acs_identity_operator::crd::{CommunicationIdentity, reason, secret_key};
-
-const DEADLINE: Duration = Duration::from_secs(30);
+use crate::support::{
+    Emulator, PROMPTLY, Setup, basic_spec, create_identity, secret_strings, wait_for,
+};
+use acs_identity_operator::crd::{reason, secret_key};
 
 async fn get(url: &str) -> Option<(reqwest::StatusCode, String)> {
     let response = reqwest::get(url).await.ok()?;
@@ -35,7 +32,7 @@ async fn metrics_health_readiness_and_json_logs() {
     );
     let base = operator.admin_url().await;
 
-    wait_for("/readyz to answer 200", DEADLINE, || async {
+    wait_for("/readyz to answer 200", PROMPTLY, || async {
         let (status, _) = get(&format!("{base}/readyz")).await?;
         (status == reqwest::StatusCode::OK).then_some(())
     })
@@ -43,14 +40,7 @@ async fn metrics_health_readiness_and_json_logs() {
     let (status, _) = get(&format!("{base}/healthz")).await.unwrap();
     assert_eq!(status, reqwest::StatusCode::OK);
 
-    let spec = serde_json::from_value(basic_spec()).unwrap();
-    identities
-        .create(
-            &PostParams::default(),
-            &CommunicationIdentity::new("ops", spec),
-        )
-        .await
-        .unwrap();
+    create_identity(identities, "ops", basic_spec()).await;
     let resource = setup.wait_ready("ops").await;
     let expires_on = resource
         .status
@@ -65,7 +55,7 @@ async fn metrics_health_readiness_and_json_logs() {
         "acs_identity_operator_token_expiration_timestamp_seconds{{namespace=\"{}\",name=\"ops\"}}",
         ns.name
     );
-    let metrics = wait_for("the expiry gauge of ops", DEADLINE, || async {
+    let metrics = wait_for("the expiry gauge of ops", PROMPTLY, || async {
         let (_, text) = get(&format!("{base}/metrics")).await?;
         text.contains(&expiry).then_some(text)
     })
@@ -92,14 +82,8 @@ async fn metrics_health_readiness_and_json_logs() {
     // A failure is counted by its condition reason.
     let mut orphan = basic_spec();
     orphan["connectionSecretRef"]["name"] = "missing".into();
-    identities
-        .create(
-            &PostParams::default(),
-            &CommunicationIdentity::new("orphan", serde_json::from_value(orphan).unwrap()),
-        )
-        .await
-        .unwrap();
-    wait_for("a failure counted by reason", DEADLINE, || async {
+    create_identity(identities, "orphan", orphan).await;
+    wait_for("a failure counted by reason", PROMPTLY, || async {
         let (_, text) = get(&format!("{base}/metrics")).await?;
         text.contains(&format!(
             "acs_identity_operator_failures_total{{reason=\"{}\"}}",
@@ -110,12 +94,12 @@ async fn metrics_health_readiness_and_json_logs() {
     .await;
 
     let secret = secrets.get(&resource.secret_name()).await.unwrap();
-    let token = String::from_utf8(secret.data.unwrap()[secret_key::TOKEN].0.clone()).unwrap();
+    let token = secret_strings(&secret)[secret_key::TOKEN].clone();
     identities
         .delete("ops", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for("the expiry gauge of ops to go", DEADLINE, || async {
+    wait_for("the expiry gauge of ops to go", PROMPTLY, || async {
         let (_, text) = get(&format!("{base}/metrics")).await?;
         (!text.contains(&expiry)).then_some(())
     })

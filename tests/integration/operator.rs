@@ -5,160 +5,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::support::{
-    Emulator, Operator, TestNamespace, ensure_crd, secret_strings, wait_for, wait_gone,
+    Emulator, Operator, PROMPTLY, Setup, TestNamespace, basic_spec, create_connection_secret,
+    ensure_crd, ready, ready_message, secret_strings, wait_for, wait_gone, wait_ready,
 };
 use acs_identity_operator::crd::{CONNECTION_SECRET_FINALIZER, CommunicationIdentity};
-
-const READY: Duration = Duration::from_secs(30);
-
-/// A namespace with a connection Secret, an emulator and an operator watching it.
-pub(crate) struct Setup {
-    pub(crate) ns: TestNamespace,
-    pub(crate) emulator: Emulator,
-    pub(crate) operator: Operator,
-    pub(crate) identities: Api<CommunicationIdentity>,
-    pub(crate) secrets: Api<Secret>,
-}
-
-impl Setup {
-    async fn new(prefix: &str) -> Self {
-        Self::start(prefix, Emulator::start(&[]), &[]).await
-    }
-
-    /// With `emulator`, and `operator_args` after the operator's usual flags.
-    pub(crate) async fn start(prefix: &str, emulator: Emulator, operator_args: &[&str]) -> Self {
-        ensure_crd().await;
-        let ns = TestNamespace::new(prefix).await;
-        let secrets: Api<Secret> = ns.api();
-        secrets
-            .create(
-                &PostParams::default(),
-                &connection_secret("acs-connection", &emulator.connection_string),
-            )
-            .await
-            .unwrap();
-        let operator = Operator::start(&ns.name, &emulator, operator_args);
-        Self {
-            identities: ns.api(),
-            secrets,
-            operator,
-            emulator,
-            ns,
-        }
-    }
-
-    async fn apply(&self, name: &str, spec: Value) -> CommunicationIdentity {
-        let manifest = json!({
-            "apiVersion": "acs-operator.io/v1alpha1",
-            "kind": "CommunicationIdentity",
-            "metadata": { "name": name },
-            "spec": spec,
-        });
-        self.identities
-            .patch(
-                name,
-                &PatchParams::apply("test").force(),
-                &Patch::Apply(manifest),
-            )
-            .await
-            .expect("the API server accepts the resource")
-    }
-
-    async fn annotate(&self, name: &str, key: &str, value: &str) {
-        self.identities
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "metadata": { "annotations": { key: value } } })),
-            )
-            .await
-            .unwrap();
-    }
-
-    /// Waits until `check` holds for the resource.
-    async fn wait_resource(
-        &self,
-        name: &str,
-        what: &str,
-        check: impl Fn(&CommunicationIdentity) -> bool,
-    ) -> CommunicationIdentity {
-        wait_for(what, READY, || async {
-            let resource = self.identities.get_opt(name).await.unwrap()?;
-            check(&resource).then_some(resource)
-        })
-        .await
-    }
-
-    /// Waits until the refresh request `value` is recorded as handled.
-    async fn wait_refresh_handled(&self, name: &str, value: &str) -> CommunicationIdentity {
-        self.wait_resource(name, &format!("refresh request {value:?} handled"), |r| {
-            r.status
-                .as_ref()
-                .unwrap()
-                .handled_refresh_request
-                .as_deref()
-                == Some(value)
-        })
-        .await
-    }
-
-    pub(crate) async fn wait_ready(&self, name: &str) -> CommunicationIdentity {
-        self.wait_resource(name, "Ready=True with reason TokenIssued", |r| {
-            ready(r) == Some(("True".into(), "TokenIssued".into()))
-        })
-        .await
-    }
-
-    async fn wait_reason(&self, name: &str, reason: &str) -> CommunicationIdentity {
-        self.wait_resource(name, &format!("reason {reason}"), |r| {
-            ready(r).is_some_and(|(_, r)| r == reason)
-        })
-        .await
-    }
-
-    async fn secret_data(&self, name: &str) -> BTreeMap<String, String> {
-        secret_strings(&self.secrets.get(name).await.unwrap())
-    }
-
-    async fn token_validity(&self, token: &str) -> Value {
-        self.emulator
-            .admin_post("validate", json!({ "token": token }))
-            .await
-    }
-
-    async fn stats(&self) -> Value {
-        self.emulator.admin_get("stats").await
-    }
-
-    async fn events(&self) -> Vec<(String, String)> {
-        let events: Api<Event> = self.ns.api();
-        events
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-            .collect()
-    }
-
-    async fn wait_event(&self, reason: &str) -> String {
-        wait_for(&format!("an event {reason}"), READY, || async {
-            self.events()
-                .await
-                .into_iter()
-                .find(|(r, _)| r == reason)
-                .map(|(_, note)| note)
-        })
-        .await
-    }
-}
 
 /// Waits until the wall clock is past the second of `time`. ACS tokens carry whole-second
 /// times, so two tokens for the same identity and scopes minted within one second are equal;
@@ -176,24 +31,6 @@ fn minted_at(secret: &BTreeMap<String, String>) -> jiff::Timestamp {
     expires_on - jiff::SignedDuration::from_hours(1)
 }
 
-pub(crate) fn connection_secret(name: &str, connection_string: &str) -> Secret {
-    serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "stringData": { "connectionString": connection_string }
-    }))
-    .unwrap()
-}
-
-pub(crate) fn ready(resource: &CommunicationIdentity) -> Option<(String, String)> {
-    let condition = resource
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")?;
-    Some((condition.status.clone(), condition.reason.clone()))
-}
-
 fn total_requests(stats: &Value) -> u64 {
     stats["requests"]
         .as_object()
@@ -204,15 +41,6 @@ fn total_requests(stats: &Value) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-pub(crate) fn basic_spec() -> Value {
-    json!({
-        "connectionSecretRef": { "name": "acs-connection" },
-        "scopes": ["chat", "voip"],
-        "tokenLifetime": "1h",
-        "secretTemplate": { "labels": { "team": "chat" } },
-    })
 }
 
 #[tokio::test]
@@ -252,13 +80,13 @@ async fn create_issues_a_token_into_an_owned_secret() {
         "{lifetime:?}"
     );
 
-    let validity = setup.token_validity(&data["token"]).await;
+    let validity = setup.emulator.validate(&data["token"]).await;
     assert_eq!(validity["valid"], true, "{validity}");
     assert_eq!(validity["scopes"], "chat,voip");
     assert_eq!(validity["exp"], expires_on.as_second());
 
     // One identity, created with its token in one call.
-    let stats = setup.stats().await;
+    let stats = setup.emulator.stats().await;
     assert_eq!(stats["identitiesAlive"], 1, "{stats}");
     assert_eq!(total_requests(&stats), 1, "{stats}");
     // One event tells the whole creation.
@@ -296,7 +124,7 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
     assert!(first != second, "a refresh puts a new token in the Secret");
     assert_eq!(ready(&refreshed).unwrap().0, "True");
     // A refresh never revokes: workloads may still hold the old token.
-    assert_eq!(setup.token_validity(&first).await["valid"], true);
+    assert_eq!(setup.emulator.validate(&first).await["valid"], true);
     setup.wait_event("TokenRefreshed").await;
 
     next_second_after(minted_at(&second_secret)).await;
@@ -309,18 +137,18 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
         })
         .await;
     let third = setup.secret_data("bob-acs-token").await["token"].clone();
-    assert_eq!(setup.token_validity(&first).await["status"], "revoked");
-    assert_eq!(setup.token_validity(&second).await["status"], "revoked");
-    assert_eq!(setup.token_validity(&third).await["valid"], true);
+    assert_eq!(setup.emulator.validate(&first).await["status"], "revoked");
+    assert_eq!(setup.emulator.validate(&second).await["status"], "revoked");
+    assert_eq!(setup.emulator.validate(&third).await["valid"], true);
     setup.wait_event("TokensRevoked").await;
 
     // Requests already handled are not acted on again, whatever else triggers a reconcile.
-    let issued = setup.stats().await["tokensIssued"].clone();
+    let issued = setup.emulator.stats().await["tokensIssued"].clone();
     setup.annotate("bob", "unrelated.example/touch", "1").await;
     setup
         .annotate("bob", "acs-operator.io/refresh-requested-at", "1")
         .await;
-    wait_for("the operator to see the touch", READY, || async {
+    wait_for("the operator to see the touch", PROMPTLY, || async {
         setup
             .operator
             .logs()
@@ -330,7 +158,7 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
             .then_some(())
     })
     .await;
-    assert_eq!(setup.stats().await["tokensIssued"], issued);
+    assert_eq!(setup.emulator.stats().await["tokensIssued"], issued);
     assert!(setup.secret_data("bob-acs-token").await["token"] == third);
 }
 
@@ -339,7 +167,7 @@ async fn a_scope_change_issues_at_once_and_other_changes_make_no_acs_call() {
     let setup = Setup::new("changes").await;
     setup.apply("carol", basic_spec()).await;
     setup.wait_ready("carol").await;
-    let requests = total_requests(&setup.stats().await);
+    let requests = total_requests(&setup.emulator.stats().await);
 
     let mut spec = basic_spec();
     spec["secretTemplate"]["labels"]["tier"] = json!("gold");
@@ -354,19 +182,19 @@ async fn a_scope_change_issues_at_once_and_other_changes_make_no_acs_call() {
     let secret = setup.secrets.get("carol-acs-token").await.unwrap();
     assert_eq!(secret.labels()["tier"], "gold");
     assert_eq!(
-        total_requests(&setup.stats().await),
+        total_requests(&setup.emulator.stats().await),
         requests,
         "no ACS call"
     );
 
     spec["scopes"] = json!(["chat"]);
     setup.apply("carol", spec).await;
-    wait_for("a token with the new scopes", READY, || async {
+    wait_for("a token with the new scopes", PROMPTLY, || async {
         (setup.secret_data("carol-acs-token").await["scopes"] == "chat").then_some(())
     })
     .await;
     let token = setup.secret_data("carol-acs-token").await["token"].clone();
-    assert_eq!(setup.token_validity(&token).await["scopes"], "chat");
+    assert_eq!(setup.emulator.validate(&token).await["scopes"], "chat");
 }
 
 #[tokio::test]
@@ -499,25 +327,25 @@ async fn deletion_follows_the_deletion_policy() {
             .unwrap();
     }
     for name in ["del", "rev", "ret"] {
-        wait_gone(&setup.identities, name, READY).await;
+        wait_gone(&setup.identities, name, PROMPTLY).await;
     }
     assert_eq!(
-        setup.token_validity(&tokens["del"]).await["status"],
+        setup.emulator.validate(&tokens["del"]).await["status"],
         "deleted"
     );
     assert_eq!(
-        setup.token_validity(&tokens["rev"]).await["status"],
+        setup.emulator.validate(&tokens["rev"]).await["status"],
         "revoked"
     );
-    assert_eq!(setup.token_validity(&tokens["ret"]).await["valid"], true);
-    let stats = setup.stats().await;
+    assert_eq!(setup.emulator.validate(&tokens["ret"]).await["valid"], true);
+    let stats = setup.emulator.stats().await;
     assert_eq!(stats["identitiesAlive"], 2, "{stats}");
     assert_eq!(stats["identitiesDeleted"], 1, "{stats}");
     setup.wait_event("IdentityDeleted").await;
     setup.wait_event("IdentityRetained").await;
 
     // The last user gone, the connection Secret is released.
-    wait_for("the connection Secret released", READY, || async {
+    wait_for("the connection Secret released", PROMPTLY, || async {
         let secret = setup.secrets.get("acs-connection").await.unwrap();
         secret.finalizers().is_empty().then_some(())
     })
@@ -532,7 +360,7 @@ async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touch
     let token = setup.secret_data("dave-acs-token").await["token"].clone();
 
     // Edited: a key removed and the label changed. Restored without a new token.
-    let issued = setup.stats().await["tokensIssued"].clone();
+    let issued = setup.emulator.stats().await["tokensIssued"].clone();
     setup
         .secrets
         .patch(
@@ -545,7 +373,7 @@ async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touch
         )
         .await
         .unwrap();
-    wait_for("the edited Secret restored", READY, || async {
+    wait_for("the edited Secret restored", PROMPTLY, || async {
         let secret = setup.secrets.get("dave-acs-token").await.unwrap();
         let data = secret_strings(&secret);
         (secret.labels()["team"] == "chat" && data.get("scopes").is_some_and(|s| s == "chat,voip"))
@@ -553,7 +381,7 @@ async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touch
     })
     .await;
     assert!(setup.secret_data("dave-acs-token").await["token"] == token);
-    assert_eq!(setup.stats().await["tokensIssued"], issued);
+    assert_eq!(setup.emulator.stats().await["tokensIssued"], issued);
 
     // Deleted: rewritten with a new token.
     setup
@@ -561,7 +389,7 @@ async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touch
         .delete("dave-acs-token", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for("the deleted Secret restored", READY, || async {
+    wait_for("the deleted Secret restored", PROMPTLY, || async {
         let secret = setup.secrets.get_opt("dave-acs-token").await.unwrap()?;
         secret_strings(&secret).contains_key("token").then_some(())
     })
@@ -599,17 +427,15 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
     let missing = setup
         .wait_reason("missing", "ConnectionSecretNotFound")
         .await;
-    let message = &missing.status.unwrap().conditions[0].message;
+    let message = ready_message(&missing);
     assert!(message.contains("\"nope\""), "{message}");
 
-    setup
-        .secrets
-        .create(
-            &PostParams::default(),
-            &connection_secret("malformed", "endpoint=https://x/;accesskey=%%%"),
-        )
-        .await
-        .unwrap();
+    create_connection_secret(
+        &setup.secrets,
+        "malformed",
+        "endpoint=https://x/;accesskey=%%%",
+    )
+    .await;
     setup.apply("malformed", spec("malformed")).await;
     setup
         .wait_reason("malformed", "InvalidConnectionString")
@@ -629,14 +455,7 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
         &setup.emulator.key,
         "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=",
     );
-    setup
-        .secrets
-        .create(
-            &PostParams::default(),
-            &connection_secret("wrongkey", &wrong_key),
-        )
-        .await
-        .unwrap();
+    create_connection_secret(&setup.secrets, "wrongkey", &wrong_key).await;
     setup.apply("wrongkey", spec("wrongkey")).await;
     let denied = setup.wait_reason("wrongkey", "AuthenticationFailed").await;
     assert_eq!(ready(&denied).unwrap().0, "False");
@@ -654,15 +473,7 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
         )
         .await
         .unwrap();
-    wait_for(
-        "Ready after the key fix",
-        Duration::from_secs(60),
-        || async {
-            let resource = setup.identities.get("wrongkey").await.unwrap();
-            (ready(&resource)? == ("True".into(), "TokenIssued".into())).then_some(())
-        },
-    )
-    .await;
+    wait_ready(&setup.identities, "wrongkey", Duration::from_secs(60)).await;
 
     // Neither the key nor a token ever reached the logs or events.
     let logs = setup.operator.logs();
@@ -716,14 +527,14 @@ async fn acs_outage_keeps_the_token_and_a_restart_makes_no_acs_call() {
     setup.wait_ready("frank").await;
 
     // A restart with a valid token in place makes no ACS call.
-    let requests = total_requests(&setup.stats().await);
+    let requests = total_requests(&setup.emulator.stats().await);
     setup.operator.kill();
     setup.operator = Operator::start(&setup.ns.name, &setup.emulator, &[]);
-    wait_for("the restarted operator to reconcile", READY, || async {
+    wait_for("the restarted operator to reconcile", PROMPTLY, || async {
         setup.operator.logs().contains("WaitUntil").then_some(())
     })
     .await;
-    assert_eq!(total_requests(&setup.stats().await), requests);
+    assert_eq!(total_requests(&setup.emulator.stats().await), requests);
 }
 
 #[tokio::test]
@@ -739,7 +550,7 @@ async fn deleting_the_namespace_still_deletes_the_identity_in_acs() {
     wait_for(
         "the identity deleted in ACS",
         Duration::from_secs(60),
-        || async { (setup.token_validity(&token).await["status"] == "deleted").then_some(()) },
+        || async { (setup.emulator.validate(&token).await["status"] == "deleted").then_some(()) },
     )
     .await;
     let namespaces = Api::<Namespace>::all(setup.ns.client.clone());
@@ -766,7 +577,7 @@ async fn a_short_lived_token_is_refreshed_before_it_expires() {
     // Until a new token arrives, the one in the Secret is always valid.
     wait_for("a refreshed token", Duration::from_secs(60), || async {
         let data = setup.secret_data("hana-acs-token").await;
-        let validity = setup.token_validity(&data["token"]).await;
+        let validity = setup.emulator.validate(&data["token"]).await;
         assert_eq!(
             validity["valid"], true,
             "the Secret held an unusable token: {validity}"
@@ -776,7 +587,7 @@ async fn a_short_lived_token_is_refreshed_before_it_expires() {
     .await;
     let warning = setup.wait_event("ShortTokenLifetime").await;
     assert!(warning.contains("two thirds"), "{warning}");
-    assert_eq!(setup.stats().await["tokensIssued"], 2);
+    assert_eq!(setup.emulator.stats().await["tokensIssued"], 2);
 }
 
 #[tokio::test]
@@ -793,7 +604,7 @@ async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted(
         .await
         .unwrap();
     // Until it is gone, the original still holds the identity (IdentityInUse).
-    wait_gone(&setup.identities, "original", READY).await;
+    wait_gone(&setup.identities, "original", PROMPTLY).await;
 
     let mut adopting = basic_spec();
     adopting["identityId"] = json!(identity_id);
@@ -804,10 +615,10 @@ async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted(
         Some(identity_id.as_str())
     );
     let token = setup.secret_data("adopter-acs-token").await["token"].clone();
-    let validity = setup.token_validity(&token).await;
+    let validity = setup.emulator.validate(&token).await;
     assert_eq!(validity["identity"], json!(identity_id), "{validity}");
     assert_eq!(
-        setup.stats().await["identitiesAlive"],
+        setup.emulator.stats().await["identitiesAlive"],
         1,
         "no second identity"
     );
@@ -822,7 +633,7 @@ async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted(
         .delete("ghost", &DeleteParams::default())
         .await
         .unwrap();
-    wait_gone(&setup.identities, "ghost", READY).await;
+    wait_gone(&setup.identities, "ghost", PROMPTLY).await;
 }
 
 #[tokio::test]
@@ -847,7 +658,7 @@ async fn deletion_waits_while_acs_is_down_unless_cleanup_is_skipped() {
             .unwrap();
     }
     let waiting = setup.wait_reason("ivan", "Deleting").await;
-    let message = &waiting.status.unwrap().conditions[0].message;
+    let message = ready_message(&waiting);
     assert!(message.contains("ACS is unavailable"), "{message}");
     setup.wait_reason("jill", "Deleting").await;
 
@@ -855,15 +666,15 @@ async fn deletion_waits_while_acs_is_down_unless_cleanup_is_skipped() {
     setup
         .annotate("jill", "acs-operator.io/skip-cleanup", "true")
         .await;
-    wait_gone(&setup.identities, "jill", READY).await;
+    wait_gone(&setup.identities, "jill", PROMPTLY).await;
     let skipped = setup.wait_event("CleanupSkipped").await;
     assert!(skipped.contains("left in ACS"), "{skipped}");
     assert!(setup.identities.get_opt("ivan").await.unwrap().is_some());
 
     setup.emulator.admin_delete("outage").await;
     wait_gone(&setup.identities, "ivan", Duration::from_secs(60)).await;
-    assert_eq!(setup.token_validity(&ivan).await["status"], "deleted");
-    assert_eq!(setup.token_validity(&jill).await["valid"], true);
+    assert_eq!(setup.emulator.validate(&ivan).await["status"], "deleted");
+    assert_eq!(setup.emulator.validate(&jill).await["valid"], true);
 }
 
 #[tokio::test]
@@ -893,9 +704,9 @@ async fn throttling_is_reported_while_the_token_stays_valid() {
         "the token in the Secret is still valid"
     );
     assert!(setup.secret_data("kim-acs-token").await["token"] == token);
-    assert_eq!(setup.token_validity(&token).await["valid"], true);
+    assert_eq!(setup.emulator.validate(&token).await["valid"], true);
     setup.wait_event("Throttled").await;
-    assert!(setup.stats().await["throttled"].as_u64().unwrap() >= 1);
+    assert!(setup.emulator.stats().await["throttled"].as_u64().unwrap() >= 1);
 }
 
 #[tokio::test]
@@ -921,7 +732,7 @@ async fn a_create_whose_answer_was_lost_leaks_no_identity() {
     )
     .await;
     assert_eq!(
-        setup.stats().await["identitiesAlive"],
+        setup.emulator.stats().await["identitiesAlive"],
         1,
         "the create did happen"
     );
@@ -937,8 +748,8 @@ async fn a_create_whose_answer_was_lost_leaks_no_identity() {
         .delete("lost", &DeleteParams::default())
         .await
         .unwrap();
-    wait_gone(&setup.identities, "lost", READY).await;
-    let stats = setup.stats().await;
+    wait_gone(&setup.identities, "lost", PROMPTLY).await;
+    let stats = setup.emulator.stats().await;
     assert_eq!(stats["identitiesAlive"], 0, "{stats}");
     assert_eq!(stats["identitiesDeleted"], 1, "{stats}");
 }
@@ -967,5 +778,5 @@ async fn a_revoke_whose_reissue_fails_is_not_ready() {
     assert_eq!(ready(&rita).unwrap().0, "False");
     let status = rita.status.unwrap();
     assert_eq!(status.handled_revoke_request.as_deref(), Some("leak-1"));
-    assert_eq!(setup.token_validity(&token).await["status"], "revoked");
+    assert_eq!(setup.emulator.validate(&token).await["status"], "revoked");
 }

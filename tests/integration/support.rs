@@ -12,9 +12,17 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
+use serde_json::{Value, json};
+
+use acs_identity_operator::crd::CommunicationIdentity;
+
+/// How long a test waits for what the operator or the emulator does promptly.
+pub const PROMPTLY: Duration = Duration::from_secs(30);
 
 /// The checkout under test. Read at run time (cargo sets it for every test process): the
 /// compile-time value is baked into the binary, and a build cache shared by checkouts at other
@@ -74,7 +82,7 @@ impl TestNamespace {
         let client = admin_client().await;
         let suffix: u32 = rand::random::<u32>() % 1_000_000;
         let name = format!("{prefix}-{suffix:06}");
-        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        let namespace: Namespace = serde_json::from_value(json!({
             "metadata": { "name": name }
         }))
         .unwrap();
@@ -220,57 +228,46 @@ impl Emulator {
     }
 
     /// GET an admin (`/_emulator/…`) path as JSON.
-    pub async fn admin_get(&self, path: &str) -> serde_json::Value {
-        self.http
-            .get(format!("{}/_emulator/{path}", self.endpoint))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+    pub async fn admin_get(&self, path: &str) -> Value {
+        self.admin(reqwest::Method::GET, path, None).await
     }
 
     /// POST JSON to an admin path.
-    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
-        self.http
-            .post(format!("{}/_emulator/{path}", self.endpoint))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or(serde_json::Value::Null)
-    }
-}
-
-impl Emulator {
-    /// PATCH the emulator's runtime configuration (limits, faults, time scale).
-    pub async fn patch_config(&self, body: serde_json::Value) {
-        self.http
-            .patch(format!("{}/_emulator/config", self.endpoint))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
+    pub async fn admin_post(&self, path: &str, body: Value) -> Value {
+        self.admin(reqwest::Method::POST, path, Some(body)).await
     }
 
     /// DELETE an admin path (e.g. `outage`, to end one).
     pub async fn admin_delete(&self, path: &str) {
-        self.http
-            .delete(format!("{}/_emulator/{path}", self.endpoint))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
+        self.admin(reqwest::Method::DELETE, path, None).await;
+    }
+
+    /// PATCH the emulator's runtime configuration (limits, faults, time scale).
+    pub async fn patch_config(&self, body: Value) {
+        self.admin(reqwest::Method::PATCH, "config", Some(body))
+            .await;
+    }
+
+    /// Its counters: identities alive and deleted, tokens issued, requests by operation.
+    pub async fn stats(&self) -> Value {
+        self.admin_get("stats").await
+    }
+
+    /// What the emulator says of `token`: `valid`, `status`, `identity`, `scopes`, `exp`.
+    pub async fn validate(&self, token: &str) -> Value {
+        self.admin_post("validate", json!({ "token": token })).await
+    }
+
+    /// An admin request; its JSON answer, or null for an answer without a body.
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut request = self
+            .http
+            .request(method, format!("{}/_emulator/{path}", self.endpoint));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap().error_for_status().unwrap();
+        response.json().await.unwrap_or(Value::Null)
     }
 }
 
@@ -460,4 +457,267 @@ pub async fn ensure_crd() {
             .await;
         })
         .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CommunicationIdentities and their connection Secrets
+
+/// The spec most tests apply: the connection Secret `acs-connection`, chat and voip, 1-h tokens
+/// and a label for the token Secret.
+pub fn basic_spec() -> Value {
+    json!({
+        "connectionSecretRef": { "name": "acs-connection" },
+        "scopes": ["chat", "voip"],
+        "tokenLifetime": "1h",
+        "secretTemplate": { "labels": { "team": "chat" } },
+    })
+}
+
+/// A connection Secret `name` holding `connection_string`.
+pub fn connection_secret(name: &str, connection_string: &str) -> Secret {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "stringData": { "connectionString": connection_string }
+    }))
+    .unwrap()
+}
+
+/// Creates the connection Secret `name` holding `connection_string`.
+pub async fn create_connection_secret(secrets: &Api<Secret>, name: &str, connection_string: &str) {
+    secrets
+        .create(
+            &PostParams::default(),
+            &connection_secret(name, connection_string),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create the connection Secret {name}: {e}"));
+}
+
+/// Creates the CommunicationIdentity `name` with `spec`.
+pub async fn create_identity(identities: &Api<CommunicationIdentity>, name: &str, spec: Value) {
+    let spec = serde_json::from_value(spec).unwrap();
+    identities
+        .create(
+            &PostParams::default(),
+            &CommunicationIdentity::new(name, spec),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
+}
+
+/// Applies the CommunicationIdentity `name` with `spec` (server-side, as a user would with
+/// `kubectl apply`): creates it, or changes it.
+pub async fn apply_identity(
+    identities: &Api<CommunicationIdentity>,
+    name: &str,
+    spec: Value,
+) -> CommunicationIdentity {
+    let manifest = json!({
+        "apiVersion": "acs-operator.io/v1alpha1",
+        "kind": "CommunicationIdentity",
+        "metadata": { "name": name },
+        "spec": spec,
+    });
+    identities
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(manifest),
+        )
+        .await
+        .expect("the API server accepts the resource")
+}
+
+/// The resource's Ready condition.
+pub fn ready_condition(resource: &CommunicationIdentity) -> Option<&Condition> {
+    resource
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+}
+
+/// The status and reason of the resource's Ready condition.
+pub fn ready(resource: &CommunicationIdentity) -> Option<(String, String)> {
+    ready_condition(resource).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// The message of the resource's Ready condition (empty without one).
+pub fn ready_message(resource: &CommunicationIdentity) -> String {
+    ready_condition(resource)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// Waits until `check` holds for the resource; on timeout, fails with its Ready condition then.
+pub async fn wait_identity(
+    identities: &Api<CommunicationIdentity>,
+    name: &str,
+    what: &str,
+    deadline: Duration,
+    check: impl Fn(&CommunicationIdentity) -> bool,
+) -> CommunicationIdentity {
+    let waiting = wait_for(what, Duration::MAX, || async {
+        let resource = identities.get_opt(name).await.unwrap()?;
+        check(&resource).then_some(resource)
+    });
+    match tokio::time::timeout(deadline, waiting).await {
+        Ok(resource) => resource,
+        Err(_) => {
+            let resource = identities.get_opt(name).await.unwrap();
+            let condition = resource.as_ref().and_then(ready_condition);
+            panic!(
+                "{name}: no {what} within {deadline:?}; Ready is {:?}",
+                condition.map(|c| (&c.status, &c.reason, truncated(&c.message)))
+            )
+        }
+    }
+}
+
+/// At most 300 characters of `text`, and how long it was: for failure messages.
+fn truncated(text: &str) -> String {
+    match text.char_indices().nth(300) {
+        Some((end, _)) => format!("{}… ({} characters)", &text[..end], text.chars().count()),
+        None => text.to_owned(),
+    }
+}
+
+/// Waits until the resource's Ready condition has `status` and `reason`.
+pub async fn wait_condition(
+    identities: &Api<CommunicationIdentity>,
+    name: &str,
+    status: &str,
+    reason: &str,
+    deadline: Duration,
+) -> CommunicationIdentity {
+    let what = format!("Ready={status} with reason {reason}");
+    wait_identity(identities, name, &what, deadline, |r| {
+        ready(r) == Some((status.into(), reason.into()))
+    })
+    .await
+}
+
+/// Waits until the resource is Ready with a token issued.
+pub async fn wait_ready(
+    identities: &Api<CommunicationIdentity>,
+    name: &str,
+    deadline: Duration,
+) -> CommunicationIdentity {
+    wait_condition(identities, name, "True", "TokenIssued", deadline).await
+}
+
+/// Every Event in `namespace`.
+pub async fn list_events(client: &Client, namespace: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+/// A namespace with a connection Secret `acs-connection`, an emulator and an operator watching
+/// the namespace.
+pub struct Setup {
+    pub ns: TestNamespace,
+    pub emulator: Emulator,
+    pub operator: Operator,
+    pub identities: Api<CommunicationIdentity>,
+    pub secrets: Api<Secret>,
+}
+
+impl Setup {
+    pub async fn new(prefix: &str) -> Self {
+        Self::start(prefix, Emulator::start(&[]), &[]).await
+    }
+
+    /// With `emulator`, and `operator_args` after the operator's usual flags.
+    pub async fn start(prefix: &str, emulator: Emulator, operator_args: &[&str]) -> Self {
+        ensure_crd().await;
+        let ns = TestNamespace::new(prefix).await;
+        let secrets: Api<Secret> = ns.api();
+        create_connection_secret(&secrets, "acs-connection", &emulator.connection_string).await;
+        let operator = Operator::start(&ns.name, &emulator, operator_args);
+        Self {
+            identities: ns.api(),
+            secrets,
+            operator,
+            emulator,
+            ns,
+        }
+    }
+
+    pub async fn apply(&self, name: &str, spec: Value) -> CommunicationIdentity {
+        apply_identity(&self.identities, name, spec).await
+    }
+
+    pub async fn annotate(&self, name: &str, key: &str, value: &str) {
+        self.identities
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "annotations": { key: value } } })),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `check` holds for the resource.
+    pub async fn wait_resource(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&CommunicationIdentity) -> bool,
+    ) -> CommunicationIdentity {
+        wait_identity(&self.identities, name, what, PROMPTLY, check).await
+    }
+
+    /// Waits until the refresh request `value` is recorded as handled.
+    pub async fn wait_refresh_handled(&self, name: &str, value: &str) -> CommunicationIdentity {
+        self.wait_resource(name, &format!("refresh request {value:?} handled"), |r| {
+            r.status
+                .as_ref()
+                .unwrap()
+                .handled_refresh_request
+                .as_deref()
+                == Some(value)
+        })
+        .await
+    }
+
+    pub async fn wait_ready(&self, name: &str) -> CommunicationIdentity {
+        wait_ready(&self.identities, name, PROMPTLY).await
+    }
+
+    pub async fn wait_reason(&self, name: &str, reason: &str) -> CommunicationIdentity {
+        self.wait_resource(name, &format!("reason {reason}"), |r| {
+            ready(r).is_some_and(|(_, r)| r == reason)
+        })
+        .await
+    }
+
+    pub async fn secret_data(&self, name: &str) -> BTreeMap<String, String> {
+        secret_strings(&self.secrets.get(name).await.unwrap())
+    }
+
+    /// The (reason, note) of every Event in the namespace.
+    pub async fn events(&self) -> Vec<(String, String)> {
+        list_events(&self.ns.client, &self.ns.name)
+            .await
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits for an Event with `reason`; its note.
+    pub async fn wait_event(&self, reason: &str) -> String {
+        wait_for(&format!("an event {reason}"), PROMPTLY, || async {
+            self.events()
+                .await
+                .into_iter()
+                .find(|(r, _)| r == reason)
+                .map(|(_, note)| note)
+        })
+        .await
+    }
 }
