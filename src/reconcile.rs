@@ -139,7 +139,14 @@ pub async fn reconcile(
                 resource = Arc::new(*latest);
                 fresh = true;
             }
-            Applied::SecretChanged => {}
+            Applied::SecretChanged => {
+                // The pass may have written status before the write that found the Secret
+                // changed (the create marker): decide again from what the API server holds.
+                let name = resource.name_any();
+                let latest = kube_call(&ctx.metrics, "identity_get", pass.api.get(&name)).await?;
+                resource = Arc::new(latest);
+                fresh = true;
+            }
         }
     }
     Ok(requeue(MIN_REQUEUE))
@@ -199,8 +206,10 @@ enum SecretSeen {
     Ours { resource_version: Option<String> },
 }
 
+/// A failure before the Secret was looked at.
 const APPLYING: FailedDuring = FailedDuring::Apply {
     tokens_revoked: false,
+    secret_holds_token: true,
 };
 
 /// One reconcile pass of one resource.
@@ -278,7 +287,10 @@ impl Pass {
                 failure,
                 tokens_revoked,
             }) => {
-                let during = FailedDuring::Apply { tokens_revoked };
+                let during = FailedDuring::Apply {
+                    tokens_revoked,
+                    secret_holds_token: secret_state != SecretState::TokenMissing,
+                };
                 Ok(Applied::Done(self.record_failure(failure, during).await?))
             }
             Err(Halt::Kube(error)) => Err(error),

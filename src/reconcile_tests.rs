@@ -311,9 +311,6 @@ async fn a_deleted_secret_is_created_again_with_a_new_token() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: with the Secret gone and ACS failing, the failure status says Ready=True \
-            (\"the token in the Secret stays valid until ...\"); docs/operator.md: Ready is True \
-            exactly while the Secret holds an unexpired token"]
 async fn a_deleted_secret_that_cannot_be_replaced_leaves_the_resource_not_ready() {
     let mut h = Harness::new(identity(json!({}))).await;
     first_pass(&mut h).await;
@@ -536,10 +533,6 @@ async fn a_refused_secret_write_is_secret_write_failed_and_the_retry_reuses_the_
 }
 
 #[tokio::test]
-#[ignore = "BUG in reconcile(): after a Secret create answered 409, the pass decides again from \
-            the resource as it was before its own create-marker status write, so the \
-            SecretConflict status it applies drops identityCreateAttempted although ACS created \
-            the identity; deleting the resource then leaks that identity in ACS"]
 async fn a_secret_created_by_someone_else_during_the_pass_makes_it_decide_again() {
     let mut h = Harness::new(identity(json!({}))).await;
     start_first_pass(&mut h).await;
@@ -552,7 +545,9 @@ async fn a_secret_created_by_someone_else_during_the_pass_makes_it_decide_again(
     )
     .await;
     h.cluster.token_secret = Some(foreign_secret());
-    // Deciding again from a fresh read of the Secret: not ours.
+    // Deciding again from a fresh read of the resource (with the marker) and of the Secret:
+    // not ours.
+    h.expect_identity_get().await;
     h.expect_token_secret_get().await;
     let status = h.expect_status_apply().await;
     h.expect_event(WARNING, reason::SECRET_CONFLICT).await;

@@ -43,9 +43,11 @@ impl Note {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailedDuring {
     /// Creating or refreshing. `tokens_revoked`: every token of the identity was revoked just
-    /// before, so the one in the Secret no longer works.
+    /// before, so the one in the Secret no longer works. `secret_holds_token`: the Secret still
+    /// holds the token status describes (it was not deleted or emptied meanwhile).
     Apply {
         tokens_revoked: bool,
+        secret_holds_token: bool,
     },
     Cleanup(DeletionPolicy),
 }
@@ -196,7 +198,10 @@ pub fn after_failure(
         ..previous.clone()
     };
     let (outcome, expires_on) = match during {
-        FailedDuring::Apply { tokens_revoked } => {
+        FailedDuring::Apply {
+            tokens_revoked,
+            secret_holds_token,
+        } => {
             if tokens_revoked {
                 // The revoke went through: it is handled, and the token in the Secret is dead.
                 status.handled_revoke_request = resource
@@ -207,7 +212,8 @@ pub fn after_failure(
             }
             let expires_on = status.token_expires_on.as_ref().map(|t| t.0);
             let still_valid = expires_on.filter(|_| {
-                status.token_matches(&resource.spec)
+                secret_holds_token
+                    && status.token_matches(&resource.spec)
                     && !matches!(failure, Failure::SecretConflict { .. })
             });
             let outcome = Outcome::Failed {
@@ -455,9 +461,15 @@ mod tests {
         };
         let apply = FailedDuring::Apply {
             tokens_revoked: false,
+            secret_holds_token: true,
         };
         let revoked = FailedDuring::Apply {
             tokens_revoked: true,
+            secret_holds_token: true,
+        };
+        let secret_lost = FailedDuring::Apply {
+            tokens_revoked: false,
+            secret_holds_token: false,
         };
         let deleting = FailedDuring::Cleanup(DeletionPolicy::Delete);
         let cases = [
@@ -479,6 +491,13 @@ mod tests {
                 "the reissue after a revoke failed",
                 &unavailable,
                 revoked,
+                "False",
+                reason::ACS_UNAVAILABLE,
+            ),
+            (
+                "the Secret lost its token",
+                &unavailable,
+                secret_lost,
                 "False",
                 reason::ACS_UNAVAILABLE,
             ),
@@ -532,6 +551,7 @@ mod tests {
         };
         let apply = FailedDuring::Apply {
             tokens_revoked: false,
+            secret_holds_token: true,
         };
         let (status, _) = after_failure(&holding(), &resource(json!({})), &failure, apply, now());
         assert!(status.next_refresh_time.is_some());

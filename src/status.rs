@@ -112,6 +112,10 @@ impl Failure {
             acs::Error::Throttled { retry_after, .. } => Failure::Throttled {
                 retry_after: *retry_after,
             },
+            // The service's own words; the error's Display would say "unavailable" twice.
+            acs::Error::Unavailable(service) => Failure::AcsUnavailable {
+                detail: service.to_string(),
+            },
             other => Failure::AcsUnavailable {
                 detail: other.to_string(),
             },
