@@ -35,7 +35,7 @@ use crate::support::{
     create_connection_secret, ensure_crd, kubeconfig, list_events, repo_root, secret_strings,
     wait_for, wait_gone, wait_ready,
 };
-use acs_identity_operator::crd::CommunicationIdentity;
+use acs_identity_operator::crd::{CommunicationIdentity, reason, secret_key};
 
 const CHART: &str = "charts/acs-identity-operator";
 const CYCLE: Duration = Duration::from_secs(60);
@@ -472,7 +472,7 @@ async fn create_ready_delete(sa: &ServiceAccountKubeconfig, release: &Release, n
         .holder_identity;
     assert!(holder.is_some_and(|h| !h.is_empty()), "the operator leads");
     let secret = secrets.get("alice-acs-token").await.unwrap();
-    let token = secret_strings(&secret)["token"].clone();
+    let token = secret_strings(&secret)[secret_key::TOKEN].clone();
     let validity = emulator.validate(&token).await;
     assert_eq!(validity["valid"], true, "the Secret holds a valid token");
 
@@ -481,7 +481,7 @@ async fn create_ready_delete(sa: &ServiceAccountKubeconfig, release: &Release, n
         list_events(&admin, namespace)
             .await
             .iter()
-            .any(|e| e.reason.as_deref() == Some("IdentityCreated"))
+            .any(|e| e.reason.as_deref() == Some(reason::IDENTITY_CREATED))
             .then_some(())
     })
     .await;

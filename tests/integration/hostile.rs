@@ -43,7 +43,9 @@ use crate::support::{
     create_connection_secret, create_identity, ensure_crd, list_events, ready, ready_message,
     secret_strings, wait_condition, wait_for, wait_identity,
 };
-use acs_identity_operator::crd::{CommunicationIdentity, reason, secret_key};
+use acs_identity_operator::crd::{
+    CONNECTION_SECRET_FINALIZER, CommunicationIdentity, FINALIZER, reason, secret_key,
+};
 
 /// For a failure to be reported: the client retries 5xx and timeouts a few times first.
 const FAILURE_REPORTED: Duration = Duration::from_secs(60);
@@ -366,8 +368,8 @@ async fn two_resources_racing_for_one_secret_name() {
         || async {
             let resource = identities.get("latecomer").await.unwrap();
             let connection = setup.secrets.get("latecomer-connection").await.unwrap();
-            (has_finalizer(&resource, "acs-operator.io/cleanup")
-                && has_finalizer(&connection, "acs-operator.io/connection-in-use"))
+            (has_finalizer(&resource, FINALIZER)
+                && has_finalizer(&connection, CONNECTION_SECRET_FINALIZER))
             .then_some(())
         },
     )

@@ -11,9 +11,14 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Emulator, Operator, PROMPTLY, Setup, TestNamespace, basic_spec, create_connection_secret,
-    ensure_crd, ready, ready_message, secret_strings, wait_for, wait_gone, wait_ready,
+    ensure_crd, identity_manifest, ready, ready_message, secret_strings, wait_for, wait_gone,
+    wait_ready,
 };
-use acs_identity_operator::crd::{CONNECTION_SECRET_FINALIZER, CommunicationIdentity};
+use acs_identity_operator::crd::{
+    CONNECTION_SECRET_FINALIZER, CommunicationIdentity, FINALIZER, MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE, REFRESH_REQUESTED_ANNOTATION, REVOKE_REQUESTED_ANNOTATION,
+    SKIP_CLEANUP_ANNOTATION, reason, secret_key,
+};
 
 /// Waits until the wall clock is past the second of `time`. ACS tokens carry whole-second
 /// times, so two tokens for the same identity and scopes minted within one second are equal;
@@ -27,7 +32,7 @@ async fn next_second_after(time: jiff::Timestamp) {
 
 /// When the token in `secret` was minted: its expiry less the 1 h lifetime the tests ask for.
 fn minted_at(secret: &BTreeMap<String, String>) -> jiff::Timestamp {
-    let expires_on: jiff::Timestamp = secret["expiresOn"].parse().unwrap();
+    let expires_on: jiff::Timestamp = secret[secret_key::EXPIRES_ON].parse().unwrap();
     expires_on - jiff::SignedDuration::from_hours(1)
 }
 
@@ -51,11 +56,7 @@ async fn create_issues_a_token_into_an_owned_secret() {
     let status = resource.status.clone().unwrap();
     let identity_id = status.identity_id.clone().unwrap();
     assert!(identity_id.starts_with("8:acs:"), "{identity_id}");
-    assert!(
-        resource
-            .finalizers()
-            .contains(&"acs-operator.io/cleanup".to_owned())
-    );
+    assert!(resource.finalizers().contains(&FINALIZER.to_owned()));
     assert_eq!(status.observed_generation, resource.metadata.generation);
 
     let secret = setup.secrets.get("alice-acs-token").await.unwrap();
@@ -63,16 +64,13 @@ async fn create_issues_a_token_into_an_owned_secret() {
     assert_eq!(owner.uid, resource.uid().unwrap());
     assert_eq!(owner.controller, Some(true));
     let labels = secret.labels();
-    assert_eq!(
-        labels["app.kubernetes.io/managed-by"],
-        "acs-identity-operator"
-    );
+    assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
     assert_eq!(labels["team"], "chat");
     let data = secret_strings(&secret);
-    assert_eq!(data["identityId"], identity_id);
-    assert_eq!(data["scopes"], "chat,voip");
-    assert_eq!(data["endpoint"], setup.emulator.endpoint);
-    let expires_on: jiff::Timestamp = data["expiresOn"].parse().unwrap();
+    assert_eq!(data[secret_key::IDENTITY_ID], identity_id);
+    assert_eq!(data[secret_key::SCOPES], "chat,voip");
+    assert_eq!(data[secret_key::ENDPOINT], setup.emulator.endpoint);
+    let expires_on: jiff::Timestamp = data[secret_key::EXPIRES_ON].parse().unwrap();
     assert_eq!(Some(expires_on), status.token_expires_on.map(|t| t.0));
     let lifetime = expires_on.duration_since(jiff::Timestamp::now());
     assert!(
@@ -80,7 +78,7 @@ async fn create_issues_a_token_into_an_owned_secret() {
         "{lifetime:?}"
     );
 
-    let validity = setup.emulator.validate(&data["token"]).await;
+    let validity = setup.emulator.validate(&data[secret_key::TOKEN]).await;
     assert_eq!(validity["valid"], true, "{validity}");
     assert_eq!(validity["scopes"], "chat,voip");
     assert_eq!(validity["exp"], expires_on.as_second());
@@ -90,19 +88,19 @@ async fn create_issues_a_token_into_an_owned_secret() {
     assert_eq!(stats["identitiesAlive"], 1, "{stats}");
     assert_eq!(total_requests(&stats), 1, "{stats}");
     // One event tells the whole creation.
-    let created = setup.wait_event("IdentityCreated").await;
+    let created = setup.wait_event(reason::IDENTITY_CREATED).await;
     for part in [identity_id.as_str(), "chat,voip", "\"alice-acs-token\""] {
         assert!(created.contains(part), "{part} in {created}");
     }
     let reasons: Vec<String> = setup.events().await.into_iter().map(|(r, _)| r).collect();
-    assert_eq!(reasons, ["IdentityCreated"]);
+    assert_eq!(reasons, [reason::IDENTITY_CREATED]);
 
     // The connection Secret is held while the identity needs it.
     let connection = setup.secrets.get("acs-connection").await.unwrap();
     assert!(
         connection
             .finalizers()
-            .contains(&"acs-operator.io/connection-in-use".to_owned())
+            .contains(&CONNECTION_SECRET_FINALIZER.to_owned())
     );
 }
 
@@ -112,41 +110,41 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
     setup.apply("bob", basic_spec()).await;
     setup.wait_ready("bob").await;
     let first_secret = setup.secret_data("bob-acs-token").await;
-    let first = first_secret["token"].clone();
+    let first = first_secret[secret_key::TOKEN].clone();
 
     next_second_after(minted_at(&first_secret)).await;
     setup
-        .annotate("bob", "acs-operator.io/refresh-requested-at", "1")
+        .annotate("bob", REFRESH_REQUESTED_ANNOTATION, "1")
         .await;
     let refreshed = setup.wait_refresh_handled("bob", "1").await;
     let second_secret = setup.secret_data("bob-acs-token").await;
-    let second = second_secret["token"].clone();
+    let second = second_secret[secret_key::TOKEN].clone();
     assert!(first != second, "a refresh puts a new token in the Secret");
     assert_eq!(ready(&refreshed).unwrap().0, "True");
     // A refresh never revokes: workloads may still hold the old token.
     assert_eq!(setup.emulator.validate(&first).await["valid"], true);
-    setup.wait_event("TokenRefreshed").await;
+    setup.wait_event(reason::TOKEN_REFRESHED).await;
 
     next_second_after(minted_at(&second_secret)).await;
     setup
-        .annotate("bob", "acs-operator.io/revoke-requested-at", "leak-1")
+        .annotate("bob", REVOKE_REQUESTED_ANNOTATION, "leak-1")
         .await;
     setup
         .wait_resource("bob", "the revoke request handled", |r| {
             r.status.as_ref().unwrap().handled_revoke_request.as_deref() == Some("leak-1")
         })
         .await;
-    let third = setup.secret_data("bob-acs-token").await["token"].clone();
+    let third = setup.secret_data("bob-acs-token").await[secret_key::TOKEN].clone();
     assert_eq!(setup.emulator.validate(&first).await["status"], "revoked");
     assert_eq!(setup.emulator.validate(&second).await["status"], "revoked");
     assert_eq!(setup.emulator.validate(&third).await["valid"], true);
-    setup.wait_event("TokensRevoked").await;
+    setup.wait_event(reason::TOKENS_REVOKED).await;
 
     // Requests already handled are not acted on again, whatever else triggers a reconcile.
     let issued = setup.emulator.stats().await["tokensIssued"].clone();
     setup.annotate("bob", "unrelated.example/touch", "1").await;
     setup
-        .annotate("bob", "acs-operator.io/refresh-requested-at", "1")
+        .annotate("bob", REFRESH_REQUESTED_ANNOTATION, "1")
         .await;
     wait_for("the operator to see the touch", PROMPTLY, || async {
         setup
@@ -159,7 +157,7 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
     })
     .await;
     assert_eq!(setup.emulator.stats().await["tokensIssued"], issued);
-    assert!(setup.secret_data("bob-acs-token").await["token"] == third);
+    assert!(setup.secret_data("bob-acs-token").await[secret_key::TOKEN] == third);
 }
 
 #[tokio::test]
@@ -190,10 +188,10 @@ async fn a_scope_change_issues_at_once_and_other_changes_make_no_acs_call() {
     spec["scopes"] = json!(["chat"]);
     setup.apply("carol", spec).await;
     wait_for("a token with the new scopes", PROMPTLY, || async {
-        (setup.secret_data("carol-acs-token").await["scopes"] == "chat").then_some(())
+        (setup.secret_data("carol-acs-token").await[secret_key::SCOPES] == "chat").then_some(())
     })
     .await;
-    let token = setup.secret_data("carol-acs-token").await["token"].clone();
+    let token = setup.secret_data("carol-acs-token").await[secret_key::TOKEN].clone();
     assert_eq!(setup.emulator.validate(&token).await["scopes"], "chat");
 }
 
@@ -254,12 +252,7 @@ async fn the_schema_rejects_bad_input_at_apply_time() {
         if spec.get("connectionSecretRef").is_none() {
             spec["connectionSecretRef"] = json!({ "name": "acs-connection" });
         }
-        let manifest = json!({
-            "apiVersion": "acs-operator.io/v1alpha1",
-            "kind": "CommunicationIdentity",
-            "metadata": { "name": "bad" },
-            "spec": spec,
-        });
+        let manifest = identity_manifest("bad", spec.clone());
         let error = identities
             .patch("bad", &PatchParams::apply("test"), &Patch::Apply(manifest))
             .await
@@ -268,16 +261,14 @@ async fn the_schema_rejects_bad_input_at_apply_time() {
     }
 
     let manifest = |id: &str| {
-        json!({
-            "apiVersion": "acs-operator.io/v1alpha1",
-            "kind": "CommunicationIdentity",
-            "metadata": { "name": "adopted" },
-            "spec": {
+        identity_manifest(
+            "adopted",
+            json!({
                 "connectionSecretRef": { "name": "acs-connection" },
                 "scopes": ["chat"],
                 "identityId": id,
-            },
-        })
+            }),
+        )
     };
     identities
         .patch(
@@ -318,7 +309,7 @@ async fn deletion_follows_the_deletion_policy() {
         setup.wait_ready(name).await;
         tokens.insert(
             name,
-            setup.secret_data(&format!("{name}-acs-token")).await["token"].clone(),
+            setup.secret_data(&format!("{name}-acs-token")).await[secret_key::TOKEN].clone(),
         );
         setup
             .identities
@@ -341,8 +332,8 @@ async fn deletion_follows_the_deletion_policy() {
     let stats = setup.emulator.stats().await;
     assert_eq!(stats["identitiesAlive"], 2, "{stats}");
     assert_eq!(stats["identitiesDeleted"], 1, "{stats}");
-    setup.wait_event("IdentityDeleted").await;
-    setup.wait_event("IdentityRetained").await;
+    setup.wait_event(reason::IDENTITY_DELETED).await;
+    setup.wait_event(reason::IDENTITY_RETAINED).await;
 
     // The last user gone, the connection Secret is released.
     wait_for("the connection Secret released", PROMPTLY, || async {
@@ -357,7 +348,7 @@ async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touch
     let setup = Setup::new("secrets").await;
     setup.apply("dave", basic_spec()).await;
     setup.wait_ready("dave").await;
-    let token = setup.secret_data("dave-acs-token").await["token"].clone();
+    let token = setup.secret_data("dave-acs-token").await[secret_key::TOKEN].clone();
 
     // Edited: a key removed and the label changed. Restored without a new token.
     let issued = setup.emulator.stats().await["tokensIssued"].clone();
@@ -380,7 +371,7 @@ async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touch
             .then_some(())
     })
     .await;
-    assert!(setup.secret_data("dave-acs-token").await["token"] == token);
+    assert!(setup.secret_data("dave-acs-token").await[secret_key::TOKEN] == token);
     assert_eq!(setup.emulator.stats().await["tokensIssued"], issued);
 
     // Deleted: rewritten with a new token.
@@ -407,10 +398,13 @@ async fn a_deleted_or_edited_secret_is_restored_and_a_foreign_one_is_never_touch
         .await
         .unwrap();
     setup.apply("erin", basic_spec()).await;
-    let conflicted = setup.wait_reason("erin", "SecretConflict").await;
+    let conflicted = setup.wait_reason("erin", reason::SECRET_CONFLICT).await;
     assert_eq!(ready(&conflicted).unwrap().0, "False");
-    assert_eq!(setup.secret_data("erin-acs-token").await["token"], "mine");
-    setup.wait_event("SecretConflict").await;
+    assert_eq!(
+        setup.secret_data("erin-acs-token").await[secret_key::TOKEN],
+        "mine"
+    );
+    setup.wait_event(reason::SECRET_CONFLICT).await;
 }
 
 #[tokio::test]
@@ -425,7 +419,7 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
     };
     setup.apply("missing", spec("nope")).await;
     let missing = setup
-        .wait_reason("missing", "ConnectionSecretNotFound")
+        .wait_reason("missing", reason::CONNECTION_SECRET_NOT_FOUND)
         .await;
     let message = ready_message(&missing);
     assert!(message.contains("\"nope\""), "{message}");
@@ -438,7 +432,7 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
     .await;
     setup.apply("malformed", spec("malformed")).await;
     setup
-        .wait_reason("malformed", "InvalidConnectionString")
+        .wait_reason("malformed", reason::INVALID_CONNECTION_STRING)
         .await;
     // A Secret whose content is no connection string is never pinned with the finalizer.
     let malformed = setup.secrets.get("malformed").await.unwrap();
@@ -457,9 +451,11 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
     );
     create_connection_secret(&setup.secrets, "wrongkey", &wrong_key).await;
     setup.apply("wrongkey", spec("wrongkey")).await;
-    let denied = setup.wait_reason("wrongkey", "AuthenticationFailed").await;
+    let denied = setup
+        .wait_reason("wrongkey", reason::AUTHENTICATION_FAILED)
+        .await;
     assert_eq!(ready(&denied).unwrap().0, "False");
-    setup.wait_event("AuthenticationFailed").await;
+    setup.wait_event(reason::AUTHENTICATION_FAILED).await;
 
     // Fixing the key takes effect within a minute, without a restart.
     setup
@@ -477,7 +473,7 @@ async fn bad_connection_input_is_reported_and_a_fixed_key_takes_effect() {
 
     // Neither the key nor a token ever reached the logs or events.
     let logs = setup.operator.logs();
-    let token = setup.secret_data("wrongkey-acs-token").await["token"].clone();
+    let token = setup.secret_data("wrongkey-acs-token").await[secret_key::TOKEN].clone();
     for secret in [
         setup.emulator.key.as_str(),
         "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=",
@@ -501,27 +497,23 @@ async fn acs_outage_keeps_the_token_and_a_restart_makes_no_acs_call() {
     let mut setup = Setup::new("outage").await;
     setup.apply("frank", basic_spec()).await;
     setup.wait_ready("frank").await;
-    let token = setup.secret_data("frank-acs-token").await["token"].clone();
+    let token = setup.secret_data("frank-acs-token").await[secret_key::TOKEN].clone();
 
     setup
         .emulator
         .admin_post("outage", json!({ "mode": "unavailable", "seconds": 600 }))
         .await;
     setup
-        .annotate(
-            "frank",
-            "acs-operator.io/refresh-requested-at",
-            "during-outage",
-        )
+        .annotate("frank", REFRESH_REQUESTED_ANNOTATION, "during-outage")
         .await;
-    let degraded = setup.wait_reason("frank", "AcsUnavailable").await;
+    let degraded = setup.wait_reason("frank", reason::ACS_UNAVAILABLE).await;
     assert_eq!(
         ready(&degraded).unwrap().0,
         "True",
         "the token in the Secret is still valid"
     );
-    assert!(setup.secret_data("frank-acs-token").await["token"] == token);
-    setup.wait_event("AcsUnavailable").await;
+    assert!(setup.secret_data("frank-acs-token").await[secret_key::TOKEN] == token);
+    setup.wait_event(reason::ACS_UNAVAILABLE).await;
     setup.emulator.admin_delete("outage").await;
     setup.wait_refresh_handled("frank", "during-outage").await;
     setup.wait_ready("frank").await;
@@ -542,7 +534,7 @@ async fn deleting_the_namespace_still_deletes_the_identity_in_acs() {
     let setup = Setup::new("nsdelete").await;
     setup.apply("gina", basic_spec()).await;
     setup.wait_ready("gina").await;
-    let token = setup.secret_data("gina-acs-token").await["token"].clone();
+    let token = setup.secret_data("gina-acs-token").await[secret_key::TOKEN].clone();
     Api::<Namespace>::all(setup.ns.client.clone())
         .delete(&setup.ns.name, &DeleteParams::default())
         .await
@@ -570,22 +562,22 @@ async fn a_short_lived_token_is_refreshed_before_it_expires() {
     setup.apply("hana", basic_spec()).await;
     setup.wait_ready("hana").await;
     let first = setup.secret_data("hana-acs-token").await;
-    let expires_on: jiff::Timestamp = first["expiresOn"].parse().unwrap();
+    let expires_on: jiff::Timestamp = first[secret_key::EXPIRES_ON].parse().unwrap();
     let lifetime = expires_on.duration_since(jiff::Timestamp::now());
     assert!(lifetime.as_secs() <= 60, "{lifetime:?}");
 
     // Until a new token arrives, the one in the Secret is always valid.
     wait_for("a refreshed token", Duration::from_secs(60), || async {
         let data = setup.secret_data("hana-acs-token").await;
-        let validity = setup.emulator.validate(&data["token"]).await;
+        let validity = setup.emulator.validate(&data[secret_key::TOKEN]).await;
         assert_eq!(
             validity["valid"], true,
             "the Secret held an unusable token: {validity}"
         );
-        (data["expiresOn"] != first["expiresOn"]).then_some(())
+        (data[secret_key::EXPIRES_ON] != first[secret_key::EXPIRES_ON]).then_some(())
     })
     .await;
-    let warning = setup.wait_event("ShortTokenLifetime").await;
+    let warning = setup.wait_event(reason::SHORT_TOKEN_LIFETIME).await;
     assert!(warning.contains("two thirds"), "{warning}");
     assert_eq!(setup.emulator.stats().await["tokensIssued"], 2);
 }
@@ -614,7 +606,7 @@ async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted(
         adopter.status.unwrap().identity_id.as_deref(),
         Some(identity_id.as_str())
     );
-    let token = setup.secret_data("adopter-acs-token").await["token"].clone();
+    let token = setup.secret_data("adopter-acs-token").await[secret_key::TOKEN].clone();
     let validity = setup.emulator.validate(&token).await;
     assert_eq!(validity["identity"], json!(identity_id), "{validity}");
     assert_eq!(
@@ -627,7 +619,7 @@ async fn an_existing_identity_is_adopted_and_one_already_gone_counts_as_deleted(
     let mut ghost = basic_spec();
     ghost["identityId"] = json!(format!("{}_gone", identity_id.rsplit_once('_').unwrap().0));
     setup.apply("ghost", ghost).await;
-    setup.wait_reason("ghost", "IdentityNotFound").await;
+    setup.wait_reason("ghost", reason::IDENTITY_NOT_FOUND).await;
     setup
         .identities
         .delete("ghost", &DeleteParams::default())
@@ -643,8 +635,8 @@ async fn deletion_waits_while_acs_is_down_unless_cleanup_is_skipped() {
     setup.apply("jill", basic_spec()).await;
     setup.wait_ready("ivan").await;
     setup.wait_ready("jill").await;
-    let ivan = setup.secret_data("ivan-acs-token").await["token"].clone();
-    let jill = setup.secret_data("jill-acs-token").await["token"].clone();
+    let ivan = setup.secret_data("ivan-acs-token").await[secret_key::TOKEN].clone();
+    let jill = setup.secret_data("jill-acs-token").await[secret_key::TOKEN].clone();
 
     setup
         .emulator
@@ -657,17 +649,17 @@ async fn deletion_waits_while_acs_is_down_unless_cleanup_is_skipped() {
             .await
             .unwrap();
     }
-    let waiting = setup.wait_reason("ivan", "Deleting").await;
+    let waiting = setup.wait_reason("ivan", reason::DELETING).await;
     let message = ready_message(&waiting);
     assert!(message.contains("ACS is unavailable"), "{message}");
-    setup.wait_reason("jill", "Deleting").await;
+    setup.wait_reason("jill", reason::DELETING).await;
 
     // An admin releases jill knowingly; ivan keeps waiting for ACS.
     setup
-        .annotate("jill", "acs-operator.io/skip-cleanup", "true")
+        .annotate("jill", SKIP_CLEANUP_ANNOTATION, "true")
         .await;
     wait_gone(&setup.identities, "jill", PROMPTLY).await;
-    let skipped = setup.wait_event("CleanupSkipped").await;
+    let skipped = setup.wait_event(reason::CLEANUP_SKIPPED).await;
     assert!(skipped.contains("left in ACS"), "{skipped}");
     assert!(setup.identities.get_opt("ivan").await.unwrap().is_some());
 
@@ -690,22 +682,22 @@ async fn throttling_is_reported_while_the_token_stays_valid() {
     let secret = setup.secret_data("kim-acs-token").await;
     next_second_after(minted_at(&secret)).await;
     setup
-        .annotate("kim", "acs-operator.io/refresh-requested-at", "1")
+        .annotate("kim", REFRESH_REQUESTED_ANNOTATION, "1")
         .await;
     setup.wait_refresh_handled("kim", "1").await;
-    let token = setup.secret_data("kim-acs-token").await["token"].clone();
+    let token = setup.secret_data("kim-acs-token").await[secret_key::TOKEN].clone();
     setup
-        .annotate("kim", "acs-operator.io/refresh-requested-at", "2")
+        .annotate("kim", REFRESH_REQUESTED_ANNOTATION, "2")
         .await;
-    let throttled = setup.wait_reason("kim", "Throttled").await;
+    let throttled = setup.wait_reason("kim", reason::THROTTLED).await;
     assert_eq!(
         ready(&throttled).unwrap().0,
         "True",
         "the token in the Secret is still valid"
     );
-    assert!(setup.secret_data("kim-acs-token").await["token"] == token);
+    assert!(setup.secret_data("kim-acs-token").await[secret_key::TOKEN] == token);
     assert_eq!(setup.emulator.validate(&token).await["valid"], true);
-    setup.wait_event("Throttled").await;
+    setup.wait_event(reason::THROTTLED).await;
     assert!(setup.emulator.stats().await["throttled"].as_u64().unwrap() >= 1);
 }
 
@@ -765,16 +757,16 @@ async fn a_revoke_whose_reissue_fails_is_not_ready() {
         .patch_config(json!({ "limits": { "issueAccessToken": 1, "windowSeconds": 600 } }))
         .await;
     setup
-        .annotate("rita", "acs-operator.io/refresh-requested-at", "1")
+        .annotate("rita", REFRESH_REQUESTED_ANNOTATION, "1")
         .await;
     setup.wait_refresh_handled("rita", "1").await;
-    let token = setup.secret_data("rita-acs-token").await["token"].clone();
+    let token = setup.secret_data("rita-acs-token").await[secret_key::TOKEN].clone();
 
     // The revoke goes through, the new token is refused (429): the Secret's token is dead.
     setup
-        .annotate("rita", "acs-operator.io/revoke-requested-at", "leak-1")
+        .annotate("rita", REVOKE_REQUESTED_ANNOTATION, "leak-1")
         .await;
-    let rita = setup.wait_reason("rita", "Throttled").await;
+    let rita = setup.wait_reason("rita", reason::THROTTLED).await;
     assert_eq!(ready(&rita).unwrap().0, "False");
     let status = rita.status.unwrap();
     assert_eq!(status.handled_revoke_request.as_deref(), Some("leak-1"));

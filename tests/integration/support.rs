@@ -16,10 +16,10 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client, Config, Resource as _};
 use serde_json::{Value, json};
 
-use acs_identity_operator::crd::CommunicationIdentity;
+use acs_identity_operator::crd::{CommunicationIdentity, READY_CONDITION, reason};
 
 /// How long a test waits for what the operator or the emulator does promptly.
 pub const PROMPTLY: Duration = Duration::from_secs(30);
@@ -512,20 +512,24 @@ pub async fn apply_identity(
     name: &str,
     spec: Value,
 ) -> CommunicationIdentity {
-    let manifest = json!({
-        "apiVersion": "acs-operator.io/v1alpha1",
-        "kind": "CommunicationIdentity",
-        "metadata": { "name": name },
-        "spec": spec,
-    });
     identities
         .patch(
             name,
             &PatchParams::apply("test").force(),
-            &Patch::Apply(manifest),
+            &Patch::Apply(identity_manifest(name, spec)),
         )
         .await
         .expect("the API server accepts the resource")
+}
+
+/// The CommunicationIdentity `name` with `spec`, as a manifest a user writes.
+pub fn identity_manifest(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": CommunicationIdentity::api_version(&()),
+        "kind": CommunicationIdentity::kind(&()),
+        "metadata": { "name": name },
+        "spec": spec,
+    })
 }
 
 /// The resource's Ready condition.
@@ -535,7 +539,7 @@ pub fn ready_condition(resource: &CommunicationIdentity) -> Option<&Condition> {
         .as_ref()?
         .conditions
         .iter()
-        .find(|c| c.type_ == "Ready")
+        .find(|c| c.type_ == READY_CONDITION)
 }
 
 /// The status and reason of the resource's Ready condition.
@@ -604,7 +608,7 @@ pub async fn wait_ready(
     name: &str,
     deadline: Duration,
 ) -> CommunicationIdentity {
-    wait_condition(identities, name, "True", "TokenIssued", deadline).await
+    wait_condition(identities, name, "True", reason::TOKEN_ISSUED, deadline).await
 }
 
 /// Every Event in `namespace`.
