@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ApiError, Reply, json_reply, read_body};
+use crate::reply::{ApiError, Reply, json_reply, read_body};
 use crate::store::TokenStatus;
 use crate::tokens::TokenError;
 use crate::{MAX_DURATION_SECONDS, Outage, OutageMode, Settings, Shared};

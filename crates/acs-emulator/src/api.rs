@@ -3,28 +3,21 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use acs::wire::{self, AccessToken, CreateIdentityRequest, ErrorResponse, IssueTokenRequest};
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use acs::wire::{self, AccessToken, CreateIdentityRequest, IssueTokenRequest};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use jiff::{SignedDuration, Timestamp};
 use percent_encoding::percent_decode_str;
 
 use crate::limits::{LimitedOperation, retry_after_seconds};
+use crate::reply::{ApiError, Reply, empty_reply, json_reply, read_body};
 use crate::store::StoreError;
 use crate::tokens::Claims;
 use crate::{OutageMode, Shared};
 
-/// The largest request body read, admin bodies included; the API's bodies are a few hundred
-/// bytes.
-const MAX_BODY: usize = 64 * 1024;
 /// The service refuses an `x-ms-date` further than this from its clock.
 const MAX_SKEW: SignedDuration = SignedDuration::from_mins(15);
 const HASH_MISMATCH: &str = "Request 'x-ms-content-sha256' differs from generated content hash.";
-
-pub(crate) type Reply = Response<Full<Bytes>>;
 
 /// Returned by the service to make hyper drop the connection without answering (a
 /// connection-refusing outage reached through an already open connection).
@@ -89,99 +82,11 @@ fn route(method: &Method, path: &str) -> Route {
     }
 }
 
-/// An answer that is not a success.
-pub(crate) struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    fn denied(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "Denied", message)
-    }
-
-    fn validation(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "ValidationError", message)
-    }
-
-    fn not_found(id: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "IdentityNotFound",
-            format!("Identity '{id}' was not found."),
-        )
-    }
-
-    pub(crate) fn reply(self) -> Reply {
-        let mut reply = json_reply(self.status, &ErrorResponse::new(self.code, self.message));
-        // Only a throttling answer carries Retry-After: azure-core retries any status that
-        // has it, which would turn a 400 into pointless retries.
-        if let Some(seconds) = self.retry_after {
-            reply
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        reply
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => Self::new(
-                StatusCode::NOT_FOUND,
-                "IdentityNotFound",
-                "The identity was not found.",
-            ),
-            StoreError::Persist(e) => {
-                tracing::error!("writing the state file failed: {e}");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "InternalServerError",
-                    "The emulator could not write its state file.",
-                )
-            }
-        }
-    }
-}
-
-pub(crate) fn json_reply(status: StatusCode, body: &impl serde::Serialize) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::from(
-        serde_json::to_vec(body).expect("bodies serialise"),
-    )));
-    *reply.status_mut() = status;
-    reply.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    reply
-}
-
-fn empty_reply(status: StatusCode) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::new()));
-    *reply.status_mut() = status;
-    reply
-}
-
-/// Entry point for every request on every connection.
+/// Every request to the identity API.
 pub(crate) async fn handle(
     shared: std::sync::Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Reply, DropConnection> {
-    if shared.admin && req.uri().path().starts_with(crate::admin::PREFIX) {
-        return Ok(crate::admin::handle(&shared, req).await);
-    }
     let route = route(req.method(), req.uri().path());
     let request_id = req.headers().get("x-ms-client-request-id").cloned();
     let (name, mut reply) = match shared.outage_now() {
@@ -299,24 +204,6 @@ fn not_found_for(e: StoreError, id: &str) -> ApiError {
     }
 }
 
-/// The whole body, or 413 past [`MAX_BODY`] so a client cannot make the server buffer
-/// without bound.
-pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
-    match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "RequestEntityTooLarge",
-            format!("The request body is larger than {MAX_BODY} bytes."),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            format!("The request body could not be read: {e}"),
-        )),
-    }
-}
-
 /// HMAC-SHA256 verification exactly as the service does it: over the request-target as
 /// received, the `Host` as received, and the signed `x-ms-date` and content hash.
 fn authenticate(
@@ -408,13 +295,13 @@ fn admit(
         .lock()
         .expect("windows lock")
         .try_admit(op, now, &settings.limits)
-        .map_err(|wait| ApiError {
-            retry_after: Some(retry_after_seconds(wait)),
-            ..ApiError::new(
+        .map_err(|wait| {
+            ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "TooManyRequests",
                 "Too many requests for this operation; retry after the number of seconds in the Retry-After header.",
             )
+            .with_retry_after(retry_after_seconds(wait))
         })
 }
 

@@ -10,6 +10,7 @@ mod api;
 pub mod cli;
 pub mod clock;
 pub mod limits;
+mod reply;
 mod server;
 pub mod store;
 mod tls;

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -12,7 +14,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{Outage, OutageMode, Shared};
+use crate::api::DropConnection;
+use crate::reply::Reply;
+use crate::{Outage, OutageMode, Shared, admin, api};
 
 /// When a connection-refusing outage in force ends.
 fn refusing_until(outage: &Option<Outage>) -> Option<Instant> {
@@ -77,7 +81,7 @@ pub(crate) async fn accept_loop(
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     // Small request/response exchanges: do not let Nagle delay them.
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |req| crate::api::handle(shared.clone(), req));
+    let service = service_fn(move |req| dispatch(shared.clone(), req));
     let builder = auto::Builder::new(TokioExecutor::new());
     let result = match tls {
         Some(acceptor) => match acceptor.accept(stream).await {
@@ -100,4 +104,12 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, tls: Option<Tl
     if let Err(e) = result {
         tracing::debug!("connection ended with an error: {e}");
     }
+}
+
+/// Every request on every connection: the admin endpoints (with `--admin`) or the API.
+async fn dispatch(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
+    if shared.admin && req.uri().path().starts_with(admin::PREFIX) {
+        return Ok(admin::handle(&shared, req).await);
+    }
+    api::handle(shared, req).await
 }
