@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 
 use crate::support::{
@@ -11,11 +12,12 @@ use crate::support::{
     ensure_crd, wait_for, wait_ready,
 };
 use acs_identity_operator::crd::CommunicationIdentity;
+use acs_identity_operator::metrics::PREFIX;
 
 /// The default lease duration.
 const LEASE_DURATION: Duration = Duration::from_secs(15);
-const ACQUIRED: &str = "acquired the leader election Lease";
-const STANDING_BY: &str = "standing by for the leader election Lease";
+/// The default `--leader-election-lease-name`.
+const LEASE_NAME: &str = "acs-identity-operator";
 const STARTUP: Duration = Duration::from_secs(30);
 
 /// A namespace with a connection Secret and an emulator; the Lease lives in the namespace too,
@@ -54,16 +56,16 @@ impl Contest {
     /// Two replicas, started one after the other: the first leads, the second stands by.
     async fn start_leader_and_standby(&self) -> (Operator, Operator) {
         let leader = self.start_replica();
-        wait_logged(&leader, "the first replica to lead", ACQUIRED, STARTUP).await;
+        wait_leading(&leader, "the first replica to lead", STARTUP).await;
         let standby = self.start_replica();
-        wait_logged(
-            &standby,
-            "the second replica to stand by",
-            STANDING_BY,
-            STARTUP,
-        )
-        .await;
+        wait_readyz(&standby, "standing by").await;
         (leader, standby)
+    }
+
+    /// Who holds the Lease.
+    async fn lease_holder(&self) -> Option<String> {
+        let lease: Lease = self.ns.api().get(LEASE_NAME).await.unwrap();
+        lease.spec.and_then(|spec| spec.holder_identity)
     }
 
     async fn create(&self, name: &str) {
@@ -84,11 +86,29 @@ impl Contest {
     }
 }
 
-async fn wait_logged(operator: &Operator, what: &str, line: &str, deadline: Duration) {
+/// Waits until `operator` runs the controller, as its leader gauge tells.
+async fn wait_leading(operator: &Operator, what: &str, deadline: Duration) {
+    let series = format!("{PREFIX}_leader");
     wait_for(what, deadline, || async {
-        operator.logs().contains(line).then_some(())
+        (operator.metric(&series).await == Some(1.0)).then_some(())
     })
     .await;
+}
+
+/// The tokens `operator` got from ACS: with each identity it created, and issued on their own.
+async fn tokens_issued(operator: &Operator) -> u64 {
+    let mut tokens = 0.0;
+    for (operation, status) in [
+        (acs::Operation::CreateIdentity, 201),
+        (acs::Operation::IssueToken, 200),
+    ] {
+        let series = format!(
+            "{PREFIX}_acs_requests_total{{operation=\"{}\",status=\"{status}\"}}",
+            operation.as_str()
+        );
+        tokens += operator.metric(&series).await.unwrap_or(0.0);
+    }
+    tokens as u64
 }
 
 /// Waits until `/readyz` answers 200 with a body that contains `body`.
@@ -116,17 +136,8 @@ async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
     for name in ["alpha", "beta", "gamma"] {
         contest.wait_ready(name).await;
     }
-    let leader_logs = leader.logs();
-    assert_eq!(
-        leader_logs.matches("token issued").count(),
-        3,
-        "{leader_logs}"
-    );
-    let standby_logs = standby.logs();
-    assert!(
-        !standby_logs.contains("reconcile"),
-        "the standby reconciled:\n{standby_logs}"
-    );
+    assert_eq!(tokens_issued(&leader).await, 3);
+    assert_eq!(standby.reconciles().await, 0, "the standby reconciled");
     assert_eq!(contest.acs_counts().await, (3, 3));
 
     leader.kill();
@@ -135,10 +146,9 @@ async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
     // The standby reads the Lease every 2 s and counts expiry from its own observations, so
     // it takes over within the lease duration of the leader's last renewal; a second is
     // allowed for this test's own polling.
-    wait_logged(
+    wait_leading(
         &standby,
         "the standby to take over",
-        ACQUIRED,
         LEASE_DURATION + Duration::from_secs(1),
     )
     .await;
@@ -147,7 +157,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over_after_kill_9() {
     wait_readyz(&standby, "running the controller").await;
 
     // The new leader issued only delta's token; the others were current already.
-    assert_eq!(standby.logs().matches("token issued").count(), 1);
+    assert_eq!(tokens_issued(&standby).await, 1);
     assert_eq!(contest.acs_counts().await, (4, 4));
 }
 
@@ -156,13 +166,19 @@ async fn a_leader_that_stops_cleanly_hands_over_at_once() {
     let contest = Contest::new("handover").await;
     let (mut leader, standby) = contest.start_leader_and_standby().await;
 
+    let leading = contest.lease_holder().await;
+    assert!(leading.is_some(), "the leader holds the Lease");
     leader.terminate();
-    assert!(leader.logs().contains("released the leader election Lease"));
+    // Released, the Lease no longer names the leader (the standby may have taken it already).
+    assert_ne!(
+        contest.lease_holder().await,
+        leading,
+        "the stopped leader did not release the Lease"
+    );
     // Released, the Lease is free: the standby takes it at its next look, every 2 s.
-    wait_logged(
+    wait_leading(
         &standby,
         "the standby to take over the released Lease",
-        ACQUIRED,
         Duration::from_secs(4),
     )
     .await;

@@ -142,19 +142,16 @@ async fn refresh_and_revoke_annotations_are_each_acted_on_once() {
 
     // Requests already handled are not acted on again, whatever else triggers a reconcile.
     let issued = setup.emulator.stats().await["tokensIssued"].clone();
+    let reconciles = setup.operator.settled_reconciles().await;
     setup.annotate("bob", "unrelated.example/touch", "1").await;
     setup
         .annotate("bob", REFRESH_REQUESTED_ANNOTATION, "1")
         .await;
-    wait_for("the operator to see the touch", PROMPTLY, || async {
-        setup
-            .operator
-            .logs()
-            .matches("WaitUntil")
-            .count()
-            .ge(&3)
-            .then_some(())
-    })
+    wait_for(
+        "the operator to reconcile after the touch",
+        PROMPTLY,
+        || async { (setup.operator.reconciles().await > reconciles).then_some(()) },
+    )
     .await;
     assert_eq!(setup.emulator.stats().await["tokensIssued"], issued);
     assert!(setup.secret_data("bob-acs-token").await[secret_key::TOKEN] == third);
@@ -523,7 +520,7 @@ async fn acs_outage_keeps_the_token_and_a_restart_makes_no_acs_call() {
     setup.operator.kill();
     setup.operator = Operator::start(&setup.ns.name, &setup.emulator, &[]);
     wait_for("the restarted operator to reconcile", PROMPTLY, || async {
-        setup.operator.logs().contains("WaitUntil").then_some(())
+        (setup.operator.reconciles().await > 0).then_some(())
     })
     .await;
     assert_eq!(total_requests(&setup.emulator.stats().await), requests);

@@ -20,6 +20,7 @@ use kube::{Api, Client, Config, Resource as _};
 use serde_json::{Value, json};
 
 use acs_identity_operator::crd::{CommunicationIdentity, READY_CONDITION, reason};
+use acs_identity_operator::metrics::PREFIX;
 
 /// How long a test waits for what the operator or the emulator does promptly.
 pub const PROMPTLY: Duration = Duration::from_secs(30);
@@ -378,6 +379,41 @@ impl Operator {
                 Some(format!("http://{addr}"))
             },
         )
+        .await
+    }
+
+    /// The value of `series` in its `/metrics`: a metric name with its labels as exposed (e.g.
+    /// `acs_identity_operator_leader`); `None` while the series is not exposed (a labelled
+    /// counter appears with its first count).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let url = format!("{}/metrics", self.admin_url().await);
+        let text = reqwest::get(&url)
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// The reconcile passes it has finished.
+    pub async fn reconciles(&self) -> u64 {
+        let series = format!("{PREFIX}_reconciles_total");
+        let count = self.metric(&series).await;
+        count.unwrap_or_else(|| panic!("no {series} in /metrics")) as u64
+    }
+
+    /// `reconciles` once none has finished for a second: the passes that follow were triggered
+    /// by what came after this call, not by the operator's own last writes.
+    pub async fn settled_reconciles(&self) -> u64 {
+        let last = std::cell::Cell::new(self.reconciles().await);
+        wait_for("the operator's reconciles to settle", PROMPTLY, || async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = self.reconciles().await;
+            (last.replace(now) == now).then_some(now)
+        })
         .await
     }
 
