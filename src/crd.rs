@@ -31,6 +31,10 @@ pub const REFRESH_REQUESTED_ANNOTATION: &str = "acs-operator.io/refresh-requeste
 pub const REVOKE_REQUESTED_ANNOTATION: &str = "acs-operator.io/revoke-requested-at";
 /// Annotation (`"true"`) that lets an admin release a resource without cleanup in ACS.
 pub const SKIP_CLEANUP_ANNOTATION: &str = "acs-operator.io/skip-cleanup";
+/// Set by the operator, with its finalizer, just before it first sends a create to ACS: with no
+/// `status.identityId` yet, that create's answer was lost, and deletion repeats the create (the
+/// same customId answers with the same identity) to clean it up.
+pub const CREATE_ATTEMPTED_ANNOTATION: &str = "acs-operator.io/identity-create-attempted";
 /// The one condition type: True while the Secret holds an unexpired token for the current spec.
 pub const READY_CONDITION: &str = "Ready";
 
@@ -543,10 +547,6 @@ pub struct CommunicationIdentityStatus {
     /// Lifetime in minutes the token in the Secret was requested with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_lifetime_minutes: Option<i32>,
-    /// An identity create was sent to ACS. With no identityId yet, its answer was lost: deletion
-    /// repeats the create (the same customId answers with the same identity) to clean it up.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub identity_create_attempted: bool,
     /// Failures in a row since the last success; with lastFailureTime, backoff survives restarts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failed_attempts: i32,
@@ -778,6 +778,11 @@ impl CommunicationIdentity {
                 self.metadata.name.as_deref().unwrap_or_default()
             ),
         }
+    }
+
+    /// Whether the operator ever sent a create to ACS for this resource.
+    pub fn create_attempted(&self) -> bool {
+        self.annotation(CREATE_ATTEMPTED_ANNOTATION) == Some("true")
     }
 
     /// Whether an admin asked to release this resource without cleanup in ACS.

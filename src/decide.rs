@@ -41,6 +41,8 @@ pub struct Deletion {
     pub policy: DeletionPolicy,
     /// The skip-cleanup annotation: release without touching ACS.
     pub skip_cleanup: bool,
+    /// A create was sent to ACS at some point (the operator's annotation).
+    pub create_attempted: bool,
 }
 
 /// What to do in ACS before a resource being deleted is released.
@@ -179,7 +181,7 @@ fn cleanup(deletion: Deletion, status: &CommunicationIdentityStatus) -> Cleanup 
     if deletion.policy == DeletionPolicy::Retain {
         return Cleanup::Retain { identity_id };
     }
-    if identity_id.is_none() && !status.identity_create_attempted {
+    if identity_id.is_none() && !deletion.create_attempted {
         return Cleanup::NothingCreated;
     }
     Cleanup::InAcs {
@@ -411,23 +413,20 @@ mod tests {
 
     #[test]
     fn deletions() {
-        let lost_create = CommunicationIdentityStatus {
-            identity_create_attempted: true,
-            ..Default::default()
-        };
-        let never_created = CommunicationIdentityStatus::default();
+        let no_identity = CommunicationIdentityStatus::default();
         let healthy = healthy();
         let known = Some("8:acs:r_1".to_owned());
-        let deleting = |policy, skip_cleanup| Deletion {
+        let deleting = |policy, skip_cleanup, create_attempted| Deletion {
             policy,
             skip_cleanup,
+            create_attempted,
         };
         use DeletionPolicy::{Delete, Retain, RevokeTokens};
         let cases = [
             (
                 "delete the identity",
                 &healthy,
-                deleting(Delete, false),
+                deleting(Delete, false, true),
                 Cleanup::InAcs {
                     delete: true,
                     identity_id: known.clone(),
@@ -436,7 +435,7 @@ mod tests {
             (
                 "revoke its tokens",
                 &healthy,
-                deleting(RevokeTokens, false),
+                deleting(RevokeTokens, false, true),
                 Cleanup::InAcs {
                     delete: false,
                     identity_id: known.clone(),
@@ -445,7 +444,7 @@ mod tests {
             (
                 "retain it",
                 &healthy,
-                deleting(Retain, false),
+                deleting(Retain, false, true),
                 Cleanup::Retain {
                     identity_id: known.clone(),
                 },
@@ -453,19 +452,19 @@ mod tests {
             (
                 "skip the cleanup",
                 &healthy,
-                deleting(Delete, true),
+                deleting(Delete, true, true),
                 Cleanup::Skip,
             ),
             (
                 "skip wins over retain",
                 &healthy,
-                deleting(Retain, true),
+                deleting(Retain, true, true),
                 Cleanup::Skip,
             ),
             (
                 "a lost create answer is recovered",
-                &lost_create,
-                deleting(Delete, false),
+                &no_identity,
+                deleting(Delete, false, true),
                 Cleanup::InAcs {
                     delete: true,
                     identity_id: None,
@@ -473,8 +472,8 @@ mod tests {
             ),
             (
                 "a lost create, revoking",
-                &lost_create,
-                deleting(RevokeTokens, false),
+                &no_identity,
+                deleting(RevokeTokens, false, true),
                 Cleanup::InAcs {
                     delete: false,
                     identity_id: None,
@@ -482,14 +481,14 @@ mod tests {
             ),
             (
                 "a lost create, retained",
-                &lost_create,
-                deleting(Retain, false),
+                &no_identity,
+                deleting(Retain, false, true),
                 Cleanup::Retain { identity_id: None },
             ),
             (
                 "nothing ever created",
-                &never_created,
-                deleting(Delete, false),
+                &no_identity,
+                deleting(Delete, false, false),
                 Cleanup::NothingCreated,
             ),
         ];

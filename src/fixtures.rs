@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 
 use crate::context::{AcsSettings, Context};
 use crate::crd::{
-    CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER, MANAGED_BY_LABEL,
-    MANAGED_BY_VALUE,
+    CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
+    FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
 };
 use crate::reconcile::{Error, reconcile};
 
@@ -538,11 +538,39 @@ impl Harness {
     /// The merge patch that sets the resource's finalizers to `expected`, guarded by its
     /// resourceVersion.
     pub async fn expect_identity_finalizer_patch(&mut self, expected: &[&str]) {
+        self.expect_identity_patch(expected, false).await;
+    }
+
+    /// The patch before the first ACS create: the finalizer and the create-attempted mark,
+    /// guarded by the resourceVersion.
+    pub async fn expect_finalizer_and_create_mark(&mut self) {
+        self.expect_identity_patch(&[FINALIZER], true).await;
+    }
+
+    async fn expect_identity_patch(&mut self, expected: &[&str], create_mark: bool) {
         let call = self.next("finalizer patch of the resource").await;
         call.assert_is("finalizer patch", Method::PATCH, &identity_path(), &[]);
         let rv = self.cluster.next_resource_version();
         let identity = &mut self.cluster.identity;
-        assert_finalizer_patch(&call, identity.resource_version(), expected);
+        let mut body = call.body.clone();
+        let annotations = body["metadata"]
+            .as_object_mut()
+            .and_then(|metadata| metadata.remove("annotations"));
+        let marked = annotations
+            .as_ref()
+            .and_then(|a| a.get(CREATE_ATTEMPTED_ANNOTATION))
+            .is_some_and(|v| v == "true");
+        assert_eq!(marked, create_mark, "the create mark in {:?}", call.body);
+        let bare = Call { body, ..call };
+        assert_finalizer_patch(&bare, identity.resource_version(), expected);
+        let call = bare;
+        if create_mark {
+            identity
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(CREATE_ATTEMPTED_ANNOTATION.to_owned(), "true".to_owned());
+        }
         identity.metadata.finalizers = Some(expected.iter().map(|f| (*f).to_owned()).collect());
         identity.metadata.resource_version = Some(rv);
         let answer = identity.clone();

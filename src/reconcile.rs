@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -20,8 +19,8 @@ use tracing::{debug, info, warn};
 use crate::adoption::claimed_by;
 use crate::context::Context;
 use crate::crd::{
-    CONNECTION_SECRET_FINALIZER, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
-    FINALIZER, reason,
+    CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
+    CommunicationIdentityStatus, FIELD_MANAGER, FINALIZER, reason,
 };
 use crate::decide::{Cleanup, Decision, Deletion, Observed, SecretState, decide};
 use crate::held::{HeldToken, Issuance, Issued};
@@ -124,24 +123,14 @@ pub async fn reconcile(
             }
             return pass.clean_up().await;
         }
-        if !has_finalizer {
-            // Before anything exists in ACS, so that no identity can be created without cleanup.
-            resource = Arc::new(
-                pass.add_finalizer(&pass.api, &pass.resource, FINALIZER)
-                    .await?,
-            );
-            fresh = true;
-            continue;
-        }
         match pass.apply(fresh).await? {
             Applied::Done(action) => return Ok(action),
             Applied::Stale(latest) => {
                 resource = Arc::new(*latest);
                 fresh = true;
             }
-            Applied::SecretChanged => {
-                // The pass may have written status before the write that found the Secret
-                // changed (the create marker): decide again from what the API server holds.
+            Applied::Changed => {
+                // Decide again from what the API server holds now.
                 let name = resource.name_any();
                 let latest = kube_call(&ctx.metrics, "identity_get", pass.api.get(&name)).await?;
                 resource = Arc::new(latest);
@@ -158,9 +147,9 @@ enum Applied {
     /// The cached resource was older than the API server's: decide again from this one (a pass
     /// from a fresh read never ends so).
     Stale(Box<CommunicationIdentity>),
-    /// The Secret appeared or changed between the read and the write: decide again from a
-    /// fresh read of it (a token just issued is held, so this costs no ACS call).
-    SecretChanged,
+    /// The resource or its Secret changed between a read and a write: decide again from
+    /// fresh reads (a token just issued is held, so this costs no ACS call).
+    Changed,
 }
 
 pub fn error_policy(
@@ -182,7 +171,8 @@ enum Halt {
         tokens_revoked: bool,
     },
     Kube(Error),
-    SecretChanged,
+    /// See [`Applied::Changed`].
+    Changed,
 }
 
 impl From<Failure> for Halt {
@@ -221,9 +211,6 @@ struct Pass {
     namespace: String,
     uid: String,
     status: CommunicationIdentityStatus,
-    /// Set once this pass recorded that it sends a create to ACS; every later status write of
-    /// the pass keeps it.
-    create_attempted: AtomicBool,
     now: Timestamp,
 }
 
@@ -239,7 +226,6 @@ impl Pass {
             secrets: Api::namespaced(ctx.client.clone(), namespace),
             namespace: namespace.to_owned(),
             uid: resource.uid().ok_or(Error::MissingMetadata("uid"))?,
-            create_attempted: AtomicBool::new(status.identity_create_attempted),
             status,
             now: ctx.now(),
             resource,
@@ -274,7 +260,9 @@ impl Pass {
             decision,
             Decision::CreateIdentity | Decision::IssueToken { .. }
         );
-        if calls_acs && !fresh {
+        // Without the finalizer, the patch that adds it before the ACS call proves the cache
+        // current (it is guarded by resourceVersion); with it, a read does.
+        if calls_acs && !fresh && self.has_finalizer() {
             let name = self.resource.name_any();
             let latest = self.kube("identity_get", self.api.get(&name)).await?;
             if latest.resource_version() != self.resource.resource_version() {
@@ -294,7 +282,7 @@ impl Pass {
                 Ok(Applied::Done(self.record_failure(failure, during).await?))
             }
             Err(Halt::Kube(error)) => Err(error),
-            Err(Halt::SecretChanged) => Ok(Applied::SecretChanged),
+            Err(Halt::Changed) => Ok(Applied::Changed),
         }
     }
 
@@ -378,13 +366,8 @@ impl Pass {
     /// customId, so a create retried after a crash, or after a lost answer, returns the same
     /// identity.
     async fn create_identity(&self) -> Result<Issued, Halt> {
-        let (acs, endpoint) = self.acs_client().await?;
-        if !self.create_attempted.load(Ordering::Relaxed) {
-            // Recorded before the call: should its answer be lost, deletion still knows that an
-            // identity may exist, and repeats the create to learn it.
-            self.create_attempted.store(true, Ordering::Relaxed);
-            self.patch_status(&self.status_base()).await?;
-        }
+        let (acs, endpoint, connection) = self.acs_client().await?;
+        self.prepare_for_acs(true, connection).await?;
         let created = self.create_in_acs(&acs).await?;
         info!(identity = %created.id, existing = !created.created, "identity created");
         Ok(self.to_issued(created.id, created.token, endpoint)?)
@@ -401,10 +384,11 @@ impl Pass {
     /// Issues a new token for `identity_id`, revoking all its tokens first when asked to. An
     /// identity not yet recorded in status is being adopted: it is checked first.
     async fn issue_token(&self, identity_id: String, revoke_first: bool) -> Result<Issued, Halt> {
-        let (acs, endpoint) = self.acs_client().await?;
+        let (acs, endpoint, connection) = self.acs_client().await?;
         if self.status.identity_id.is_none() {
             self.check_adoption(&acs, &identity_id).await?;
         }
+        self.prepare_for_acs(false, connection).await?;
         if revoke_first {
             acs.revoke_tokens(&identity_id)
                 .await
@@ -448,8 +432,9 @@ impl Pass {
             .map_err(|error| self.failure_from_acs(&error, Some(identity_id)))
     }
 
-    /// The ACS client for the connection Secret's connection string.
-    async fn acs_client(&self) -> Result<(acs::AcsClient, String), Halt> {
+    /// The ACS client for the connection Secret's connection string, its endpoint, and the
+    /// connection Secret when it was read afresh (to hold before the first ACS call).
+    async fn acs_client(&self) -> Result<(acs::AcsClient, String, Option<Arc<Secret>>), Halt> {
         let reference = &self.resource.spec.connection_secret_ref;
         let recent = self
             .ctx
@@ -466,23 +451,68 @@ impl Pass {
                 .await?
                 .map(Arc::new),
         };
-        let client = match self
-            .ctx
-            .acs
-            .client_for(&self.namespace, reference, secret.as_deref())
-        {
-            Ok(client) => client,
-            Err(failure) => {
-                self.ctx
-                    .connection_secrets
-                    .forget(&self.namespace, &reference.name);
-                return Err(failure.into());
+        let (client, endpoint) =
+            match self
+                .ctx
+                .acs
+                .client_for(&self.namespace, reference, secret.as_deref())
+            {
+                Ok(client) => client,
+                Err(failure) => {
+                    self.ctx
+                        .connection_secrets
+                        .forget(&self.namespace, &reference.name);
+                    return Err(failure.into());
+                }
+            };
+        Ok((client, endpoint, secret.filter(|_| read_afresh)))
+    }
+
+    /// Before an ACS call that leaves something in ACS: this resource's finalizer (so that
+    /// nothing in ACS outlives it without cleanup) and, before a create, the mark that one was
+    /// sent, in one patch guarded by resourceVersion; then the connection Secret's finalizer.
+    async fn prepare_for_acs(
+        &self,
+        create: bool,
+        connection: Option<Arc<Secret>>,
+    ) -> Result<(), Halt> {
+        let mark = create && !self.resource.create_attempted();
+        if !self.has_finalizer() || mark {
+            let mut finalizers = self.resource.finalizers().to_vec();
+            if !self.has_finalizer() {
+                finalizers.push(FINALIZER.to_owned());
             }
-        };
-        if read_afresh && let Some(secret) = secret {
+            let mut patch = json!({
+                "metadata": {
+                    "finalizers": finalizers,
+                    "resourceVersion": self.resource.resource_version(),
+                }
+            });
+            if mark {
+                patch["metadata"]["annotations"] = json!({ CREATE_ATTEMPTED_ANNOTATION: "true" });
+            }
+            let (name, params) = (self.resource.name_any(), PatchParams::default());
+            let patch = Patch::Merge(patch);
+            match self
+                .kube("finalizer_patch", self.api.patch(&name, &params, &patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(Error::Kube {
+                    source: kube::Error::Api(status),
+                    ..
+                }) if status.code == 409 => return Err(Halt::Changed),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if let Some(secret) = connection {
             self.hold_connection_secret(secret).await?;
         }
-        Ok(client)
+        Ok(())
+    }
+
+    fn has_finalizer(&self) -> bool {
+        self.resource.finalizers().iter().any(|f| f == FINALIZER)
     }
 
     /// Holds the connection Secret with a finalizer while this resource needs it. Only once its
@@ -522,7 +552,7 @@ impl Pass {
         )
         .map_err(|_| Error::MissingMetadata("uid"))?;
         self.write_secret(&secret, seen).await?;
-        let (status, plan) = after_issue(&self.status_base(), &self.resource, &held, self.now);
+        let (status, plan) = after_issue(&self.status, &self.resource, &held, self.now);
         self.patch_status(&status).await?;
         self.ctx.held_tokens.release(&self.uid);
         let why = match held.issuance {
@@ -539,7 +569,7 @@ impl Pass {
 
     /// Nothing to do in ACS: bring status up to date and wait for the next refresh.
     async fn settle(&self) -> Result<Action, Error> {
-        let status = settled(&self.status_base(), &self.resource, self.now);
+        let status = settled(&self.status, &self.resource, self.now);
         if status != self.status {
             self.patch_status(&status).await?;
         }
@@ -556,13 +586,8 @@ impl Pass {
         failure: Failure,
         during: FailedDuring,
     ) -> Result<Action, Error> {
-        let (status, delay) = after_failure(
-            &self.status_base(),
-            &self.resource,
-            &failure,
-            during,
-            self.now,
-        );
+        let (status, delay) =
+            after_failure(&self.status, &self.resource, &failure, during, self.now);
         self.patch_status(&status).await?;
         let message = failure.message();
         warn!(reason = failure.reason(), %message, retry_in = ?delay, "reconcile failed");
@@ -578,6 +603,7 @@ impl Pass {
         let deletion = Deletion {
             policy,
             skip_cleanup: self.resource.skip_cleanup_requested(),
+            create_attempted: self.resource.create_attempted(),
         };
         let decision = decide(
             &self.observed(SecretState::TokenMissing, Some(deletion)),
@@ -595,7 +621,7 @@ impl Pass {
                     .await;
             }
             Err(Halt::Kube(error)) => return Err(error),
-            Err(Halt::SecretChanged) => return Ok(requeue(MIN_REQUEUE)),
+            Err(Halt::Changed) => return Ok(requeue(MIN_REQUEUE)),
         }
         self.ctx.held_tokens.release(&self.uid);
         self.remove_finalizer(&self.api, &self.resource, FINALIZER)
@@ -634,7 +660,7 @@ impl Pass {
                 identity_id,
             } => (delete, identity_id),
         };
-        let (acs, _) = self.acs_client().await?;
+        let (acs, _, _) = self.acs_client().await?;
         let identity_id = match recorded {
             Some(identity_id) => identity_id,
             None => {
@@ -761,7 +787,7 @@ impl Pass {
                     code = status.code,
                     "the Secret changed under the write"
                 );
-                Err(Halt::SecretChanged)
+                Err(Halt::Changed)
             }
             Err(Error::Kube {
                 source: kube::Error::Api(status),
@@ -774,14 +800,6 @@ impl Pass {
                 .into())
             }
             Err(error) => Err(error.into()),
-        }
-    }
-
-    /// The status this pass starts from, with what the pass itself recorded so far.
-    fn status_base(&self) -> CommunicationIdentityStatus {
-        CommunicationIdentityStatus {
-            identity_create_attempted: self.create_attempted.load(Ordering::Relaxed),
-            ..self.status.clone()
         }
     }
 

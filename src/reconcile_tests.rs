@@ -40,28 +40,35 @@ impl Issued {
     }
 }
 
-/// The opening of the first pass of a new resource: its finalizer first (before anything
-/// exists in ACS); its Secret is absent, so ACS is needed: the connection Secret is read, and
-/// pinned with its finalizer once its connection string proves usable.
+/// The opening of the first pass of a new resource: its Secret is absent, so ACS is needed:
+/// the connection Secret is read; once its connection string proves usable, and before
+/// anything exists in ACS, the resource gets its finalizer and the mark that a create is sent
+/// (one patch, which also proves the cache current), and the connection Secret its finalizer.
 async fn start_first_pass(h: &mut Harness) {
     h.start_pass();
-    h.expect_identity_finalizer_patch(&[FINALIZER]).await;
     h.expect_token_secret_get().await;
     h.expect_connection_secret_get().await;
+    h.expect_finalizer_and_create_mark().await;
     h.expect_connection_secret_finalizer_patch(&[CONNECTION_SECRET_FINALIZER])
         .await;
 }
 
-/// The first pass of a new resource: after [`start_first_pass`], the create is recorded as
-/// attempted, the identity is created with its token in one ACS call, and the Secret is
-/// created, then the status written, then one event sent.
+/// As [`start_first_pass`] for a resource adopting an identity: the finalizer, no create mark.
+async fn start_adoption_pass(h: &mut Harness) {
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_identity_finalizer_patch(&[FINALIZER]).await;
+    h.expect_connection_secret_finalizer_patch(&[CONNECTION_SECRET_FINALIZER])
+        .await;
+}
+
+/// The first pass of a new resource: after [`start_first_pass`], the identity is created with
+/// its token in one ACS call, the Secret is created, then the status written, then one event
+/// sent: four writes.
 async fn first_pass(h: &mut Harness) -> Issued {
     start_first_pass(h).await;
-    let marker = h.expect_status_apply().await;
-    assert!(
-        marker.identity_create_attempted && marker.identity_id.is_none(),
-        "the create is recorded before it is sent: {marker:?}"
-    );
+    assert!(h.cluster.identity.create_attempted());
     let secret = h.expect_secret_create().await;
     let status = h.expect_status_apply().await;
     h.expect_event(NORMAL, reason::IDENTITY_CREATED).await;
@@ -76,7 +83,7 @@ async fn first_pass(h: &mut Harness) -> Issued {
 /// The first pass of a resource adopting an existing identity: as [`first_pass`], but nothing
 /// is created (no create marker); the identity is checked in ACS, then given a token.
 async fn adoption_pass(h: &mut Harness) -> Issued {
-    start_first_pass(h).await;
+    start_adoption_pass(h).await;
     let secret = h.expect_secret_create().await;
     let status = h.expect_status_apply().await;
     h.expect_event(NORMAL, reason::IDENTITY_ADOPTED).await;
@@ -88,14 +95,13 @@ async fn adoption_pass(h: &mut Harness) -> Issued {
     }
 }
 
-/// A first pass that fails once the create is recorded as attempted: the failure is written to
-/// status and sent as a Warning event.
+/// A first pass whose create fails (the finalizer and the create mark are on): the failure is
+/// written to status and sent as a Warning event.
 async fn failed_first_pass(
     h: &mut Harness,
     failure_reason: &str,
 ) -> (CommunicationIdentityStatus, Action) {
     start_first_pass(h).await;
-    h.expect_status_apply().await;
     let status = h.expect_status_apply().await;
     h.expect_event(WARNING, failure_reason).await;
     (status, h.finish_pass().await)
@@ -172,7 +178,7 @@ async fn a_new_resource_gets_an_identity_its_token_secret_and_ready_in_one_pass(
     );
     assert_eq!(status.token_scopes, [Scope::Chat, Scope::Voip]);
     assert_eq!(status.token_lifetime_minutes, Some(1440));
-    assert!(status.identity_create_attempted);
+    assert!(h.cluster.identity.create_attempted());
     assert_eq!(status.failed_attempts, 0);
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(ready(status), ("True", reason::TOKEN_ISSUED));
@@ -338,7 +344,6 @@ async fn a_foreign_secret_of_that_name_is_left_alone_and_reported_as_secret_conf
     h.cluster.token_secret = Some(foreign_secret());
 
     h.start_pass();
-    h.expect_identity_finalizer_patch(&[FINALIZER]).await;
     h.expect_token_secret_get().await;
     let status = h.expect_status_apply().await;
     h.expect_event(WARNING, reason::SECRET_CONFLICT).await;
@@ -436,8 +441,8 @@ async fn acs_failures_are_recorded_with_their_reason_and_backoff() {
         assert_eq!(h.acs.calls().await, case.calls, "{}", case.name);
         assert_first_failure(&h, &status, &action, case.reason, case.backoff);
         assert!(
-            status.identity_create_attempted,
-            "{}: the create marker stays (the answer may have been lost)",
+            h.cluster.identity.create_attempted(),
+            "{}: the create mark stays (the answer may have been lost)",
             case.name
         );
     }
@@ -449,7 +454,6 @@ async fn a_missing_connection_secret_is_reported_before_anything_reaches_acs() {
     h.cluster.connection_secret = None;
 
     h.start_pass();
-    h.expect_identity_finalizer_patch(&[FINALIZER]).await;
     h.expect_token_secret_get().await;
     h.expect_connection_secret_get().await;
     let status = h.expect_status_apply().await;
@@ -458,7 +462,10 @@ async fn a_missing_connection_secret_is_reported_before_anything_reaches_acs() {
     let action = h.finish_pass().await;
 
     assert_eq!(h.acs.calls().await, Vec::<String>::new());
-    assert!(!status.identity_create_attempted, "nothing was sent to ACS");
+    assert!(
+        !h.cluster.identity.create_attempted() && h.cluster.identity.finalizers().is_empty(),
+        "nothing was sent to ACS, so nothing is held"
+    );
     assert_first_failure(
         &h,
         &status,
@@ -490,7 +497,6 @@ async fn a_restart_with_valid_tokens_reads_the_secret_and_writes_nothing() {
 async fn a_refused_secret_write_is_secret_write_failed_and_the_retry_reuses_the_token() {
     let mut h = Harness::new(identity(json!({}))).await;
     start_first_pass(&mut h).await;
-    h.expect_status_apply().await;
     let refused = h
         .refuse_secret_create(
             StatusCode::FORBIDDEN,
@@ -536,7 +542,6 @@ async fn a_refused_secret_write_is_secret_write_failed_and_the_retry_reuses_the_
 async fn a_secret_created_by_someone_else_during_the_pass_makes_it_decide_again() {
     let mut h = Harness::new(identity(json!({}))).await;
     start_first_pass(&mut h).await;
-    h.expect_status_apply().await;
     // Between the pass's read and its create, someone else created a Secret of that name.
     h.refuse_secret_create(
         StatusCode::CONFLICT,
@@ -545,7 +550,7 @@ async fn a_secret_created_by_someone_else_during_the_pass_makes_it_decide_again(
     )
     .await;
     h.cluster.token_secret = Some(foreign_secret());
-    // Deciding again from a fresh read of the resource (with the marker) and of the Secret:
+    // Deciding again from a fresh read of the resource (with the mark) and of the Secret:
     // not ours.
     h.expect_identity_get().await;
     h.expect_token_secret_get().await;
@@ -561,9 +566,8 @@ async fn a_secret_created_by_someone_else_during_the_pass_makes_it_decide_again(
     );
     assert_eq!(ready(&status), ("False", reason::SECRET_CONFLICT));
     assert!(
-        status.identity_create_attempted,
-        "the identity was created in ACS: the marker must stay for deletion to clean it up \
-         (status {status:?})"
+        h.cluster.identity.create_attempted(),
+        "the identity was created in ACS: the mark must stay for deletion to clean it up"
     );
 }
 
@@ -589,7 +593,7 @@ async fn an_existing_identity_is_adopted_once_acs_confirms_it_exists() {
     assert_eq!(adopted.status.identity_id, Some(existing.clone()));
     assert_eq!(secret_value(&adopted.secret, "identityId"), existing);
     assert!(
-        !adopted.status.identity_create_attempted,
+        !h.cluster.identity.create_attempted(),
         "nothing was created"
     );
     assert_eq!(ready(&adopted.status), ("True", reason::TOKEN_ISSUED));
@@ -619,7 +623,10 @@ async fn an_identity_another_resource_holds_is_not_adopted() {
     });
     h.cache(bob);
 
-    start_first_pass(&mut h).await;
+    // Refused before anything reaches ACS, so before the finalizer too.
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_connection_secret_get().await;
     let status = h.expect_status_apply().await;
     h.expect_event(WARNING, reason::IDENTITY_IN_USE).await;
     h.finish_pass().await;

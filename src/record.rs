@@ -114,7 +114,6 @@ pub fn after_issue(
             false => previous.handled_revoke_request.clone(),
         },
         observed_generation: resource.metadata.generation,
-        identity_create_attempted: previous.identity_create_attempted,
         conditions: conditions(
             previous,
             resource,
@@ -314,7 +313,6 @@ mod tests {
             "tokenScopes": ["chat"],
             "tokenLifetimeMinutes": 1440,
             "observedGeneration": 2,
-            "identityCreateAttempted": true,
         }))
         .unwrap()
     }
@@ -357,7 +355,6 @@ mod tests {
         assert_eq!(status.last_refresh_time, Some(Time(now())));
         assert_eq!(status.next_refresh_time, Some(Time(plan.at)));
         assert_eq!(status.failed_attempts, 0, "a success ends the backoff");
-        assert!(status.identity_create_attempted, "kept");
         assert_eq!(ready(&status), ("True".into(), reason::TOKEN_ISSUED.into()));
         assert!(!plan.shortened);
     }
