@@ -3,6 +3,8 @@
 # connection Secret. `stack_up STATE_DIR NAMESPACE` starts it; everything stops on exit.
 # Expects scripts/lib/toolchain.sh to be sourced and the working directory to be the repo.
 
+source scripts/lib/emulator.sh
+
 stack_pids=()
 stack_down() {
   local pid
@@ -60,11 +62,11 @@ stack_up() { # STATE_DIR NAMESPACE
 
   stack_info "starting acs-emulator (HTTPS, its own CA)"
   rm -rf "$stack_dir/emulator" && mkdir -p "$stack_dir/emulator"
-  coproc EMULATOR { exec "$bin/acs-emulator" --listen 127.0.0.1:0 --tls-dir "$stack_dir/emulator" --admin 2>"$stack_dir/emulator.log"; }
-  stack_pids+=("$EMULATOR_PID")
-  local connection_string
-  read -r -t 30 connection_string <&"${EMULATOR[0]}" || stack_fail "the emulator did not start; see $stack_dir/emulator.log"
-  endpoint=$(echo "$connection_string" | sed -n 's/^endpoint=\([^;]*\)\/;.*/\1/p')
+  emulator_start emulator "$stack_dir" "$bin/acs-emulator" --tls-dir "$stack_dir/emulator" --admin ||
+    stack_fail "the emulator did not start; see $stack_dir/emulator.log"
+  stack_pids+=("$emulator_pid")
+  local connection_string=$emulator_connection_string
+  endpoint=$emulator_endpoint
 
   stack_info "installing the CRD and the connection Secret"
   kubectl apply -f crds/communicationidentity.yaml >/dev/null

@@ -33,28 +33,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+source "$ROOT/scripts/lib/emulator.sh"
 # start NAME ARGS...: starts an emulator and sets CONN_<NAME> to its connection string.
 start() {
   local name="$1"
   shift
-  "$BIN" --listen 127.0.0.1:0 --admin "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
-  PIDS+=("$!")
-  local pid="$!"
-  for _ in $(seq 1 300); do
-    # A whole line (the emulator flushes it with its newline) means it is accepting.
-    if [[ $(wc -l <"$WORK/$name.out") -ge 1 ]]; then
-      printf -v "CONN_$name" '%s' "$(head -n 1 "$WORK/$name.out")"
-      return 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "acs-emulator ($name) exited before it was ready:" >&2
-      cat "$WORK/$name.err" >&2
-      return 1
-    fi
-    sleep 0.1
-  done
-  echo "acs-emulator ($name) printed no connection string within 30 s" >&2
-  return 1
+  emulator_start "$name" "$WORK" "$BIN" --admin "$@"
+  PIDS+=("$emulator_pid")
+  printf -v "CONN_$name" '%s' "$emulator_connection_string"
 }
 
 start HTTP --http

@@ -19,6 +19,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, Resource as _};
 use serde_json::{Value, json};
 
+use acs_emulator::process::{Launch, Ready};
 use acs_identity_operator::crd::{CommunicationIdentity, READY_CONDITION, reason};
 use acs_identity_operator::metrics::PREFIX;
 
@@ -189,29 +190,23 @@ impl Emulator {
     pub fn start(extra: &[&str]) -> Self {
         let dir = TempDir::new("emulator");
         let key = "YWNzLW9wZXJhdG9yLXRlc3Qta2V5LTAxMjM0NTY3ODk=".to_owned();
-        let mut child = Command::new(bin_dir().join("acs-emulator"))
-            .args(["--listen", "127.0.0.1:0", "--admin", "--access-key", &key])
-            .arg("--tls-dir")
-            .arg(dir.path())
-            .args(extra)
-            .stdout(std::process::Stdio::piped())
+        let mut args = vec!["--access-key".to_owned(), key.clone()];
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let launch = Launch {
+            program: bin_dir().join("acs-emulator"),
+            tls_dir: dir.path().to_owned(),
+            args,
+        };
+        let mut child = launch
+            .command()
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start acs-emulator (built by `cargo build --workspace --bins`)");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let connection_string = line.trim().to_owned();
-        let endpoint = connection_string
-            .split(';')
-            .find_map(|p| p.strip_prefix("endpoint="))
-            .expect("the emulator prints its connection string")
-            .trim_end_matches('/')
-            .to_owned();
-        let ca_file = dir.path().join("ca.crt");
+        let Ready {
+            connection_string,
+            endpoint,
+            ca_file,
+        } = launch.wait_ready(&mut child).unwrap();
         let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_file).unwrap()).unwrap();
         let http = reqwest::Client::builder()
             .add_root_certificate(ca)

@@ -3,13 +3,15 @@
 //!
 //! [`start`] binds, prepares TLS, and serves in the background; the returned [`Emulator`]
 //! tells the bound address and the connection string. The `acs-emulator` binary is a thin
-//! command line over it, and Rust tests start it in-process the same way.
+//! command line over it, and Rust tests start it in-process the same way; [`process`] starts
+//! the binary as a child process instead.
 
 mod admin;
 mod api;
 pub mod cli;
 pub mod clock;
 pub mod limits;
+pub mod process;
 mod reply;
 mod server;
 pub mod store;

@@ -4,12 +4,12 @@
 //! (ACS_WATCH_PID), however it ends.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use acs_emulator::process::{Launch, Ready};
 use anyhow::{Context as _, bail};
 
 /// Pids of the children still running, for the signal and panic handlers.
@@ -247,36 +247,24 @@ impl Emulator {
     /// Every emulator of a scenario shares one CA (the first creates it, the others reuse it),
     /// so one `--acs-ca-file` serves the operator for all of them.
     pub fn start(bin_dir: &Path, dir: &Path, name: &str, extra: &[String]) -> anyhow::Result<Self> {
-        let tls_dir = dir.join("emulator-tls");
-        std::fs::create_dir_all(&tls_dir)?;
+        let launch = Launch {
+            program: bin_dir.join("acs-emulator"),
+            tls_dir: dir.join("emulator-tls"),
+            args: extra.to_vec(),
+        };
+        std::fs::create_dir_all(&launch.tls_dir)?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let mut proc = Proc::spawn(
-            name,
-            Command::new(bin_dir.join("acs-emulator"))
-                .args(["--listen", "127.0.0.1:0", "--admin", "--tls-dir"])
-                .arg(&tls_dir)
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(log),
-        )?;
-        let stdout = proc.child.stdout.take().context("emulator stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading the emulator's connection string")?;
-        let connection_string = line.trim().to_owned();
-        let endpoint = connection_string
-            .split(';')
-            .find_map(|part| part.strip_prefix("endpoint="))
-            .context("the emulator printed no endpoint (see its log)")?
-            .trim_end_matches('/')
-            .to_owned();
+        let mut proc = Proc::spawn(name, launch.command().stderr(log))?;
+        let Ready {
+            connection_string,
+            endpoint,
+            ca_file,
+        } = launch.wait_ready(&mut proc.child)?;
         Ok(Self {
             _proc: proc,
             connection_string,
             endpoint,
-            ca_file: tls_dir.join("ca.crt"),
+            ca_file,
         })
     }
 }
