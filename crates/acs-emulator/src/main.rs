@@ -43,6 +43,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: acs_emulator::Config) -> anyhow::Result<()> {
+    // Listening before the line below: whoever reads it may stop the emulator at once, and a
+    // signal before the handlers are in place would kill it without cleanup.
+    let termination = termination();
     let emulator = acs_emulator::start(config).await?;
     // The one line on stdout: the documented interface, and the only place the key appears.
     let mut stdout = std::io::stdout().lock();
@@ -57,23 +60,29 @@ async fn run(config: acs_emulator::Config) -> anyhow::Result<()> {
         ),
         None => tracing::info!("serving plain HTTP on {}", emulator.local_addr()),
     }
-    wait_for_termination().await;
+    termination.await;
     tracing::info!("shutting down");
     emulator.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_termination() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+/// SIGINT or SIGTERM, listened for from the moment this is called.
+#[cfg(unix)]
+fn termination() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    async move {
         tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+}
+
+#[cfg(not(unix))]
+fn termination() -> impl Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
