@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting and lints, unit tests, Microsoft's SDK against the emulator,
-# and integration tests on a real local control plane. Exits non-zero when anything fails and
+# The whole test suite: formatting and lints, the dependencies' licenses and sources, unit tests,
+# Microsoft's SDK against the emulator, and integration tests on a real local control plane. Exits non-zero when anything fails and
 # leaves no process running.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,6 +12,9 @@ step() { echo "==> $*"; }
 step "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "dependencies: licenses, duplicate versions and sources (cargo-deny, offline)"
+scripts/check-deps.sh
 
 step "the Dockerfile: lint, and the release binary built exactly as it builds it"
 scripts/check-dockerfile.sh
