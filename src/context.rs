@@ -9,9 +9,8 @@ use acs::{AcsClient, ClientOptions, ConnectionString, EndpointPolicy};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::Store;
 
 use crate::crd::{CommunicationIdentity, ConnectionSecretRef};
 use crate::held::HeldTokens;
@@ -40,11 +39,6 @@ pub struct Context {
     pub held_tokens: HeldTokens,
     /// The controller's cache of CommunicationIdentities.
     pub identities: Store<CommunicationIdentity>,
-    /// The watch cache of the operator's Secrets (metadata only), and the version of each
-    /// resource's Secret as the operator last left it: together they tell, without a read,
-    /// that a Secret is unchanged.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
-    pub secret_versions: SecretVersions,
     pub metrics: Arc<Metrics>,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
@@ -64,18 +58,9 @@ impl Context {
             connection_secrets: RecentSecrets::default(),
             held_tokens: HeldTokens::default(),
             identities,
-            secrets: reflector::store().0,
-            secret_versions: SecretVersions::default(),
             metrics,
             clock: Box::new(Timestamp::now),
         }
-    }
-
-    /// The same context with the watch cache of the operator's Secrets (without it, every pass
-    /// reads its Secret).
-    pub fn with_secret_cache(mut self, secrets: Store<PartialObjectMeta<Secret>>) -> Self {
-        self.secrets = secrets;
-        self
     }
 
     /// The same context reading time from `clock` (tests run the reconcile at chosen times).
@@ -86,40 +71,6 @@ impl Context {
 
     pub fn now(&self) -> Timestamp {
         (self.clock)()
-    }
-}
-
-/// The resourceVersion of each resource's Secret as the operator last wrote it or read it as
-/// current, with the resource's generation then (a new spec may want another Secret). By
-/// resource UID; one entry per resource, dropped when it is released.
-#[derive(Default)]
-pub struct SecretVersions {
-    by_uid: Mutex<HashMap<String, SecretVersion>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretVersion {
-    pub resource_version: String,
-    pub generation: Option<i64>,
-}
-
-impl SecretVersions {
-    pub fn get(&self, uid: &str) -> Option<SecretVersion> {
-        self.lock().get(uid).cloned()
-    }
-
-    pub fn set(&self, uid: &str, version: SecretVersion) {
-        self.lock().insert(uid.to_owned(), version);
-    }
-
-    pub fn forget(&self, uid: &str) {
-        self.lock().remove(uid);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SecretVersion>> {
-        self.by_uid
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -27,8 +27,6 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::context::{AcsSettings, Context};
-use kube::core::PartialObjectMeta;
-
 use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
     FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
@@ -138,7 +136,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn next_resource_version(&mut self) -> String {
+    fn next_resource_version(&mut self) -> String {
         self.last_resource_version += 1;
         self.last_resource_version.to_string()
     }
@@ -292,8 +290,6 @@ struct Operator {
     ctx: Arc<Context>,
     api: ApiHandle,
     cache: Writer<CommunicationIdentity>,
-    /// The watch cache of the operator's Secrets (metadata only).
-    secret_cache: Writer<PartialObjectMeta<Secret>>,
 }
 
 impl Operator {
@@ -306,7 +302,6 @@ impl Operator {
         };
         let recorder = Recorder::new(client.clone(), reporter);
         let (store, cache) = reflector::store();
-        let (secret_store, secret_cache) = reflector::store();
         let settings = AcsSettings {
             allow_http: true,
             endpoint_policy: loopback_only(),
@@ -314,13 +309,11 @@ impl Operator {
         };
         let clock = clock.clone();
         let ctx = Context::new(client, recorder, settings, Arc::default(), store)
-            .with_secret_cache(secret_store)
             .with_clock(move || clock.now());
         Self {
             ctx: Arc::new(ctx),
             api,
             cache,
-            secret_cache,
         }
     }
 }
@@ -495,19 +488,6 @@ impl Harness {
         self.operator
             .cache
             .apply_watcher_event(&watcher::Event::Apply(other));
-    }
-
-    /// Delivers the token Secret as the API server has it now to the operator's Secret watch
-    /// cache (metadata only).
-    pub fn watch_token_secret(&mut self) {
-        let secret = self.cluster.token_secret.clone().expect("a token Secret");
-        let metadata = PartialObjectMeta::<Secret> {
-            metadata: secret.metadata,
-            ..Default::default()
-        };
-        self.operator
-            .secret_cache
-            .apply_watcher_event(&watcher::Event::Apply(metadata));
     }
 
     /// Starts a pass on the resource as the API server has it now (as the watch delivered it).

@@ -12,13 +12,12 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::adoption::claimed_by;
-use crate::context::{Context, SecretVersion};
+use crate::context::Context;
 use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
     CommunicationIdentityStatus, FIELD_MANAGER, FINALIZER, reason,
@@ -115,7 +114,6 @@ pub async fn reconcile(
     // trigger a pass before our own status update arrives), and acting on that would issue twice.
     // The object a patch returns is as fresh as a read.
     let mut fresh = false;
-    let mut read_secret = false;
     for _ in 0..MAX_DECISIONS {
         let pass = Pass::new(resource.clone(), ctx.clone(), &namespace)?;
         let has_finalizer = pass.resource.finalizers().iter().any(|f| f == FINALIZER);
@@ -125,7 +123,7 @@ pub async fn reconcile(
             }
             return pass.clean_up().await;
         }
-        match pass.apply(fresh, read_secret).await? {
+        match pass.apply(fresh).await? {
             Applied::Done(action) => return Ok(action),
             Applied::Stale(latest) => {
                 resource = Arc::new(*latest);
@@ -133,12 +131,10 @@ pub async fn reconcile(
             }
             Applied::Changed => {
                 // Decide again from what the API server holds now.
-                ctx.secret_versions.forget(&pass.uid);
                 let name = resource.name_any();
                 let latest = kube_call(&ctx.metrics, "identity_get", pass.api.get(&name)).await?;
                 resource = Arc::new(latest);
                 fresh = true;
-                read_secret = true;
             }
         }
     }
@@ -194,15 +190,6 @@ impl From<Error> for Halt {
     }
 }
 
-/// The resource's Secret as a pass sees it.
-enum SecretView {
-    /// The watch cache shows it exactly as the operator last left it for this generation of
-    /// the spec: as it should be, without a read.
-    Unchanged { resource_version: String },
-    /// As read from the API server (`None`: absent), or known absent.
-    Read(Option<Box<Secret>>),
-}
-
 /// What the pass saw of its Secret: the precondition of its write.
 enum SecretSeen {
     Absent,
@@ -246,45 +233,27 @@ impl Pass {
         })
     }
 
-    /// Create or refresh: gather (the spec's validity, the Secret), decide, act. `read_secret`:
-    /// read the Secret even where the watch cache would tell.
-    async fn apply(&self, fresh: bool, read_secret: bool) -> Result<Applied, Error> {
+    /// Create or refresh: gather (the spec's validity, the Secret), decide, act.
+    async fn apply(&self, fresh: bool) -> Result<Applied, Error> {
         if let Err(invalid) = self.resource.validate() {
             let failure = Failure::InvalidSpec(invalid);
             return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
         }
         let secret_name = self.resource.secret_name();
-        let (seen, secret_state, rewritten) = match self
-            .look_at_secret(&secret_name, read_secret)
-            .await?
-        {
-            SecretView::Unchanged { resource_version } => {
-                let seen = SecretSeen::Ours {
-                    resource_version: Some(resource_version),
-                };
-                (seen, SecretState::Current, None)
+        let existing = self
+            .kube("secret_get", self.secrets.get_opt(&secret_name))
+            .await?;
+        let seen = match ownership(existing.as_ref(), &self.uid) {
+            SecretOwnership::Foreign => {
+                let failure = Failure::SecretConflict { secret_name };
+                return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
             }
-            SecretView::Read(existing) => {
-                let existing = existing.map(|secret| *secret);
-                let seen = match ownership(existing.as_ref().map(|s| &s.metadata), &self.uid) {
-                    SecretOwnership::Foreign => {
-                        let failure = Failure::SecretConflict { secret_name };
-                        return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
-                    }
-                    SecretOwnership::Absent => SecretSeen::Absent,
-                    SecretOwnership::Ours => SecretSeen::Ours {
-                        resource_version: existing.as_ref().and_then(|s| s.resource_version()),
-                    },
-                };
-                let (state, rewritten) = classify(&self.resource, &self.status, existing.as_ref());
-                if let (SecretState::Current, SecretSeen::Ours { resource_version }) =
-                    (state, &seen)
-                {
-                    self.remember_secret_version(resource_version.clone());
-                }
-                (seen, state, rewritten)
-            }
+            SecretOwnership::Absent => SecretSeen::Absent,
+            SecretOwnership::Ours => SecretSeen::Ours {
+                resource_version: existing.as_ref().and_then(|s| s.resource_version()),
+            },
         };
+        let (secret_state, rewritten) = classify(&self.resource, &self.status, existing.as_ref());
         let decision = decide(&self.observed(secret_state, None), self.now);
         debug!(?decision, "decided");
         let calls_acs = matches!(
@@ -372,8 +341,7 @@ impl Pass {
             }
             Decision::RewriteSecret => {
                 let desired = rewritten.expect("a rewrite decision comes with the Secret");
-                let written = self.write_secret(&desired, seen).await?;
-                self.remember_secret_version(written);
+                self.write_secret(&desired, seen).await?;
                 info!(identity = ?self.status.identity_id, secret = %self.resource.secret_name(), "secret restored");
                 let text = format!(
                     "Restored Secret {:?}, which was edited; the token in it is unchanged",
@@ -543,44 +511,6 @@ impl Pass {
         Ok(())
     }
 
-    /// The Secret from the watch cache when it is as the operator last left it; known absent
-    /// for a resource that never held a token and never had a Secret written (someone else's
-    /// Secret of that name makes the create fail, and the pass decide again with a read); read
-    /// otherwise.
-    async fn look_at_secret(&self, name: &str, read: bool) -> Result<SecretView, Error> {
-        let cached = self
-            .ctx
-            .secrets
-            .get(&ObjectRef::new(name).within(&self.namespace));
-        let known = self.ctx.secret_versions.get(&self.uid);
-        if !read {
-            if let (Some(cached), Some(known)) = (&cached, &known)
-                && cached.resource_version().as_deref() == Some(known.resource_version.as_str())
-                && known.generation == self.resource.metadata.generation
-                && ownership(Some(&cached.metadata), &self.uid) == SecretOwnership::Ours
-            {
-                return Ok(SecretView::Unchanged {
-                    resource_version: known.resource_version.clone(),
-                });
-            }
-            if cached.is_none() && known.is_none() && self.status.token_expires_on.is_none() {
-                return Ok(SecretView::Read(None));
-            }
-        }
-        let existing = self.kube("secret_get", self.secrets.get_opt(name)).await?;
-        Ok(SecretView::Read(existing.map(Box::new)))
-    }
-
-    fn remember_secret_version(&self, resource_version: Option<String>) {
-        if let Some(resource_version) = resource_version {
-            let version = SecretVersion {
-                resource_version,
-                generation: self.resource.metadata.generation,
-            };
-            self.ctx.secret_versions.set(&self.uid, version);
-        }
-    }
-
     fn has_finalizer(&self) -> bool {
         self.resource.finalizers().iter().any(|f| f == FINALIZER)
     }
@@ -621,11 +551,10 @@ impl Pass {
             &issued.endpoint,
         )
         .map_err(|_| Error::MissingMetadata("uid"))?;
-        let written = self.write_secret(&secret, seen).await?;
+        self.write_secret(&secret, seen).await?;
         let (status, plan) = after_issue(&self.status, &self.resource, &held, self.now);
         self.patch_status(&status).await?;
         self.ctx.held_tokens.release(&self.uid);
-        self.remember_secret_version(written);
         let why = match held.issuance {
             Issuance::Created => None,
             Issuance::Issued { reason, .. } => Some(reason),
@@ -695,7 +624,6 @@ impl Pass {
             Err(Halt::Changed) => return Ok(requeue(MIN_REQUEUE)),
         }
         self.ctx.held_tokens.release(&self.uid);
-        self.ctx.secret_versions.forget(&self.uid);
         self.remove_finalizer(&self.api, &self.resource, FINALIZER)
             .await?;
         self.release_connection_secret().await?;
@@ -825,11 +753,7 @@ impl Pass {
     /// seen as ours: a Secret someone else created or changed in the meantime is never
     /// overwritten (the pass decides again instead). A refusal by the API server is a failure
     /// the user sees, with the token held for the retry.
-    async fn write_secret(
-        &self,
-        secret: &Secret,
-        seen: &SecretSeen,
-    ) -> Result<Option<String>, Halt> {
+    async fn write_secret(&self, secret: &Secret, seen: &SecretSeen) -> Result<(), Halt> {
         let name = secret.metadata.name.as_deref().unwrap_or_default();
         let written = match seen {
             SecretSeen::Absent => {
@@ -838,7 +762,7 @@ impl Pass {
                     ..PostParams::default()
                 };
                 let request = self.secrets.create(&params, secret);
-                self.kube("secret_create", request).await
+                self.kube("secret_create", request).await.map(drop)
             }
             SecretSeen::Ours { resource_version } => {
                 let mut manifest = serde_json::to_value(secret).expect("a Secret serialises");
@@ -849,11 +773,11 @@ impl Pass {
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 let patch = Patch::Apply(manifest);
                 let request = self.secrets.patch(name, &params, &patch);
-                self.kube("secret_apply", request).await
+                self.kube("secret_apply", request).await.map(drop)
             }
         };
         match written {
-            Ok(written) => Ok(written.resource_version()),
+            Ok(()) => Ok(()),
             Err(Error::Kube {
                 call,
                 source: kube::Error::Api(status),

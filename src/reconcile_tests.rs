@@ -40,13 +40,13 @@ impl Issued {
     }
 }
 
-/// The opening of the first pass of a new resource: it never had a token nor a Secret, so its
-/// Secret is not read (absent; a create that finds one fails) and ACS is needed: the
-/// connection Secret is read; once its connection string proves usable, and before
+/// The opening of the first pass of a new resource: its Secret is absent, so ACS is needed:
+/// the connection Secret is read; once its connection string proves usable, and before
 /// anything exists in ACS, the resource gets its finalizer and the mark that a create is sent
 /// (one patch, which also proves the cache current), and the connection Secret its finalizer.
 async fn start_first_pass(h: &mut Harness) {
     h.start_pass();
+    h.expect_token_secret_get().await;
     h.expect_connection_secret_get().await;
     h.expect_finalizer_and_create_mark().await;
     h.expect_connection_secret_finalizer_patch(&[CONNECTION_SECRET_FINALIZER])
@@ -56,6 +56,7 @@ async fn start_first_pass(h: &mut Harness) {
 /// As [`start_first_pass`] for a resource adopting an identity: the finalizer, no create mark.
 async fn start_adoption_pass(h: &mut Harness) {
     h.start_pass();
+    h.expect_token_secret_get().await;
     h.expect_connection_secret_get().await;
     h.expect_identity_finalizer_patch(&[FINALIZER]).await;
     h.expect_connection_secret_finalizer_patch(&[CONNECTION_SECRET_FINALIZER])
@@ -338,44 +339,8 @@ async fn a_deleted_secret_that_cannot_be_replaced_leaves_the_resource_not_ready(
 }
 
 #[tokio::test]
-async fn a_secret_the_watch_shows_as_last_written_is_not_read_again() {
-    let mut h = Harness::new(identity(json!({}))).await;
-    first_pass(&mut h).await;
-    h.acs.calls().await;
-
-    // The passes the operator's own writes trigger: once the watch shows the Secret as written,
-    // nothing is read or written.
-    h.watch_token_secret();
-    h.start_pass();
-    h.finish_pass().await;
-    assert_eq!(h.acs.calls().await, Vec::<String>::new());
-
-    // Edited by someone (a new resourceVersion in the watch): read again.
-    let edited_version = h.cluster.next_resource_version();
-    let secret = h.cluster.token_secret.as_mut().expect("the Secret");
-    secret
-        .data
-        .as_mut()
-        .expect("data")
-        .insert("scopes".into(), ByteString(b"chat,voip,admin".to_vec()));
-    secret.metadata.resource_version = Some(edited_version);
-    h.watch_token_secret();
-    h.start_pass();
-    h.expect_token_secret_get().await;
-    h.expect_secret_apply().await;
-    h.expect_event(NORMAL, reason::SECRET_RESTORED).await;
-    h.finish_pass().await;
-}
-
-#[tokio::test]
 async fn a_foreign_secret_of_that_name_is_left_alone_and_reported_as_secret_conflict() {
-    // A resource with a token whose Secret someone replaced with one of their own. (For a new
-    // resource, see a_secret_created_by_someone_else_during_the_pass_makes_it_decide_again:
-    // its Secret is not read, and the create that finds one fails.)
     let mut h = Harness::new(identity(json!({}))).await;
-    first_pass(&mut h).await;
-    h.acs.calls().await;
-    h.restart();
     h.cluster.token_secret = Some(foreign_secret());
 
     h.start_pass();
@@ -489,6 +454,7 @@ async fn a_missing_connection_secret_is_reported_before_anything_reaches_acs() {
     h.cluster.connection_secret = None;
 
     h.start_pass();
+    h.expect_token_secret_get().await;
     h.expect_connection_secret_get().await;
     let status = h.expect_status_apply().await;
     h.expect_event(WARNING, reason::CONNECTION_SECRET_NOT_FOUND)
@@ -552,10 +518,10 @@ async fn a_refused_secret_write_is_secret_write_failed_and_the_retry_reuses_the_
     let message = &failed.conditions[0].message;
     assert!(message.contains("exceeded quota"), "quoted: {message}");
 
-    // The retry after the backoff, in the same process: the token ACS issued is held (and the
-    // Secret, never written, is still taken as absent).
+    // The retry after the backoff, in the same process: the token ACS issued is held.
     h.set_clock(next_refresh(&failed));
     h.start_pass();
+    h.expect_token_secret_get().await;
     h.expect_identity_get().await;
     let written = h.expect_secret_create().await;
     let status = h.expect_status_apply().await;
@@ -659,6 +625,7 @@ async fn an_identity_another_resource_holds_is_not_adopted() {
 
     // Refused before anything reaches ACS, so before the finalizer too.
     h.start_pass();
+    h.expect_token_secret_get().await;
     h.expect_connection_secret_get().await;
     let status = h.expect_status_apply().await;
     h.expect_event(WARNING, reason::IDENTITY_IN_USE).await;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
@@ -100,7 +99,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         instance: std::env::var("POD_NAME").ok(),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let (identities, secrets): (Api<CommunicationIdentity>, Api<PartialObjectMeta<Secret>>) =
+    let (identities, secrets): (Api<CommunicationIdentity>, Api<Secret>) =
         match &config.watch_namespace {
             Some(namespace) => (
                 Api::namespaced(watch_client.clone(), namespace),
@@ -109,26 +108,23 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             None => (Api::all(watch_client.clone()), Api::all(watch_client)),
         };
     let (store, writer) = reflector::store();
-    let (secret_store, secret_writer) = reflector::store();
-    let context = Arc::new(
-        Context::new(client, recorder, config.acs, metrics, store.clone())
-            .with_secret_cache(secret_store),
-    );
+    let context = Arc::new(Context::new(
+        client,
+        recorder,
+        config.acs,
+        metrics,
+        store.clone(),
+    ));
     info!(
         namespace = config.watch_namespace.as_deref().unwrap_or("(all)"),
         "starting controller"
     );
 
-    // Only the Secrets the operator labels are watched, as metadata only, and cached with just
-    // what tells an unchanged Secret (name, resourceVersion, owner), so memory does not grow
-    // with the cluster's Secret count and a pass need not read its Secret to know it unchanged.
+    // Only the Secrets the operator labels are watched, and `owns` watches them as metadata
+    // only (kube-runtime's `metadata_watcher`, no cache), so memory does not grow with the
+    // cluster's Secret count.
     let owned_secrets =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
-    let secret_events = watcher(secrets, owned_secrets)
-        .default_backoff()
-        .modify(trim_secret_for_cache)
-        .reflect(secret_writer)
-        .touched_objects();
     // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
     // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
     let identity_events = watcher(identities, watcher::Config::default())
@@ -137,7 +133,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .reflect(writer)
         .applied_objects();
     let controller = Controller::for_stream(identity_events, store)
-        .owns_stream(secret_events)
+        .owns(secrets, owned_secrets)
         // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
         // cheap scheduler entries instead of thousands of live reconcile futures.
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
@@ -193,15 +189,6 @@ fn trim_for_cache(resource: &mut CommunicationIdentity) {
     if let Some(annotations) = &mut metadata.annotations {
         annotations.retain(|key, _| key.starts_with(OPERATOR_ANNOTATION_PREFIX));
     }
-}
-
-/// Drops from a cached Secret's metadata all but its name, namespace, resourceVersion and
-/// owners.
-fn trim_secret_for_cache(secret: &mut PartialObjectMeta<Secret>) {
-    let metadata = &mut secret.metadata;
-    metadata.managed_fields = None;
-    metadata.labels = None;
-    metadata.annotations = None;
 }
 
 /// `reconcile` within a span naming the resource, and measured. kube-runtime's own span is

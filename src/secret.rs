@@ -90,12 +90,12 @@ pub enum SecretOwnership {
 /// Classifies `existing` against the resource with UID `owner_uid`. Only a controller
 /// ownerReference to that UID makes a Secret ours; a managed-by label alone does not (anyone can
 /// set a label, and a Secret left behind by a deleted namesake has a different UID).
-/// `existing` is the Secret's metadata: a read Secret's, or the watch cache's.
-pub fn ownership(existing: Option<&ObjectMeta>, owner_uid: &str) -> SecretOwnership {
-    let Some(metadata) = existing else {
+pub fn ownership(existing: Option<&Secret>, owner_uid: &str) -> SecretOwnership {
+    let Some(secret) = existing else {
         return SecretOwnership::Absent;
     };
-    let controlled_by_us = metadata
+    let controlled_by_us = secret
+        .metadata
         .owner_references
         .iter()
         .flatten()
@@ -402,8 +402,7 @@ mod tests {
             ),
         ];
         for (name, existing, expected) in cases {
-            let metadata = existing.map(|secret: &Secret| &secret.metadata);
-            assert_eq!(ownership(metadata, UID), expected, "{name}");
+            assert_eq!(ownership(existing, UID), expected, "{name}");
         }
     }
 
