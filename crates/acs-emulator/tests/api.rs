@@ -120,6 +120,12 @@ impl Client {
         .await
     }
 
+    /// `PATCH /_emulator/config` with these faults (a subset of the fields).
+    async fn set_faults(&self, faults: Value) {
+        self.admin("PATCH", "config", Some(json!({ "faults": faults })))
+            .await;
+    }
+
     async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let response = self.admin_response(method, path, body).await;
         assert_eq!(response.status(), 200, "{method} {path}");
@@ -706,53 +712,29 @@ async fn validation_rejects_foreign_and_malformed_tokens() {
 async fn faults_and_outages() {
     let (emulator, client) = start(config()).await;
     let target = format!("/identities?{V}");
-    client
-        .admin("PATCH", "config", Some(json!({"faults": {"fail500": 1.0}})))
-        .await;
+    client.set_faults(json!({"fail500": 1.0})).await;
     let failed = client.send("POST", &target, "").await;
     assert_eq!(failed.status(), 500);
     assert_eq!(error_of(failed).await.error.code, "InternalServerError");
     client
-        .admin(
-            "PATCH",
-            "config",
-            Some(json!({"faults": {"fail500": 0.0, "fail503": 1.0}})),
-        )
+        .set_faults(json!({"fail500": 0.0, "fail503": 1.0}))
         .await;
     assert_eq!(client.send("POST", &target, "").await.status(), 503);
     client
-        .admin(
-            "PATCH",
-            "config",
-            Some(json!({"faults": {"fail503": 0.0, "latencyMs": 150}})),
-        )
+        .set_faults(json!({"fail503": 0.0, "latencyMs": 150}))
         .await;
     let started = std::time::Instant::now();
     assert_eq!(client.send("POST", &target, "").await.status(), 201);
     assert!(started.elapsed() >= Duration::from_millis(150));
-    client
-        .admin("PATCH", "config", Some(json!({"faults": {"latencyMs": 0}})))
-        .await;
+    client.set_faults(json!({"latencyMs": 0})).await;
 
     // A lost answer: the create is carried out, but no answer ever comes.
     let alive = client.admin("GET", "stats", None).await["identitiesAlive"].clone();
-    client
-        .admin(
-            "PATCH",
-            "config",
-            Some(json!({"faults": {"loseAnswers": 1.0}})),
-        )
-        .await;
+    client.set_faults(json!({"loseAnswers": 1.0})).await;
     let unanswered =
         tokio::time::timeout(Duration::from_millis(300), client.send("POST", &target, "")).await;
     assert!(unanswered.is_err(), "no answer comes");
-    client
-        .admin(
-            "PATCH",
-            "config",
-            Some(json!({"faults": {"loseAnswers": 0.0}})),
-        )
-        .await;
+    client.set_faults(json!({"loseAnswers": 0.0})).await;
     let stats = client.admin("GET", "stats", None).await;
     assert_eq!(
         stats["identitiesAlive"],
