@@ -482,19 +482,9 @@ impl Pass {
             if !self.has_finalizer() {
                 finalizers.push(FINALIZER.to_owned());
             }
-            let mut patch = json!({
-                "metadata": {
-                    "finalizers": finalizers,
-                    "resourceVersion": self.resource.resource_version(),
-                }
-            });
-            if mark {
-                patch["metadata"]["annotations"] = json!({ CREATE_ATTEMPTED_ANNOTATION: "true" });
-            }
-            let (name, params) = (self.resource.name_any(), PatchParams::default());
-            let patch = Patch::Merge(patch);
+            let annotations = mark.then(|| json!({ CREATE_ATTEMPTED_ANNOTATION: "true" }));
             match self
-                .kube("finalizer_patch", self.api.patch(&name, &params, &patch))
+                .patch_finalizers(&self.api, &*self.resource, finalizers, annotations)
                 .await
             {
                 Ok(_) => {}
@@ -892,7 +882,7 @@ impl Pass {
     {
         let mut finalizers = object.meta().finalizers.clone().unwrap_or_default();
         finalizers.push(finalizer.to_owned());
-        self.patch_finalizers(api, object, finalizers).await
+        self.patch_finalizers(api, object, finalizers, None).await
     }
 
     async fn remove_finalizer<K>(
@@ -909,27 +899,33 @@ impl Pass {
         if finalizers.len() == before.len() {
             return Ok(());
         }
-        self.patch_finalizers(api, object, finalizers)
+        self.patch_finalizers(api, object, finalizers, None)
             .await
             .map(drop)
     }
 
+    /// Sets `finalizers` (and merges `annotations`, if any) with a merge patch guarded by the
+    /// object's resourceVersion.
     async fn patch_finalizers<K>(
         &self,
         api: &Api<K>,
         object: &K,
         finalizers: Vec<String>,
+        annotations: Option<serde_json::Value>,
     ) -> Result<K, Error>
     where
         K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
         let meta = object.meta();
-        let patch = json!({
+        let mut patch = json!({
             "metadata": {
                 "finalizers": finalizers,
                 "resourceVersion": meta.resource_version,
             }
         });
+        if let Some(annotations) = annotations {
+            patch["metadata"]["annotations"] = annotations;
+        }
         let name = meta.name.as_deref().unwrap_or_default();
         let (params, patch) = (PatchParams::default(), Patch::Merge(patch));
         let request = api.patch(name, &params, &patch);
