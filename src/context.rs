@@ -14,6 +14,7 @@ use kube::runtime::reflector::Store;
 
 use crate::crd::{CommunicationIdentity, ConnectionSecretRef};
 use crate::held::HeldTokens;
+use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
 use crate::status::Failure;
 
@@ -37,6 +38,8 @@ pub struct Context {
     pub connection_secrets: RecentSecrets,
     /// Tokens issued but not yet recorded (see [`HeldTokens`]).
     pub held_tokens: HeldTokens,
+    /// What is known of the token Secrets without reading them.
+    pub known_secrets: KnownSecrets,
     /// The controller's cache of CommunicationIdentities.
     pub identities: Store<CommunicationIdentity>,
     pub metrics: Arc<Metrics>,
@@ -57,6 +60,7 @@ impl Context {
             acs: AcsClients::new(settings, metrics.clone()),
             connection_secrets: RecentSecrets::default(),
             held_tokens: HeldTokens::default(),
+            known_secrets: KnownSecrets::default(),
             identities,
             metrics,
             clock: Box::new(Timestamp::now),

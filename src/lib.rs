@@ -7,6 +7,7 @@ pub mod context;
 pub mod crd;
 pub mod decide;
 pub mod held;
+pub mod known_secrets;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

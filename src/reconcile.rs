@@ -24,6 +24,7 @@ use crate::crd::{
 };
 use crate::decide::{Cleanup, Decision, Deletion, Observed, SecretState, decide};
 use crate::held::{HeldToken, Issuance, Issued};
+use crate::known_secrets::{Known, fingerprint};
 use crate::metrics::Metrics;
 use crate::record::{FailedDuring, Note, after_failure, after_issue, issue_notes, settled};
 use crate::refresh::{check_expiry, wait_until};
@@ -113,7 +114,7 @@ pub async fn reconcile(
     // first, since the cache may not show yet what the previous pass wrote (a Secret event can
     // trigger a pass before our own status update arrives), and acting on that would issue twice.
     // The object a patch returns is as fresh as a read.
-    let mut fresh = false;
+    let mut basis = Basis::Cached;
     for _ in 0..MAX_DECISIONS {
         let pass = Pass::new(resource.clone(), ctx.clone(), &namespace)?;
         let has_finalizer = pass.resource.finalizers().iter().any(|f| f == FINALIZER);
@@ -123,22 +124,33 @@ pub async fn reconcile(
             }
             return pass.clean_up().await;
         }
-        match pass.apply(fresh).await? {
+        match pass.apply(basis).await? {
             Applied::Done(action) => return Ok(action),
             Applied::Stale(latest) => {
                 resource = Arc::new(*latest);
-                fresh = true;
+                basis = Basis::FreshResource;
             }
             Applied::Changed => {
                 // Decide again from what the API server holds now.
                 let name = resource.name_any();
                 let latest = kube_call(&ctx.metrics, "identity_get", pass.api.get(&name)).await?;
                 resource = Arc::new(latest);
-                fresh = true;
+                basis = Basis::AfterChange;
             }
         }
     }
     Ok(requeue(MIN_REQUEUE))
+}
+
+/// What a decision of [`Pass::apply`] starts from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Basis {
+    /// The resource from the watch cache; its Secret as `known_secrets` knows it.
+    Cached,
+    /// The resource as the API server answered; its Secret as known.
+    FreshResource,
+    /// Both changed under a write: the resource as answered, and the Secret read.
+    AfterChange,
 }
 
 /// How [`Pass::apply`] ended.
@@ -234,26 +246,15 @@ impl Pass {
     }
 
     /// Create or refresh: gather (the spec's validity, the Secret), decide, act.
-    async fn apply(&self, fresh: bool) -> Result<Applied, Error> {
+    async fn apply(&self, basis: Basis) -> Result<Applied, Error> {
         if let Err(invalid) = self.resource.validate() {
             let failure = Failure::InvalidSpec(invalid);
             return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
         }
-        let secret_name = self.resource.secret_name();
-        let existing = self
-            .kube("secret_get", self.secrets.get_opt(&secret_name))
-            .await?;
-        let seen = match ownership(existing.as_ref(), &self.uid) {
-            SecretOwnership::Foreign => {
-                let failure = Failure::SecretConflict { secret_name };
-                return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
-            }
-            SecretOwnership::Absent => SecretSeen::Absent,
-            SecretOwnership::Ours => SecretSeen::Ours {
-                resource_version: existing.as_ref().and_then(|s| s.resource_version()),
-            },
+        let (seen, secret_state, rewritten) = match self.gather_secret(basis).await {
+            Ok(gathered) => gathered,
+            Err(halt) => return self.halted(halt, true).await,
         };
-        let (secret_state, rewritten) = classify(&self.resource, &self.status, existing.as_ref());
         let decision = decide(&self.observed(secret_state, None), self.now);
         debug!(?decision, "decided");
         let calls_acs = matches!(
@@ -262,7 +263,7 @@ impl Pass {
         );
         // Without the finalizer, the patch that adds it before the ACS call proves the cache
         // current (it is guarded by resourceVersion); with it, a read does.
-        if calls_acs && !fresh && self.has_finalizer() {
+        if calls_acs && basis == Basis::Cached && self.has_finalizer() {
             let name = self.resource.name_any();
             let latest = self.kube("identity_get", self.api.get(&name)).await?;
             if latest.resource_version() != self.resource.resource_version() {
@@ -271,19 +272,95 @@ impl Pass {
         }
         match self.act(decision, rewritten, &seen).await {
             Ok(action) => Ok(Applied::Done(action)),
-            Err(Halt::Failed {
+            Err(halt) => {
+                let secret_holds_token = secret_state != SecretState::TokenMissing;
+                self.halted(halt, secret_holds_token).await
+            }
+        }
+    }
+
+    /// How a pass that stopped short ends: a failure is recorded, a change decided again.
+    async fn halted(&self, halt: Halt, secret_holds_token: bool) -> Result<Applied, Error> {
+        match halt {
+            Halt::Failed {
                 failure,
                 tokens_revoked,
-            }) => {
+            } => {
                 let during = FailedDuring::Apply {
                     tokens_revoked,
-                    secret_holds_token: secret_state != SecretState::TokenMissing,
+                    secret_holds_token,
                 };
                 Ok(Applied::Done(self.record_failure(failure, during).await?))
             }
-            Err(Halt::Kube(error)) => Err(error),
-            Err(Halt::Changed) => Ok(Applied::Changed),
+            Halt::Kube(error) => Err(error),
+            Halt::Changed => Ok(Applied::Changed),
         }
+    }
+
+    /// The resource's Secret: what the pass saw of it, its state and, when only edited, what to
+    /// write back. Read from the API server unless `known_secrets` knows it unchanged since it
+    /// was last written or verified, or absent. Someone else's Secret of that name is a failure.
+    async fn gather_secret(
+        &self,
+        basis: Basis,
+    ) -> Result<(SecretSeen, SecretState, Option<Secret>), Halt> {
+        let known = match basis {
+            Basis::AfterChange => Known::Unknown,
+            Basis::Cached | Basis::FreshResource => {
+                let fingerprint = self.status_fingerprint();
+                self.ctx.known_secrets.lookup(&self.uid, fingerprint)
+            }
+        };
+        let secret_name = self.resource.secret_name();
+        let existing = match known {
+            Known::Unchanged { resource_version } => {
+                let seen = SecretSeen::Ours {
+                    resource_version: Some(resource_version),
+                };
+                return Ok((seen, SecretState::Current, None));
+            }
+            Known::Absent => None,
+            Known::Unknown => {
+                self.kube("secret_get", self.secrets.get_opt(&secret_name))
+                    .await?
+            }
+        };
+        let seen = match ownership(existing.as_ref(), &self.uid) {
+            SecretOwnership::Foreign => {
+                self.ctx.known_secrets.forget(&self.uid);
+                return Err(Failure::SecretConflict { secret_name }.into());
+            }
+            SecretOwnership::Absent => SecretSeen::Absent,
+            SecretOwnership::Ours => SecretSeen::Ours {
+                resource_version: existing.as_ref().and_then(|s| s.resource_version()),
+            },
+        };
+        let (state, rewritten) = classify(&self.resource, &self.status, existing.as_ref());
+        match (state, &seen, self.status_fingerprint()) {
+            (SecretState::Current, SecretSeen::Ours { resource_version }, Some(fingerprint)) => {
+                let known = &self.ctx.known_secrets;
+                known.verified(&self.uid, resource_version.as_deref(), fingerprint);
+            }
+            _ => self.ctx.known_secrets.forget(&self.uid),
+        }
+        Ok((seen, state, rewritten))
+    }
+
+    /// The fingerprint of the Secret status describes, if it describes one.
+    fn status_fingerprint(&self) -> Option<u64> {
+        let identity_id = self.status.identity_id.as_deref()?;
+        let expires_on = self.status.token_expires_on.as_ref()?.0;
+        Some(self.fingerprint(identity_id, expires_on))
+    }
+
+    fn fingerprint(&self, identity_id: &str, expires_on: Timestamp) -> u64 {
+        let generation = self.resource.metadata.generation;
+        fingerprint(
+            generation,
+            &self.resource.secret_name(),
+            identity_id,
+            expires_on,
+        )
     }
 
     /// What [`decide`] looks at. `secret` is not read while deleting.
@@ -341,7 +418,11 @@ impl Pass {
             }
             Decision::RewriteSecret => {
                 let desired = rewritten.expect("a rewrite decision comes with the Secret");
-                self.write_secret(&desired, seen).await?;
+                let written = self.write_secret(&desired, seen).await?;
+                if let Some(fingerprint) = self.status_fingerprint() {
+                    let known = &self.ctx.known_secrets;
+                    known.verified(&self.uid, written.as_deref(), fingerprint);
+                }
                 info!(identity = ?self.status.identity_id, secret = %self.resource.secret_name(), "secret restored");
                 let text = format!(
                     "Restored Secret {:?}, which was edited; the token in it is unchanged",
@@ -541,7 +622,10 @@ impl Pass {
             &issued.endpoint,
         )
         .map_err(|_| Error::MissingMetadata("uid"))?;
-        self.write_secret(&secret, seen).await?;
+        let written = self.write_secret(&secret, seen).await?;
+        let fingerprint = self.fingerprint(&issued.identity_id, issued.expires_on);
+        let known = &self.ctx.known_secrets;
+        known.verified(&self.uid, written.as_deref(), fingerprint);
         let (status, plan) = after_issue(&self.status, &self.resource, &held, self.now);
         self.patch_status(&status).await?;
         self.ctx.held_tokens.release(&self.uid);
@@ -742,8 +826,12 @@ impl Pass {
     /// Creates the Secret if it was absent, or writes it with the resourceVersion it had when
     /// seen as ours: a Secret someone else created or changed in the meantime is never
     /// overwritten (the pass decides again instead). A refusal by the API server is a failure
-    /// the user sees, with the token held for the retry.
-    async fn write_secret(&self, secret: &Secret, seen: &SecretSeen) -> Result<(), Halt> {
+    /// the user sees, with the token held for the retry. Returns the resourceVersion written.
+    async fn write_secret(
+        &self,
+        secret: &Secret,
+        seen: &SecretSeen,
+    ) -> Result<Option<String>, Halt> {
         let name = secret.metadata.name.as_deref().unwrap_or_default();
         let written = match seen {
             SecretSeen::Absent => {
@@ -752,7 +840,7 @@ impl Pass {
                     ..PostParams::default()
                 };
                 let request = self.secrets.create(&params, secret);
-                self.kube("secret_create", request).await.map(drop)
+                self.kube("secret_create", request).await
             }
             SecretSeen::Ours { resource_version } => {
                 let mut manifest = serde_json::to_value(secret).expect("a Secret serialises");
@@ -763,11 +851,14 @@ impl Pass {
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 let patch = Patch::Apply(manifest);
                 let request = self.secrets.patch(name, &params, &patch);
-                self.kube("secret_apply", request).await.map(drop)
+                self.kube("secret_apply", request).await
             }
         };
+        if written.is_err() {
+            self.ctx.known_secrets.forget(&self.uid);
+        }
         match written {
-            Ok(()) => Ok(()),
+            Ok(written) => Ok(written.resource_version()),
             Err(Error::Kube {
                 call,
                 source: kube::Error::Api(status),

@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
@@ -99,7 +100,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         instance: std::env::var("POD_NAME").ok(),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let (identities, secrets): (Api<CommunicationIdentity>, Api<Secret>) =
+    let (identities, secrets): (Api<CommunicationIdentity>, Api<PartialObjectMeta<Secret>>) =
         match &config.watch_namespace {
             Some(namespace) => (
                 Api::namespaced(watch_client.clone(), namespace),
@@ -120,11 +121,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "starting controller"
     );
 
-    // Only the Secrets the operator labels are watched, and `owns` watches them as metadata
-    // only (kube-runtime's `metadata_watcher`, no cache), so memory does not grow with the
-    // cluster's Secret count.
+    // Only the Secrets the operator labels are watched, as metadata only and without a cache,
+    // so memory does not grow with the cluster's Secret count; each event is noted in
+    // `known_secrets` (a resourceVersion per Secret) before it triggers its owner's pass.
     let owned_secrets =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let secret_events = {
+        let context = context.clone();
+        watcher(secrets, owned_secrets)
+            .default_backoff()
+            .map_ok(move |event| {
+                context.known_secrets.observe(&event);
+                event
+            })
+            .touched_objects()
+    };
     // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
     // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
     let identity_events = watcher(identities, watcher::Config::default())
@@ -133,7 +144,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .reflect(writer)
         .applied_objects();
     let controller = Controller::for_stream(identity_events, store)
-        .owns(secrets, owned_secrets)
+        .owns_stream(secret_events)
         // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
         // cheap scheduler entries instead of thousands of live reconcile futures.
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
