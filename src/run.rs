@@ -23,7 +23,8 @@ const RECONCILE_CONCURRENCY: u16 = 64;
 use crate::admin::{self, Health, Phase};
 use crate::context::{AcsSettings, Context};
 use crate::crd::{
-    CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OPERATOR_ANNOTATION_PREFIX,
+    CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    OPERATOR_ANNOTATION_PREFIX,
 };
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
@@ -191,14 +192,26 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 /// (most of an object's size), labels, owner references and every annotation but the
 /// operator's own (kubectl's last-applied copy of the object, GitOps tools' bookkeeping). A
 /// pass that writes works from the API server's answers, not from the cache, for anything it
-/// sends back.
+/// sends back. The create mark goes too once status records the identity: it only tells a
+/// deletion that a create of an unrecorded identity may have reached ACS, and a map of one
+/// annotation costs ~600 bytes per resource.
 fn trim_for_cache(resource: &mut CommunicationIdentity) {
+    let recorded = resource
+        .status
+        .as_ref()
+        .is_some_and(|status| status.identity_id.is_some());
     let metadata = &mut resource.metadata;
     metadata.managed_fields = None;
     metadata.labels = None;
     metadata.owner_references = None;
     if let Some(annotations) = &mut metadata.annotations {
-        annotations.retain(|key, _| key.starts_with(OPERATOR_ANNOTATION_PREFIX));
+        annotations.retain(|key, _| {
+            key.starts_with(OPERATOR_ANNOTATION_PREFIX)
+                && !(recorded && key == CREATE_ATTEMPTED_ANNOTATION)
+        });
+        if annotations.is_empty() {
+            metadata.annotations = None;
+        }
     }
 }
 
@@ -263,6 +276,7 @@ mod tests {
                 "labels": { "team": "a" },
                 "ownerReferences": [{ "apiVersion": "v1", "kind": "ConfigMap", "name": "app", "uid": "u-0" }],
                 "annotations": {
+                    "acs-operator.io/identity-create-attempted": "true",
                     "acs-operator.io/refresh-requested-at": "r1",
                     "argocd.argoproj.io/tracking-id": "app:acs-operator.io/CommunicationIdentity:team/alice",
                     "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}"
@@ -273,8 +287,16 @@ mod tests {
             "status": { "identityId": "8:acs:x" }
         }))
         .unwrap();
+        let mut unrecorded = resource.clone();
+        unrecorded.status = None;
+        trim_for_cache(&mut unrecorded);
+        assert!(
+            unrecorded.create_attempted(),
+            "needed while no identity is recorded"
+        );
         let before = resource.clone();
         trim_for_cache(&mut resource);
+        assert!(!resource.create_attempted());
         assert!(resource.managed_fields().is_empty());
         assert!(resource.labels().is_empty() && resource.owner_references().is_empty());
         assert_eq!(
