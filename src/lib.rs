@@ -8,6 +8,7 @@ pub mod crd;
 pub mod decide;
 pub mod held;
 pub mod known_secrets;
+pub mod launch;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

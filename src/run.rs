@@ -26,6 +26,7 @@ use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     OPERATOR_ANNOTATION_PREFIX,
 };
+use crate::launch::METRICS_LINE;
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::reconcile::{Error, KUBE_CALL_TIMEOUT, error_policy, reconcile};
@@ -76,8 +77,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 config.metrics_addr
             )
         })?;
-    // Tests that ask for port 0 read the port from this line.
-    info!("serving metrics on {}", listener.local_addr()?);
+    // Tests that ask for port 0 read the port from this line (`launch::metrics_addr`).
+    let serving = listener.local_addr()?;
+    info!("{METRICS_LINE}{serving}");
     // Spawned: it serves while this replica stands by as well as while it leads.
     let mut admin = tokio::spawn(admin::serve(listener, health.clone()));
 
