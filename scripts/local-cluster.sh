@@ -244,7 +244,7 @@ up() {
   start kube-controller-manager --kubeconfig "$state/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$state/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$state/controller-manager.kubeconfig" \
-    --controllers garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,deployment-controller,replicaset-controller,endpointslice-controller,disruption-controller,node-lifecycle-controller \
+    --controllers garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,deployment-controller,replicaset-controller,endpointslice-controller,disruption-controller,node-lifecycle-controller,root-ca-certificate-publisher-controller \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --use-service-account-credentials --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
     --kube-api-qps 200 --kube-api-burst 400 --profiling=false --v 1
