@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::client::Body;
 use kube::core::{PartialObjectMeta, PartialObjectMetaExt};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -306,7 +306,6 @@ impl Operator {
             controller: "acs-identity-operator".into(),
             instance: None,
         };
-        let recorder = Recorder::new(client.clone(), reporter);
         let (store, cache) = reflector::store();
         let settings = AcsSettings {
             allow_http: true,
@@ -314,7 +313,7 @@ impl Operator {
             ..AcsSettings::default()
         };
         let clock = clock.clone();
-        let ctx = Context::new(client, recorder, settings, Arc::default(), store)
+        let ctx = Context::new(client, reporter, settings, Arc::default(), store)
             .with_clock(move || clock.now());
         Self {
             ctx: Arc::new(ctx),

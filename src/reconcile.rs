@@ -909,7 +909,10 @@ impl Pass {
         let published = self
             .kube(
                 "event_publish",
-                self.ctx.recorder.publish(&event, &reference),
+                self.ctx
+                    .events
+                    .recorder(note.type_)
+                    .publish(&event, &reference),
             )
             .await;
         if let Err(error) = published {

@@ -8,7 +8,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::net::TcpListener;
@@ -102,7 +102,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         controller: "acs-identity-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let recorder = Recorder::new(client.clone(), reporter);
     let (identities, secrets): (Api<CommunicationIdentity>, Api<PartialObjectMeta<Secret>>) =
         match &config.watch_namespace {
             Some(namespace) => (
@@ -114,7 +113,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (store, writer) = reflector::store();
     let context = Arc::new(Context::new(
         client,
-        recorder,
+        reporter,
         config.acs,
         metrics,
         store.clone(),
