@@ -107,7 +107,7 @@ fn tool_path() -> &'static str {
 
 /// Runs helm against the test cluster with a throwaway home, returning its stdout; fails the
 /// test with helm's stderr when it fails.
-fn helm(args: &[&str]) -> String {
+pub(crate) fn helm(args: &[&str]) -> String {
     let output = helm_output(args);
     assert!(
         output.status.success(),
@@ -141,7 +141,7 @@ fn set_args(values: &[(&str, &str)]) -> Vec<String> {
 }
 
 /// The chart rendered by `helm template` as JSON documents, for release `r1` in namespace `ops`.
-fn render(values: &[(&str, &str)]) -> Vec<Value> {
+pub(crate) fn render(values: &[(&str, &str)]) -> Vec<Value> {
     let mut args = vec![
         "template",
         "r1",
@@ -158,14 +158,14 @@ fn render(values: &[(&str, &str)]) -> Vec<Value> {
     serde_saphyr::from_multiple(&text).expect("helm template prints YAML")
 }
 
-fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
+pub(crate) fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
     documents
         .iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no {kind} {name} in the rendered chart"))
 }
 
-fn kinds(documents: &[Value]) -> BTreeSet<String> {
+pub(crate) fn kinds(documents: &[Value]) -> BTreeSet<String> {
     documents
         .iter()
         .map(|d| d["kind"].as_str().unwrap().to_owned())
@@ -238,13 +238,13 @@ fn expected_lease_rules(lease: &str) -> BTreeSet<Rule> {
 
 /// A Helm release of the chart, uninstalled when dropped (before its namespace goes, since
 /// Helm keeps the release record there and the ClusterRole is cluster-scoped).
-struct Release {
-    name: String,
+pub(crate) struct Release {
+    pub(crate) name: String,
     namespace: String,
 }
 
 impl Release {
-    fn install(namespace: &str, values: &[(&str, &str)]) -> Self {
+    pub(crate) fn install(namespace: &str, values: &[(&str, &str)]) -> Self {
         let name = format!("acs-{:06}", rand::random::<u32>() % 1_000_000);
         let mut args = vec!["install", &name, CHART, "--namespace", namespace];
         let sets = set_args(values);
@@ -258,7 +258,7 @@ impl Release {
     }
 
     /// The ServiceAccount (and every RBAC object) the chart names after the release.
-    fn fullname(&self) -> String {
+    pub(crate) fn fullname(&self) -> String {
         format!("{}-acs-identity-operator", self.name)
     }
 }

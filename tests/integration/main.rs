@@ -5,6 +5,7 @@ mod chart;
 mod controlplane;
 mod hostile;
 mod leader;
+mod node;
 mod operations;
 mod operator;
 mod support;

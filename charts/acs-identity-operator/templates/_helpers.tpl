@@ -38,6 +38,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The image: repository@digest when a digest is set (the tag is then ignored), else repository:tag. */}}
+{{- define "acs-identity-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" .Values.image.digest) }}
+{{- fail "image.digest must be sha256:<64 hex digits>" }}
+{{- end }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
 {{/* Where an extra CA is mounted, if one is configured. */}}
 {{- define "acs-identity-operator.extraCAPath" -}}
 /etc/acs-identity-operator/extra-ca/ca.crt
