@@ -19,6 +19,9 @@ scripts/check-deps.sh
 step "the Dockerfile: lint, and the release binary built exactly as it builds it"
 scripts/check-dockerfile.sh
 
+step "the chart's alerts: promtool check rules and test rules"
+scripts/check-alerts.sh
+
 step "building the binaries"
 cargo build --workspace --bins --locked
 

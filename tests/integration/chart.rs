@@ -2,10 +2,10 @@
 //! ships the CRD checked in under crds/, installs onto the real local control plane, and its
 //! RBAC is exactly enough.
 //!
-//! Pods cannot run here: the local control plane has no kubelet and there is no container
-//! engine, so the Deployment the chart creates is never scheduled. Instead each install test
-//! runs the operator binary as a local process **under the chart's own ServiceAccount**: it asks
-//! the TokenRequest API for a token of that ServiceAccount, writes a kubeconfig with it (server
+//! These install tests run the operator binary as a local process **under the chart's own
+//! ServiceAccount** (the chart's Deployment itself runs on the node in tests/integration/node.rs;
+//! a local process lets these tests read its log and metrics directly): each asks the
+//! TokenRequest API for a token of that ServiceAccount, writes a kubeconfig with it (server
 //! and CA taken from the admin kubeconfig) and starts the operator with that kubeconfig. A
 //! create → Ready → delete cycle against the emulator then proves the chart's RBAC is enough,
 //! and SelfSubjectAccessReviews plus plain calls expecting 403 prove it is not more than needed.
