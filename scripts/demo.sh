@@ -3,14 +3,17 @@
 # refresh -> revoke -> delete, each line printed only once the operator has done it and the demo
 # has seen it in the resource's status, its Secret, its Events and the emulator.
 #
-# Builds what it needs, starts a local control plane, the acs-emulator and the operator, and
-# stops all of them on exit. Exits 0 only when every step was observed.
+# Builds what it needs, starts a local cluster (control plane and one node), the acs-emulator and
+# the operator as a Pod installed by the Helm chart from the image scripts/build-image.sh makes,
+# and stops all of them on exit. A workload Pod reads the token's Secret from a volume.
+# Exits 0 only when every step was observed.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 source scripts/lib/toolchain.sh
 
 source scripts/lib/stack.sh
+STACK_OPERATOR=pod
 stack_up "$repo/.dev/demo" acs-demo
 fail() { stack_fail "$@"; }
 
@@ -42,6 +45,28 @@ token=$(secret_value token)
 [ "$(token_status "$token")" = valid ] || fail "the emulator does not accept the token in the Secret"
 echo "Issued an access token with '$(secret_value scopes)' scope that expires at $(secret_value expiresOn):"
 echo "  $(redact "$token")  (in Secret alice-acs-token)"
+
+# A workload as users write one: a Pod mounting the Secret (it prints what it read, never the token).
+kubectl -n $namespace apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: reader}
+spec:
+  restartPolicy: Never
+  automountServiceAccountToken: false
+  securityContext: {runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532}
+  containers:
+    - name: reader
+      image: acs-test/busybox:local
+      imagePullPolicy: Never
+      command: [/bin/sh, -c, 'echo "identity $(cat /acs/identityId), scopes $(cat /acs/scopes), expires $(cat /acs/expiresOn); token: $(wc -c </acs/token) bytes"']
+      securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+      volumeMounts: [{name: token, mountPath: /acs, readOnly: true}]
+  volumes: [{name: token, secret: {secretName: alice-acs-token}}]
+EOF
+eventually 120 '[ "$(kubectl -n $namespace get pod reader -o jsonpath={.status.phase})" = Succeeded ]' ||
+  fail "the workload Pod did not run: $(kubectl -n $namespace get pod reader -o jsonpath='{.status}')"
+echo "A workload Pod mounting the Secret read: $(pod_output $namespace reader)"
 
 after_mint_second
 kubectl -n $namespace annotate commid alice acs-operator.io/refresh-requested-at="$(date +%s)" --overwrite >/dev/null

@@ -76,8 +76,49 @@ stack_up() { # STATE_DIR NAMESPACE
   kubectl -n "$namespace" create secret generic acs-connection \
     --from-file=connectionString="$stack_dir/connection-string" >/dev/null
 
+  if [ "${STACK_OPERATOR:-process}" = pod ]; then
+    stack_operator_pod
+    return
+  fi
   stack_info "starting the operator"
   "$bin/acs-identity-operator" run --watch-namespace "$namespace" --acs-ca-file "$stack_dir/emulator/ca.crt" \
     --acs-endpoint-suffixes 127.0.0.1,localhost --metrics-addr 127.0.0.1:0 >"$stack_dir/operator.log" 2>&1 &
   stack_pids+=("$!")
+}
+
+# STACK_OPERATOR=pod: the operator as its users run it, a Pod on the local cluster's node,
+# installed by the Helm chart from the image scripts/build-image.sh assembles. The emulator stays
+# on this machine's loopback; a netns-forward puts it on 127.0.0.1 inside the operator Pod's
+# network namespace (its certificate names 127.0.0.1), so TLS is checked against the emulator's
+# CA, given through the chart's extraCA.
+stack_operator_pod() {
+  stack_info "building the operator image and loading it into the node"
+  scripts/build-image.sh >/dev/null
+  local ops=$namespace-operator release=acs-demo
+  kubectl create namespace "$ops" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl -n "$ops" create configmap emulator-ca --from-file=ca.crt="$stack_dir/emulator/ca.crt" >/dev/null
+  stack_info "installing the chart: the operator as a Pod (image acs-identity-operator:dev)"
+  helm install "$release" charts/acs-identity-operator -n "$ops" --set image.tag=dev \
+    --set image.pullPolicy=Never --set watchNamespace="$namespace" \
+    --set acsEndpointSuffixes=127.0.0.1 --set extraCA.configMap.name=emulator-ca >/dev/null
+  kubectl -n "$ops" rollout status deployment "$release-acs-identity-operator" --timeout 120s >/dev/null ||
+    stack_fail "the operator's Deployment did not become available"
+  local pod pid="" _
+  pod=$(kubectl -n "$ops" get pods -l app.kubernetes.io/instance=$release -o jsonpath='{.items[0].metadata.name}')
+  for _ in $(seq 100); do
+    pid=$(grep -lzx "POD_NAME=$pod" /proc/[0-9]*/environ 2>/dev/null | head -n 1 | cut -d/ -f3) && [ -n "$pid" ] && break
+    sleep 0.1
+  done
+  [ -n "$pid" ] || stack_fail "found no process of the operator Pod $pod"
+  local port=${endpoint##*:}
+  "$(cat "$ACS_DEV_DIR/node/netns-forward")" -listen-netns "/proc/$pid/ns/net" -listen "127.0.0.1:$port" \
+    -to "127.0.0.1:$port" >"$stack_dir/forward.log" 2>&1 &
+  stack_pids+=("$!")
+  stack_info "operator Pod $ops/$pod (UID $(awk '/^Uid:/{print $2}' "/proc/$pid/status"), read-only root, no capabilities) reaches the emulator through its own 127.0.0.1"
+}
+
+# The lines a container printed, from the node's log files (kubectl logs needs a kubelet the
+# API server can reach; the node's is inside its own network namespace): NAMESPACE POD.
+pod_output() {
+  cat "$ACS_DEV_DIR"/node/pod-logs/"$1_$2"_*/*/0.log 2>/dev/null | sed -E 's/^[^ ]+ (stdout|stderr) [FP] //'
 }

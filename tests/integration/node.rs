@@ -423,6 +423,20 @@ async fn chart_runs_the_operator_on_the_node() {
     assert_eq!(emulator.validate(&mounted).await["valid"], true);
 
     // A refresh: the Secret changes, and the mounted file follows within kubelet's sync.
+    // Tokens carry whole-second times, so one minted in the same second as the current one
+    // would be the same token: the refresh is asked for once that second is over (the token
+    // lives 1 h, basic_spec's tokenLifetime).
+    let expires: jiff::Timestamp = secret_strings(&secrets.get(secret_name).await.unwrap())
+        [secret_key::EXPIRES_ON]
+        .parse()
+        .unwrap();
+    let minted = expires.as_second() - 3600;
+    wait_for(
+        "the token's mint second to pass",
+        Duration::from_secs(5),
+        || async { (jiff::Timestamp::now().as_second() > minted).then_some(()) },
+    )
+    .await;
     identities
         .patch(
             "chat",
