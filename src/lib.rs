@@ -15,6 +15,7 @@ pub mod refresh;
 pub mod run;
 pub mod secret;
 pub mod status;
+pub mod tokens;
 
 #[cfg(test)]
 mod fixtures;

@@ -746,3 +746,197 @@ async fn the_connection_secret_stays_pinned_while_another_resource_uses_it() {
     assert_eq!(connection.finalizers(), [CONNECTION_SECRET_FINALIZER]);
     assert_eq!(action, Action::await_change());
 }
+
+/// The quickstart's two tokens for one identity: a 1-hour `voip` one and a `chat` one.
+fn two_tokens() -> serde_json::Value {
+    json!([
+        { "name": "voip", "scopes": ["voip"], "tokenLifetime": "1h" },
+        { "name": "chat", "scopes": ["chat"] },
+    ])
+}
+
+/// The first pass of a resource with two named tokens: the identity is created with the first
+/// token, the second is issued in the same pass, and one Secret holds both.
+async fn first_pass_of_two(h: &mut Harness) -> Issued {
+    start_first_pass(h).await;
+    let secret = h.expect_secret_create().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::IDENTITY_CREATED).await;
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    let action = h.finish_pass().await;
+    Issued {
+        status,
+        secret,
+        action,
+    }
+}
+
+#[tokio::test]
+async fn two_named_tokens_are_issued_for_one_identity_in_one_pass() {
+    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
+    let created = first_pass_of_two(&mut h).await;
+    assert_eq!(
+        h.acs.calls().await,
+        ["createIdentityWithToken 201", "issueAccessToken 200"]
+    );
+    let (now, status, secret) = (h.now(), &created.status, &created.secret);
+    assert_eq!(
+        secret_keys(secret),
+        [
+            "chat.expiresOn",
+            "chat.scopes",
+            "chat.token",
+            "endpoint",
+            "identityId",
+            "voip.expiresOn",
+            "voip.scopes",
+            "voip.token",
+        ]
+    );
+    assert_eq!(secret_value(secret, "voip.scopes"), "voip");
+    assert_eq!(secret_value(secret, "chat.scopes"), "chat");
+    assert_eq!(
+        secret_value(secret, "voip.expiresOn"),
+        (now + HOUR).to_string()
+    );
+    assert_eq!(
+        secret_value(secret, "chat.expiresOn"),
+        (now + 24 * HOUR).to_string()
+    );
+    for key in ["voip.token", "chat.token"] {
+        assert_eq!(
+            h.acs.token_status(&secret_value(secret, key)).await,
+            "valid"
+        );
+    }
+    let tokens: Vec<(&str, Vec<Scope>, Option<i32>)> = status
+        .tokens
+        .iter()
+        .map(|t| (t.name.as_str(), t.scopes.clone(), t.token_lifetime_minutes))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            ("voip", vec![Scope::Voip], Some(60)),
+            ("chat", vec![Scope::Chat], Some(1440)),
+        ]
+    );
+    // The printer columns tell the first expiry and the first refresh.
+    assert_eq!(status.token_expires_on, Some(Time(now + HOUR)));
+    assert_eq!(status.next_refresh_time, status.tokens[0].next_refresh_time);
+    assert!(status.token_scopes.is_empty());
+    assert_eq!(ready(status), ("True", reason::TOKEN_ISSUED));
+    assert_eq!(created.action, requeue_until(now, next_refresh(status)));
+
+    // A restart with both tokens in place writes nothing and calls nothing.
+    h.restart();
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.finish_pass().await;
+    assert!(h.acs.calls().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_changed_entry_reissues_only_its_token_and_a_removed_one_leaves_the_secret() {
+    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
+    let created = first_pass_of_two(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    h.cluster
+        .edit_spec(|spec| spec.tokens[1].scopes.push(Scope::ChatJoin));
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    let applied = h.expect_secret_apply().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.finish_pass().await;
+    assert_eq!(h.acs.calls().await, ["issueAccessToken 200"]);
+    let before = &created.secret;
+    assert_eq!(
+        secret_value(&applied, "voip.token"),
+        secret_value(before, "voip.token"),
+        "the unchanged entry keeps its token"
+    );
+    assert_ne!(
+        secret_value(&applied, "chat.token"),
+        secret_value(before, "chat.token")
+    );
+    assert_eq!(secret_value(&applied, "chat.scopes"), "chat,chat.join");
+    assert_eq!(status.tokens[0], created.status.tokens[0]);
+    assert_eq!(status.tokens[1].scopes, [Scope::Chat, Scope::ChatJoin]);
+
+    // Removing an entry takes its keys out, with no ACS call.
+    h.restart();
+    h.cluster.edit_spec(|spec| {
+        spec.tokens.pop();
+    });
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_secret_apply().await;
+    h.expect_secret_keys_removed(&["chat.token", "chat.expiresOn", "chat.scopes"])
+        .await;
+    h.expect_event(NORMAL, reason::TOKENS_REMOVED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert!(h.acs.calls().await.is_empty());
+    let names: Vec<&str> = status.tokens.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["voip"]);
+    let secret = h.cluster.token_secret.as_ref().expect("the Secret");
+    assert_eq!(
+        secret_keys(secret),
+        [
+            "endpoint",
+            "identityId",
+            "voip.expiresOn",
+            "voip.scopes",
+            "voip.token"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_revoke_replaces_every_named_token() {
+    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
+    let created = first_pass_of_two(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    h.set_clock(h.now() + MINUTE);
+    h.cluster
+        .annotate(crate::crd::REVOKE_REQUESTED_ANNOTATION, "leak-1");
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_event(NORMAL, reason::TOKENS_REVOKED).await;
+    let applied = h.expect_secret_apply().await;
+    let status = h.expect_status_apply().await;
+    let issued = h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.finish_pass().await;
+    let note = issued["note"].as_str().expect("a note");
+    assert!(
+        note.contains("token \"voip\"") && note.contains("token \"chat\""),
+        "one Event tells both: {note}"
+    );
+    assert_eq!(
+        h.acs.calls().await,
+        [
+            "issueAccessToken 200",
+            "issueAccessToken 200",
+            "revokeAccessTokens 204"
+        ]
+    );
+    for key in ["voip.token", "chat.token"] {
+        let (old, new) = (
+            secret_value(&created.secret, key),
+            secret_value(&applied, key),
+        );
+        assert_eq!(h.acs.token_status(&old).await, "revoked", "{key}");
+        assert_eq!(h.acs.token_status(&new).await, "valid", "{key}");
+    }
+    assert_eq!(status.handled_revoke_request.as_deref(), Some("leak-1"));
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+}

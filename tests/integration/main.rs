@@ -8,3 +8,4 @@ mod leader;
 mod operations;
 mod operator;
 mod support;
+mod tokens;

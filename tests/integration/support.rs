@@ -146,6 +146,16 @@ where
     .await;
 }
 
+/// Waits until the wall clock is past the second of `time`. ACS tokens carry whole-second
+/// times, so two tokens for the same identity and scopes minted within one second are equal;
+/// a test that tells tokens apart issues them in different seconds.
+pub async fn next_second_after(time: jiff::Timestamp) {
+    wait_for("the next second", Duration::from_secs(2), || async {
+        (jiff::Timestamp::now().as_second() > time.as_second()).then_some(())
+    })
+    .await;
+}
+
 /// Polls `check` until it returns `Some`, failing the test with `what` after `deadline`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
