@@ -70,6 +70,15 @@ pub mod reason {
     pub const SECRET_RESTORED: &str = "SecretRestored";
     /// Event: the keys of tokens the spec no longer asks for were taken out of the Secret.
     pub const TOKENS_REMOVED: &str = "TokensRemoved";
+    /// Event: a workload of spec.rolloutRestartTargets was restarted for new tokens.
+    pub const WORKLOAD_RESTARTED: &str = "WorkloadRestarted";
+    /// Warning event: a restart target does not exist.
+    pub const RESTART_TARGET_NOT_FOUND: &str = "RestartTargetNotFound";
+    /// Warning event: the operator may not patch a restart target (the chart's
+    /// rolloutRestart.enabled grants it).
+    pub const RESTART_FORBIDDEN: &str = "RestartForbidden";
+    /// Warning event: the API server refused the restart of a target otherwise.
+    pub const RESTART_FAILED: &str = "RestartFailed";
     /// Warning event: ACS returned a token that lives shorter than requested.
     pub const SHORT_TOKEN_LIFETIME: &str = "ShortTokenLifetime";
     /// Warning event: the skip-cleanup annotation released the resource without cleanup in ACS.
@@ -101,6 +110,10 @@ pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60 * 60);
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// ACS SDKs refresh 10 minutes before expiry; refreshing later than 15 minutes before would race them.
 pub const MIN_REFRESH_BEFORE: Duration = Duration::from_secs(15 * 60);
+/// Default of spec.minRestartInterval: a few minutes, so a burst of token changes costs one
+/// rollout, while a workload is never more than that behind.
+pub const DEFAULT_MIN_RESTART_INTERVAL: Duration = Duration::from_secs(5 * 60);
+const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(60);
 /// refreshBefore must stay below tokenLifetime minus this, so a token is used for a while.
 pub const MIN_TOKEN_USE: Duration = Duration::from_secs(15 * 60);
 
@@ -304,6 +317,66 @@ pub struct CommunicationIdentitySpec {
         },
     ]))]
     pub identity_id: Option<String>,
+
+    /// Deployments, StatefulSets and DaemonSets of this namespace restarted (as `kubectl rollout restart` does) when the tokens in the Secret change, for workloads that read a token once at start. At most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_RESTART_TARGETS))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(x, self.exists_one(y, x.kind == y.kind && x.name == y.name))",
+            "message": "rolloutRestartTargets must name each workload once",
+        },
+    ]))]
+    pub rollout_restart_targets: Vec<RestartTarget>,
+
+    /// The shortest time between two restarts of the targets ("5m", "1h"), from 1m to 24h; default 5m. A revoke restarts them at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "String", length(max = 12))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": concat!("self.matches('", duration_regex!(), "')"),
+            "message": "minRestartInterval must be whole hours and/or minutes, such as 5m, 1h or 1h30m",
+        },
+        {
+            "rule": concat!(
+                "!self.matches('", duration_regex!(), "')",
+                " || duration(self) >= duration('1m') && duration(self) <= duration('24h')",
+            ),
+            "message": "minRestartInterval must be between 1m and 24h",
+        },
+    ]))]
+    pub min_restart_interval: Option<String>,
+}
+
+/// Most workloads `spec.rolloutRestartTargets` may name.
+pub const MAX_RESTART_TARGETS: usize = 16;
+
+/// A workload restarted when the tokens change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartTarget {
+    pub kind: WorkloadKind,
+    /// The workload's name, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+}
+
+/// The kinds of workload `kubectl rollout restart` restarts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl WorkloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+        }
+    }
 }
 
 fn default_token_lifetime() -> String {
@@ -647,11 +720,45 @@ pub struct CommunicationIdentityStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The restarts of spec.rolloutRestartTargets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_restart: Option<RolloutRestartStatus>,
     /// Ready: True while the Secret holds an unexpired token for the current spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     // A map keyed by type, so server-side apply merges conditions instead of replacing the list.
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// The restarts of spec.rolloutRestartTargets: a change of the tokens is pending until the
+/// targets are restarted for it, which survives an operator restart.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartStatus {
+    /// When the targets were last restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_time: Option<Time>,
+    /// Since when the tokens have changed without a restart of the targets yet; the restart
+    /// comes at lastRestartTime + minRestartInterval at the earliest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_since: Option<Time>,
+    /// The pending change is a revoke: the targets are restarted at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending_revoke: bool,
+    /// The targets the last restart could not restart, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_targets: Vec<RestartFailure>,
+}
+
+/// A target the last restart could not restart.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartFailure {
+    pub kind: WorkloadKind,
+    pub name: String,
+    /// RestartTargetNotFound, RestartForbidden or RestartFailed.
+    pub reason: String,
+    pub message: String,
 }
 
 /// One token of spec.tokens as issued.
@@ -758,6 +865,8 @@ pub enum InvalidSpec {
     AnnotationsTooLarge { size: usize },
     #[error("{ONE_FORM_MESSAGE}")]
     TokenForm,
+    #[error("minRestartInterval must be between 1m and 24h")]
+    RestartIntervalOutOfRange,
     #[error(
         "with spec.tokens, set tokenLifetime and refreshBefore on each entry of spec.tokens, not on the spec"
     )]
@@ -799,6 +908,7 @@ impl CommunicationIdentitySpec {
             });
         }
         self.secret_template.validate()?;
+        self.min_restart_interval()?;
         match self.adopted_identity_id() {
             Some(id) if !is_communication_user_id(id) => Err(InvalidSpec::IdentityId {
                 value: id.to_owned(),
@@ -859,6 +969,22 @@ impl CommunicationIdentitySpec {
             })?;
         }
         Ok(())
+    }
+
+    /// The shortest time between two restarts of the targets: spec.minRestartInterval, or
+    /// [`DEFAULT_MIN_RESTART_INTERVAL`].
+    pub fn min_restart_interval(&self) -> Result<Duration, InvalidSpec> {
+        let Some(text) = &self.min_restart_interval else {
+            return Ok(DEFAULT_MIN_RESTART_INTERVAL);
+        };
+        let interval = parse_duration(text).ok_or_else(|| InvalidSpec::Duration {
+            field: "minRestartInterval",
+            value: text.clone(),
+        })?;
+        if !(MIN_RESTART_INTERVAL..=MAX_TOKEN_LIFETIME).contains(&interval) {
+            return Err(InvalidSpec::RestartIntervalOutOfRange);
+        }
+        Ok(interval)
     }
 
     /// The deletion policy in force: spec.deletionPolicy, or the default for how the identity
@@ -1308,6 +1434,33 @@ mod tests {
             .to_string(),
             "tokens entry \"chat\": refreshBefore must be less than tokenLifetime minus 15m"
         );
+    }
+
+    #[test]
+    fn min_restart_interval_defaults_to_five_minutes_within_bounds() {
+        let interval = |value: Value| spec_with(json!({ "minRestartInterval": value }));
+        let cases = [
+            ("default", spec_with(json!({})), Ok(5 * MINUTE)),
+            ("an hour", interval(json!("1h")), Ok(HOUR)),
+            ("a minute", interval(json!("1m")), Ok(MINUTE)),
+            (
+                "none at all",
+                interval(json!("0m")),
+                Err(InvalidSpec::RestartIntervalOutOfRange),
+            ),
+            (
+                "seconds",
+                interval(json!("30s")),
+                Err(InvalidSpec::Duration {
+                    field: "minRestartInterval",
+                    value: "30s".into(),
+                }),
+            ),
+        ];
+        for (name, spec, expected) in cases {
+            assert_eq!(spec.min_restart_interval(), expected, "{name}");
+            assert_eq!(spec.validate(), expected.map(drop), "{name}");
+        }
     }
 
     /// A valid spec with `extra` merged over it, as the API server would hand it over.
@@ -2002,6 +2155,23 @@ mod tests {
             messages(&fields["refreshBefore"])
         );
         assert_eq!(entry_fields["tokenLifetime"]["default"], "24h");
+        let targets = &fields["rolloutRestartTargets"];
+        assert_eq!(
+            messages(targets),
+            ["rolloutRestartTargets must name each workload once"]
+        );
+        assert_eq!(targets["maxItems"], 16);
+        assert_eq!(
+            targets["items"]["properties"]["kind"]["enum"],
+            json!(["Deployment", "StatefulSet", "DaemonSet"])
+        );
+        assert_eq!(
+            messages(&fields["minRestartInterval"]),
+            [
+                "minRestartInterval must be whole hours and/or minutes, such as 5m, 1h or 1h30m",
+                "minRestartInterval must be between 1m and 24h",
+            ]
+        );
         assert!(
             spec["required"]
                 .as_array()

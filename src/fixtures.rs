@@ -799,6 +799,45 @@ impl Harness {
         call.reply(StatusCode::OK, &answer);
     }
 
+    /// The restart of the workload `plural`/`name` (`deployments`, `statefulsets`,
+    /// `daemonsets`) as `kubectl rollout restart` makes it, answered with `code`; returns the
+    /// restartedAt value it set.
+    pub async fn expect_workload_restart(
+        &mut self,
+        plural: &str,
+        name: &str,
+        code: StatusCode,
+    ) -> String {
+        let call = self.next(&format!("restart of {plural}/{name}")).await;
+        call.assert_is(
+            "workload restart",
+            Method::PATCH,
+            &format!("/apis/apps/v1/namespaces/{NAMESPACE}/{plural}/{name}"),
+            &[("fieldManager", FIELD_MANAGER)],
+        );
+        assert_eq!(
+            call.content_type.as_deref(),
+            Some("application/strategic-merge-patch+json")
+        );
+        let annotations = &call.body["spec"]["template"]["metadata"]["annotations"];
+        let restarted_at = annotations["kubectl.kubernetes.io/restartedAt"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a restartedAt annotation in {}", call.body))
+            .to_owned();
+        match code {
+            StatusCode::OK => {
+                let answer = json!({
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": { "name": name, "namespace": NAMESPACE },
+                });
+                call.reply(code, &answer);
+            }
+            code => call.refuse(code, "Refused", &format!("{plural} \"{name}\" refused")),
+        }
+        restarted_at
+    }
+
     /// An Event about the resource (events.k8s.io/v1, as kube-runtime's Recorder posts it) of
     /// `type_` and `reason`; returns it.
     pub async fn expect_event(&mut self, type_: &str, reason: &str) -> Value {

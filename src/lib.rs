@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod record;
 pub mod refresh;
+pub mod restart;
 pub mod run;
 pub mod secret;
 pub mod status;

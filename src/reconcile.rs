@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
 use kube::{Api, Resource, ResourceExt};
@@ -20,7 +21,8 @@ use crate::adoption::claimed_by;
 use crate::context::Context;
 use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
-    CommunicationIdentityStatus, FIELD_MANAGER, FINALIZER, reason,
+    CommunicationIdentityStatus, DEFAULT_MIN_RESTART_INTERVAL, FIELD_MANAGER, FINALIZER,
+    RestartTarget, WorkloadKind, reason,
 };
 use crate::decide::{
     Cleanup, Decision, Deletion, IssueReason, Observed, SecretState, TokenSeen, decide, tokens_seen,
@@ -29,6 +31,7 @@ use crate::held::{HeldToken, Issuance, Issued};
 use crate::metrics::Metrics;
 use crate::record::{FailedDuring, Note, after_failure, after_issue, issue_notes, merged, settled};
 use crate::refresh::{check_expiry, wait_until};
+use crate::restart::{self, RestartOutcome, after_restart, restart_due, restart_patch};
 use crate::secret::{Classified, Delivered, SecretOwnership, classify, ownership, render_secret};
 use crate::status::{Failure, bounded};
 use crate::tokens::TokenEntry;
@@ -265,9 +268,12 @@ impl Pass {
             decision,
             Decision::CreateIdentity | Decision::IssueTokens { .. }
         );
+        // A restart the cache shows as due may be done already: the cache can lag behind the
+        // status the restarting pass wrote.
+        let restarts = self.restart_is_due(&self.status);
         // Without the finalizer, the patch that adds it before the ACS call proves the cache
         // current (it is guarded by resourceVersion); with it, a read does.
-        if calls_acs && !fresh && self.has_finalizer() {
+        if (calls_acs || restarts) && !fresh && self.has_finalizer() {
             let name = self.resource.name_any();
             let latest = self.kube("identity_get", self.api.get(&name)).await?;
             if latest.resource_version() != self.resource.resource_version() {
@@ -646,6 +652,7 @@ impl Pass {
         for note in merged(notes) {
             self.publish(note).await;
         }
+        let status = self.restart_targets_if_due(status).await?;
         Ok(self.requeue_for(&status))
     }
 
@@ -655,16 +662,94 @@ impl Pass {
         if status != self.status {
             self.patch_status(&status).await?;
         }
+        let status = self.restart_targets_if_due(status).await?;
         Ok(self.requeue_for(&status))
     }
 
-    /// The requeue for the next refresh.
+    /// When the restart `status` holds pending is due, if one is.
+    fn restart_due_at(&self, status: &CommunicationIdentityStatus) -> Option<Timestamp> {
+        let interval = self.resource.spec.min_restart_interval();
+        restart_due(
+            status.rollout_restart.as_ref(),
+            interval.unwrap_or(DEFAULT_MIN_RESTART_INTERVAL),
+        )
+    }
+
+    fn restart_is_due(&self, status: &CommunicationIdentityStatus) -> bool {
+        self.restart_due_at(status).is_some_and(|at| at <= self.now)
+    }
+
+    /// The requeue for the next refresh, or the pending restart if that comes first.
     fn requeue_for(&self, status: &CommunicationIdentityStatus) -> Action {
-        let wait = status
-            .next_refresh_time
-            .as_ref()
-            .map_or(KUBE_ERROR_RETRY, |at| wait_until(self.now, at.0));
+        let restart = self.restart_due_at(status);
+        let wait = [status.next_refresh_time.as_ref().map(|t| t.0), restart]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(KUBE_ERROR_RETRY, |at| wait_until(self.now, at));
         requeue(wait)
+    }
+
+    /// Restarts spec.rolloutRestartTargets once a restart they are owed is due, then records it
+    /// in `status`. A target that is missing or may not be patched is a Warning Event and a
+    /// status entry; the tokens are delivered already.
+    async fn restart_targets_if_due(
+        &self,
+        mut status: CommunicationIdentityStatus,
+    ) -> Result<CommunicationIdentityStatus, Error> {
+        if !self.restart_is_due(&status) {
+            return Ok(status);
+        }
+        let secret_name = self.resource.secret_name();
+        let mut outcomes = Vec::new();
+        for target in &self.resource.spec.rollout_restart_targets {
+            let outcome = self.restart_target(target).await?;
+            let note = restart::note(target, &outcome, &secret_name, &self.namespace);
+            info!(kind = target.kind.as_str(), name = %target.name, ?outcome, "restart target");
+            self.publish(note).await;
+            outcomes.push((target.clone(), outcome));
+        }
+        let restarted = after_restart(&outcomes, &secret_name, &self.namespace, self.now);
+        status.rollout_restart = Some(restarted);
+        self.patch_status(&status).await?;
+        Ok(status)
+    }
+
+    /// Restarts one workload as `kubectl rollout restart` does: a new pod-template annotation.
+    async fn restart_target(&self, target: &RestartTarget) -> Result<RestartOutcome, Error> {
+        let resource = match target.kind {
+            WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
+            WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
+            WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.ctx.client.clone(), &self.namespace, &resource);
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        let patch = Patch::Strategic(restart_patch(self.now));
+        let request = api.patch(&target.name, &params, &patch);
+        match self.kube("workload_restart", request).await {
+            Ok(_) => Ok(RestartOutcome::Restarted),
+            Err(Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            }) => Ok(match status.code {
+                404 => RestartOutcome::NotFound,
+                403 => RestartOutcome::Forbidden,
+                code if (400..500).contains(&code) && code != 429 => RestartOutcome::Refused(
+                    bounded(format!("{code} {}: {}", status.reason, status.message)),
+                ),
+                _ => {
+                    return Err(Error::Kube {
+                        call: "workload_restart",
+                        source: kube::Error::Api(status),
+                    });
+                }
+            }),
+            Err(error) => Err(error),
+        }
     }
 
     /// Records a failure: status (with the backoff), a Warning event and a metric.

@@ -897,21 +897,26 @@ async fn a_changed_entry_reissues_only_its_token_and_a_removed_one_leaves_the_se
     );
 }
 
-#[tokio::test]
-async fn a_revoke_replaces_every_named_token() {
-    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
-    let created = first_pass_of_two(&mut h).await;
-    h.acs.calls().await;
-    h.restart();
+/// A minute on (tokens carry whole seconds), after an operator restart: a pass on the revoke
+/// request `leak-1`, up to the revoke.
+async fn start_revoke_pass(h: &mut Harness) {
     h.set_clock(h.now() + MINUTE);
+    h.restart();
     h.cluster
         .annotate(crate::crd::REVOKE_REQUESTED_ANNOTATION, "leak-1");
-
     h.start_pass();
     h.expect_token_secret_get().await;
     h.expect_identity_get().await;
     h.expect_connection_secret_get().await;
     h.expect_event(NORMAL, reason::TOKENS_REVOKED).await;
+}
+
+#[tokio::test]
+async fn a_revoke_replaces_every_named_token() {
+    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
+    let created = first_pass_of_two(&mut h).await;
+    h.acs.calls().await;
+    start_revoke_pass(&mut h).await;
     let applied = h.expect_secret_apply().await;
     let status = h.expect_status_apply().await;
     let issued = h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
@@ -939,4 +944,183 @@ async fn a_revoke_replaces_every_named_token() {
     }
     assert_eq!(status.handled_revoke_request.as_deref(), Some("leak-1"));
     assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+}
+
+/// A resource whose Deployment `web` is restarted when its tokens change (the default
+/// minRestartInterval of 5 minutes), on top of `spec`.
+fn with_web_target(spec: serde_json::Value) -> crate::crd::CommunicationIdentity {
+    let mut full = json!({ "rolloutRestartTargets": [{ "kind": "Deployment", "name": "web" }] });
+    full.as_object_mut()
+        .expect("an object")
+        .extend(spec.as_object().expect("spec fields").clone());
+    identity(full)
+}
+
+/// A pass on a new refresh request: the token is reissued and written, status records it.
+async fn requested_refresh(h: &mut Harness, value: &str) -> CommunicationIdentityStatus {
+    h.restart();
+    h.cluster
+        .annotate(crate::crd::REFRESH_REQUESTED_ANNOTATION, value);
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_secret_apply().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_REFRESHED).await;
+    status
+}
+
+#[tokio::test]
+async fn a_token_change_restarts_the_targets_once_and_changes_close_together_fold_into_one() {
+    let mut h = Harness::new(with_web_target(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    assert_eq!(
+        created.status.rollout_restart, None,
+        "the first token restarts nothing"
+    );
+
+    // A refresh: the new token is written, then web restarted at once (never restarted before).
+    let pending = requested_refresh(&mut h, "r1").await;
+    assert_eq!(
+        pending.rollout_restart.as_ref().unwrap().pending_since,
+        Some(Time(h.now()))
+    );
+    let restarted_at = h
+        .expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert_eq!(restarted_at, h.now().to_string());
+    let restart = status.rollout_restart.as_ref().unwrap();
+    assert_eq!(restart.last_restart_time, Some(Time(h.now())));
+    assert_eq!(restart.pending_since, None);
+    let first_restart = h.now();
+
+    // Neither an operator restart nor an unchanged pass restarts anything.
+    h.restart();
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.finish_pass().await;
+
+    // Two more refreshes within the interval: each writes its token, neither restarts.
+    h.set_clock(first_restart + MINUTE);
+    let pending = requested_refresh(&mut h, "r2").await;
+    let action = h.finish_pass().await;
+    let due = first_restart + 5 * MINUTE;
+    assert_eq!(
+        pending.rollout_restart.as_ref().unwrap().pending_since,
+        Some(Time(first_restart + MINUTE))
+    );
+    assert_eq!(
+        action,
+        requeue_until(h.now(), due),
+        "back when the restart is due"
+    );
+    h.set_clock(first_restart + 2 * MINUTE);
+    requested_refresh(&mut h, "r3").await;
+    h.finish_pass().await;
+
+    // At the end of the interval, one restart for both; the cache may lag behind a restart
+    // done already, so the resource is read afresh first.
+    h.set_clock(due);
+    h.restart();
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    let restart = status.rollout_restart.as_ref().unwrap();
+    assert_eq!(
+        (
+            restart.last_restart_time.clone(),
+            restart.pending_since.clone()
+        ),
+        (Some(Time(due)), None)
+    );
+}
+
+#[tokio::test]
+async fn a_revoke_restarts_at_once_even_within_the_interval() {
+    let mut h = Harness::new(with_web_target(json!({}))).await;
+    first_pass(&mut h).await;
+    requested_refresh(&mut h, "r1").await;
+    h.expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    h.expect_status_apply().await;
+    h.finish_pass().await;
+
+    start_revoke_pass(&mut h).await;
+    h.expect_secret_apply().await;
+    let pending = h.expect_status_apply().await;
+    assert!(pending.rollout_restart.as_ref().unwrap().pending_revoke);
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    let restart = status.rollout_restart.as_ref().unwrap();
+    assert_eq!(restart.last_restart_time, Some(Time(h.now())));
+    assert!(!restart.pending_revoke);
+}
+
+#[tokio::test]
+async fn a_missing_or_forbidden_target_is_reported_and_the_token_is_delivered() {
+    let spec = json!({ "rolloutRestartTargets": [
+        { "kind": "Deployment", "name": "web" },
+        { "kind": "StatefulSet", "name": "db" },
+    ] });
+    let mut h = Harness::new(identity(spec)).await;
+    first_pass(&mut h).await;
+    let pending = requested_refresh(&mut h, "r1").await;
+    assert_eq!(ready(&pending), ("True", reason::TOKEN_ISSUED));
+    h.expect_workload_restart("deployments", "web", StatusCode::NOT_FOUND)
+        .await;
+    let missing = h
+        .expect_event(WARNING, reason::RESTART_TARGET_NOT_FOUND)
+        .await;
+    h.expect_workload_restart("statefulsets", "db", StatusCode::FORBIDDEN)
+        .await;
+    let forbidden = h.expect_event(WARNING, reason::RESTART_FORBIDDEN).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert!(
+        missing["note"]
+            .as_str()
+            .unwrap()
+            .contains("Deployment \"web\"")
+    );
+    assert!(
+        forbidden["note"]
+            .as_str()
+            .unwrap()
+            .contains("rolloutRestart.enabled=true")
+    );
+    let failed: Vec<(&str, &str)> = status
+        .rollout_restart
+        .as_ref()
+        .unwrap()
+        .failed_targets
+        .iter()
+        .map(|f| (f.name.as_str(), f.reason.as_str()))
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            ("web", reason::RESTART_TARGET_NOT_FOUND),
+            ("db", reason::RESTART_FORBIDDEN)
+        ]
+    );
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+    let secret = h.cluster.token_secret.as_ref().expect("the Secret");
+    assert_eq!(
+        h.acs.token_status(&secret_value(secret, "token")).await,
+        "valid"
+    );
 }

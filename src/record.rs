@@ -13,6 +13,7 @@ use crate::crd::{
 use crate::decide::IssueReason;
 use crate::held::{HeldToken, Issuance};
 use crate::refresh::{RefreshPlan, later, refresh_at, retry_delay};
+use crate::restart::after_tokens_changed;
 use crate::status::{Failure, Outcome, ready_condition, with_condition};
 use crate::tokens::{TokenEntry, token_state, token_states, with_token_states};
 
@@ -147,6 +148,15 @@ pub fn after_issue(
         .first()
         .map(|token| token.issued.identity_id.clone())
         .or_else(|| previous.identity_id.clone());
+    // New tokens over old ones owe the restart targets a restart; a first token does not.
+    let rollout_restart = match spec.rollout_restart_targets.is_empty() || before.is_empty() {
+        true => previous.rollout_restart.clone(),
+        false => Some(after_tokens_changed(
+            previous.rollout_restart.as_ref(),
+            revoke_handled && previous.identity_id.is_some(),
+            now,
+        )),
+    };
     let status = with_token_states(
         CommunicationIdentityStatus {
             identity_id,
@@ -165,6 +175,7 @@ pub fn after_issue(
                 false => previous.handled_revoke_request.clone(),
             },
             observed_generation: resource.metadata.generation,
+            rollout_restart,
             ..previous.clone()
         },
         spec,
@@ -539,6 +550,59 @@ mod tests {
             ready(&failed),
             ("False".into(), reason::ACS_UNAVAILABLE.into())
         );
+    }
+
+    #[test]
+    fn new_tokens_over_old_ones_owe_the_targets_a_restart() {
+        let with_target = |status: serde_json::Value| {
+            let mut resource = resource(status);
+            resource.spec.rollout_restart_targets = serde_json::from_value(json!([
+                { "kind": "Deployment", "name": "web" },
+            ]))
+            .unwrap();
+            resource
+        };
+        let refresh = Issuance::Issued {
+            reason: IssueReason::Refresh,
+            revoked: false,
+        };
+        let revoke = Issuance::Issued {
+            reason: IssueReason::RevokeRequested,
+            revoked: true,
+        };
+        let cases = [
+            (
+                "a refresh",
+                holding(),
+                with_target(json!({})),
+                refresh,
+                Some(false),
+            ),
+            (
+                "a revoke",
+                holding(),
+                with_target(json!({})),
+                revoke,
+                Some(true),
+            ),
+            (
+                "the first token",
+                CommunicationIdentityStatus::default(),
+                with_target(json!({})),
+                Issuance::Created,
+                None,
+            ),
+            ("no targets", holding(), resource(json!({})), refresh, None),
+        ];
+        for (name, previous, resource, issuance, pending_revoke) in cases {
+            let token = held_for(&resource, issuance, 24);
+            let (status, _) = after_issue(&previous, &resource, &[token], now());
+            let pending = status.rollout_restart.as_ref().map(|r| {
+                assert_eq!(r.pending_since, Some(Time(now())), "{name}");
+                r.pending_revoke
+            });
+            assert_eq!(pending, pending_revoke, "{name}");
+        }
     }
 
     #[test]

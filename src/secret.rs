@@ -283,6 +283,8 @@ mod tests {
                 secret_template: template,
                 deletion_policy: Default::default(),
                 identity_id: None,
+                rollout_restart_targets: Vec::new(),
+                min_restart_interval: None,
             },
         );
         resource.metadata.namespace = Some("chat-app".into());

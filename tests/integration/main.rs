@@ -7,5 +7,6 @@ mod hostile;
 mod leader;
 mod operations;
 mod operator;
+mod restarts;
 mod support;
 mod tokens;

@@ -1,0 +1,155 @@
+//! spec.rolloutRestartTargets on the real control plane: a Deployment's pod template is
+//! annotated as `kubectl rollout restart` does, once per token change and never for an
+//! operator restart or an unchanged pass; a storm of changes within minRestartInterval gives
+//! one restart; a missing target is reported while the Secret is still written.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+
+use crate::support::{Operator, PROMPTLY, Setup, basic_spec, wait_for};
+use acs_identity_operator::crd::{
+    CommunicationIdentity, REFRESH_REQUESTED_ANNOTATION, reason, secret_key,
+};
+use acs_identity_operator::restart::RESTARTED_AT_ANNOTATION;
+
+/// A Deployment `name` whose pods read the token from the Secret (none run: the control plane
+/// has no nodes, but the Deployment controller rolls its ReplicaSets all the same).
+async fn create_deployment(deployments: &Api<Deployment>, name: &str) {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": { "containers": [{
+                    "name": "app",
+                    "image": "registry.invalid/app:1",
+                    "env": [{ "name": "ACS_TOKEN", "valueFrom": { "secretKeyRef": {
+                        "name": "web-acs-token", "key": "token",
+                    } } }],
+                }] },
+            },
+        },
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap_or_else(|e| panic!("create Deployment {name}: {e}"));
+}
+
+/// The Deployment's generation (each pod-template change adds one) and restartedAt value.
+async fn restarts(deployments: &Api<Deployment>, name: &str) -> (i64, Option<String>) {
+    let deployment = deployments.get(name).await.unwrap();
+    let annotation = deployment
+        .spec
+        .template
+        .metadata
+        .and_then(|metadata| metadata.annotations)
+        .and_then(|annotations| annotations.get(RESTARTED_AT_ANNOTATION).cloned());
+    (
+        deployment.metadata.generation.unwrap_or_default(),
+        annotation,
+    )
+}
+
+fn last_restart(resource: &CommunicationIdentity) -> Option<jiff::Timestamp> {
+    let restart = resource.status.as_ref()?.rollout_restart.as_ref()?;
+    restart.last_restart_time.as_ref().map(|t| t.0)
+}
+
+#[tokio::test]
+async fn a_deployment_is_restarted_once_per_token_change_and_a_storm_gives_one_restart() {
+    let mut setup = Setup::new("restarts").await;
+    let deployments: Api<Deployment> = setup.ns.api();
+    create_deployment(&deployments, "frontend").await;
+    let mut spec = basic_spec();
+    spec["rolloutRestartTargets"] = json!([
+        { "kind": "Deployment", "name": "frontend" },
+        { "kind": "Deployment", "name": "gone" },
+    ]);
+    setup.apply("web", spec).await;
+    setup.wait_ready("web").await;
+    let (generation, annotation) = restarts(&deployments, "frontend").await;
+    assert_eq!(annotation, None, "the first token restarts nothing");
+
+    // A refresh: one restart, and the missing target reported while the token is delivered.
+    let before = setup.secret_data("web-acs-token").await[secret_key::TOKEN].clone();
+    crate::support::next_second_after(jiff::Timestamp::now()).await;
+    setup
+        .annotate("web", REFRESH_REQUESTED_ANNOTATION, "1")
+        .await;
+    let restarted = setup
+        .wait_resource("web", "the targets restarted", |r| {
+            last_restart(r).is_some()
+        })
+        .await;
+    let after = setup.secret_data("web-acs-token").await[secret_key::TOKEN].clone();
+    assert_ne!(after, before, "the Secret holds the new token");
+    let (restarted_generation, annotation) = restarts(&deployments, "frontend").await;
+    assert_eq!(
+        restarted_generation,
+        generation + 1,
+        "one pod-template change"
+    );
+    assert_eq!(
+        annotation,
+        Some(last_restart(&restarted).unwrap().to_string())
+    );
+    let failed = &restarted
+        .status
+        .as_ref()
+        .unwrap()
+        .rollout_restart
+        .as_ref()
+        .unwrap()
+        .failed_targets;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        (failed[0].name.as_str(), failed[0].reason.as_str()),
+        ("gone", reason::RESTART_TARGET_NOT_FOUND)
+    );
+    setup.wait_event(reason::RESTART_TARGET_NOT_FOUND).await;
+    setup.wait_event(reason::WORKLOAD_RESTARTED).await;
+
+    // Neither an operator restart nor the passes after it restart anything.
+    setup.operator.kill();
+    setup.operator = Operator::start(&setup.ns.name, &setup.emulator, &[]);
+    wait_for("the restarted operator to reconcile", PROMPTLY, || async {
+        (setup.operator.reconciles().await > 0).then_some(())
+    })
+    .await;
+    setup.operator.settled_reconciles().await;
+    assert_eq!(
+        restarts(&deployments, "frontend").await.0,
+        restarted_generation
+    );
+
+    // A storm of refreshes within minRestartInterval (5m): each token delivered, no restart
+    // yet; the one restart they are owed is pending.
+    for value in ["2", "3", "4"] {
+        crate::support::next_second_after(jiff::Timestamp::now()).await;
+        setup
+            .annotate("web", REFRESH_REQUESTED_ANNOTATION, value)
+            .await;
+        setup.wait_refresh_handled("web", value).await;
+    }
+    let stormed = setup
+        .wait_resource("web", "a restart pending", |r| {
+            r.status
+                .as_ref()
+                .and_then(|s| s.rollout_restart.as_ref())
+                .is_some_and(|restart| restart.pending_since.is_some())
+        })
+        .await;
+    setup.operator.settled_reconciles().await;
+    assert_eq!(
+        restarts(&deployments, "frontend").await.0,
+        restarted_generation,
+        "no restart within the interval"
+    );
+    assert_eq!(last_restart(&stormed), last_restart(&restarted));
+}
