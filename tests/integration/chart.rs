@@ -68,6 +68,14 @@ const NEEDS: &[(&str, &str, &[&str])] = &[
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
+/// With `rolloutRestart.enabled=true`, on top of `NEEDS`: the strategic merge patch of
+/// `kubectl rollout restart` on the restart targets.
+const RESTART_NEEDS: &[(&str, &str, &[&str])] = &[
+    ("apps", "deployments", &["patch"]),
+    ("apps", "statefulsets", &["patch"]),
+    ("apps", "daemonsets", &["patch"]),
+];
+
 /// Leader election: the release's one Lease in the release namespace, read with get, taken with
 /// create (RBAC cannot limit create to a name) or update, renewed with update.
 const LEASE_VERBS: &[&str] = &["get", "create", "update"];
@@ -221,6 +229,17 @@ fn expected_rules() -> BTreeSet<Rule> {
         .iter()
         .map(|(group, resource, verbs)| rule(group, resource, &[], verbs))
         .collect()
+}
+
+/// `NEEDS` and `RESTART_NEEDS`.
+fn expected_rules_with_restarts() -> BTreeSet<Rule> {
+    let mut rules = expected_rules();
+    rules.extend(
+        RESTART_NEEDS
+            .iter()
+            .map(|(group, resource, verbs)| rule(group, resource, &[], verbs)),
+    );
+    rules
 }
 
 fn expected_lease_rules(lease: &str) -> BTreeSet<Rule> {
@@ -536,6 +555,31 @@ fn chart_crd_is_the_checked_in_crd() {
         "the chart's CRD differs from crds/communicationidentity.yaml; copy it with\n\
          \n    cp crds/communicationidentity.yaml {CHART}/crds/\n"
     );
+}
+
+#[test]
+fn chart_grants_restarts_only_when_enabled() {
+    helm(&[
+        "lint",
+        "--strict",
+        CHART,
+        "--set",
+        "rolloutRestart.enabled=true",
+    ]);
+    let fullname = "r1-acs-identity-operator";
+    let cluster_wide = render(&[("rolloutRestart.enabled", "true")]);
+    assert_eq!(
+        rules(find(&cluster_wide, "ClusterRole", fullname)),
+        expected_rules_with_restarts()
+    );
+    let namespaced = render(&[
+        ("rolloutRestart.enabled", "true"),
+        ("watchNamespace", "app"),
+    ]);
+    let role = find(&namespaced, "Role", fullname);
+    assert_eq!(role["metadata"]["namespace"], "app");
+    assert_eq!(rules(role), expected_rules_with_restarts());
+    assert!(!kinds(&namespaced).contains("ClusterRole"));
 }
 
 #[test]
