@@ -666,8 +666,11 @@ impl Pass {
         Ok(self.requeue_for(&status))
     }
 
-    /// When the restart `status` holds pending is due, if one is.
+    /// When the restart `status` holds pending is due, if one is (and there is a target).
     fn restart_due_at(&self, status: &CommunicationIdentityStatus) -> Option<Timestamp> {
+        if self.resource.spec.rollout_restart_targets.is_empty() {
+            return None;
+        }
         let interval = self.resource.spec.min_restart_interval();
         restart_due(
             status.rollout_restart.as_ref(),

@@ -8,7 +8,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::events::EventType;
 
 use crate::crd::{
-    CommunicationIdentity, CommunicationIdentityStatus, DeletionPolicy, TokenStatus, reason,
+    CommunicationIdentity, CommunicationIdentityStatus, DeletionPolicy, RolloutRestartStatus,
+    TokenStatus, reason,
 };
 use crate::decide::IssueReason;
 use crate::held::{HeldToken, Issuance};
@@ -149,11 +150,14 @@ pub fn after_issue(
         .map(|token| token.issued.identity_id.clone())
         .or_else(|| previous.identity_id.clone());
     // New tokens over old ones owe the restart targets a restart; a first token does not.
+    let revoked = held
+        .iter()
+        .any(|token| matches!(token.issuance, Issuance::Issued { revoked: true, .. }));
     let rollout_restart = match spec.rollout_restart_targets.is_empty() || before.is_empty() {
         true => previous.rollout_restart.clone(),
         false => Some(after_tokens_changed(
             previous.rollout_restart.as_ref(),
-            revoke_handled && previous.identity_id.is_some(),
+            revoked,
             now,
         )),
     };
@@ -304,6 +308,13 @@ pub fn after_failure(
                     })
                     .collect();
                 status = with_token_states(status, &resource.spec, dead);
+                // The workloads hold dead tokens: the restart the reissue owes them comes at once.
+                if !resource.spec.rollout_restart_targets.is_empty() {
+                    status.rollout_restart = Some(RolloutRestartStatus {
+                        pending_revoke: true,
+                        ..status.rollout_restart.unwrap_or_default()
+                    });
+                }
             }
             let expires_on = status.token_expires_on.as_ref().map(|t| t.0);
             let still_valid = expires_on.filter(|_| {
@@ -593,6 +604,22 @@ mod tests {
                 None,
             ),
             ("no targets", holding(), resource(json!({})), refresh, None),
+            (
+                "the reissue after a revoke whose first reissue failed",
+                CommunicationIdentityStatus {
+                    rollout_restart: Some(RolloutRestartStatus {
+                        pending_revoke: true,
+                        ..Default::default()
+                    }),
+                    ..holding()
+                },
+                with_target(json!({})),
+                Issuance::Issued {
+                    reason: IssueReason::Initial,
+                    revoked: false,
+                },
+                Some(true),
+            ),
         ];
         for (name, previous, resource, issuance, pending_revoke) in cases {
             let token = held_for(&resource, issuance, 24);
@@ -710,6 +737,31 @@ mod tests {
                 Note::normal(reason::TOKEN_REFRESHED, "video".into()),
             ]
         );
+    }
+
+    #[test]
+    fn a_revoke_that_went_through_owes_the_targets_an_immediate_restart() {
+        let mut resource = resource(json!({}));
+        resource.spec.rollout_restart_targets =
+            serde_json::from_value(json!([{ "kind": "DaemonSet", "name": "agent" }])).unwrap();
+        let failure = Failure::AcsUnavailable {
+            detail: "503".into(),
+        };
+        let cases = [(true, Some(true)), (false, None)];
+        for (tokens_revoked, pending_revoke) in cases {
+            let during = FailedDuring::Apply {
+                tokens_revoked,
+                secret_holds_token: true,
+            };
+            let (status, _) = after_failure(&holding(), &resource, &failure, during, now());
+            let restart = status.rollout_restart.as_ref();
+            assert_eq!(restart.map(|r| r.pending_revoke), pending_revoke);
+            assert_eq!(
+                restart.and_then(|r| r.pending_since.clone()),
+                None,
+                "no restart before the new tokens are in"
+            );
+        }
     }
 
     #[test]
