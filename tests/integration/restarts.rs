@@ -5,41 +5,15 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::json;
 
-use crate::support::{Operator, PROMPTLY, Setup, basic_spec, wait_for};
+use crate::support::{
+    Operator, PROMPTLY, Setup, basic_spec, create_deployment, next_second_after, wait_for,
+};
 use acs_identity_operator::crd::{
     CommunicationIdentity, REFRESH_REQUESTED_ANNOTATION, reason, secret_key,
 };
 use acs_identity_operator::restart::RESTARTED_AT_ANNOTATION;
-
-/// A Deployment `name` whose pods read the token from the Secret (none run: the control plane
-/// has no nodes, but the Deployment controller rolls its ReplicaSets all the same).
-async fn create_deployment(deployments: &Api<Deployment>, name: &str) {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": 1,
-            "selector": { "matchLabels": { "app": name } },
-            "template": {
-                "metadata": { "labels": { "app": name } },
-                "spec": { "containers": [{
-                    "name": "app",
-                    "image": "registry.invalid/app:1",
-                    "env": [{ "name": "ACS_TOKEN", "valueFrom": { "secretKeyRef": {
-                        "name": "web-acs-token", "key": "token",
-                    } } }],
-                }] },
-            },
-        },
-    }))
-    .unwrap();
-    deployments
-        .create(&PostParams::default(), &deployment)
-        .await
-        .unwrap_or_else(|e| panic!("create Deployment {name}: {e}"));
-}
 
 /// The Deployment's generation (each pod-template change adds one) and restartedAt value.
 async fn restarts(deployments: &Api<Deployment>, name: &str) -> (i64, Option<String>) {
@@ -78,7 +52,7 @@ async fn a_deployment_is_restarted_once_per_token_change_and_a_storm_gives_one_r
 
     // A refresh: one restart, and the missing target reported while the token is delivered.
     let before = setup.secret_data("web-acs-token").await[secret_key::TOKEN].clone();
-    crate::support::next_second_after(jiff::Timestamp::now()).await;
+    next_second_after(jiff::Timestamp::now()).await;
     setup
         .annotate("web", REFRESH_REQUESTED_ANNOTATION, "1")
         .await;
@@ -131,7 +105,7 @@ async fn a_deployment_is_restarted_once_per_token_change_and_a_storm_gives_one_r
     // A storm of refreshes within minRestartInterval (5m): each token delivered, no restart
     // yet; the one restart they are owed is pending.
     for value in ["2", "3", "4"] {
-        crate::support::next_second_after(jiff::Timestamp::now()).await;
+        next_second_after(jiff::Timestamp::now()).await;
         setup
             .annotate("web", REFRESH_REQUESTED_ANNOTATION, value)
             .await;

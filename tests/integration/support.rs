@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -765,4 +766,31 @@ impl Setup {
         })
         .await
     }
+}
+
+/// A Deployment `name` whose pods read a token from the environment (none run: the control
+/// plane has no nodes, but the Deployment controller rolls its ReplicaSets all the same).
+pub async fn create_deployment(deployments: &Api<Deployment>, name: &str) {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": { "containers": [{
+                    "name": "app",
+                    "image": "registry.invalid/app:1",
+                    "env": [{ "name": "ACS_TOKEN", "valueFrom": { "secretKeyRef": {
+                        "name": format!("{name}-acs-token"), "key": "token", "optional": true,
+                    } } }],
+                }] },
+            },
+        },
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap_or_else(|e| panic!("create Deployment {name}: {e}"));
 }
