@@ -1124,3 +1124,51 @@ async fn a_missing_or_forbidden_target_is_reported_and_the_token_is_delivered() 
         "valid"
     );
 }
+
+#[tokio::test]
+async fn switching_from_scopes_to_tokens_issues_the_new_tokens_and_takes_the_old_keys_out() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    h.cluster.edit_spec(|spec| {
+        spec.scopes.clear();
+        spec.tokens = serde_json::from_value(two_tokens()).expect("spec.tokens");
+    });
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_secret_apply().await;
+    h.expect_secret_keys_removed(&["token", "expiresOn", "scopes"])
+        .await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.finish_pass().await;
+    assert_eq!(
+        h.acs.calls().await,
+        ["issueAccessToken 200", "issueAccessToken 200"]
+    );
+    let secret = h.cluster.token_secret.as_ref().expect("the Secret");
+    assert_eq!(
+        secret_keys(secret),
+        [
+            "chat.expiresOn",
+            "chat.scopes",
+            "chat.token",
+            "endpoint",
+            "identityId",
+            "voip.expiresOn",
+            "voip.scopes",
+            "voip.token",
+        ]
+    );
+    assert_eq!(
+        status.identity_id, created.status.identity_id,
+        "the same identity"
+    );
+    assert!(status.token_scopes.is_empty() && status.token_lifetime_minutes.is_none());
+    assert_eq!(status.tokens.len(), 2);
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+}

@@ -138,8 +138,9 @@ pub fn ownership(existing: Option<&Secret>, owner_uid: &str) -> SecretOwnership 
     }
 }
 
-/// What the resource's own Secret holds of the tokens status describes.
-#[derive(Debug, Clone, PartialEq)]
+/// What the resource's own Secret holds of the tokens status describes. No `Debug`: the
+/// Secret to write back holds the tokens.
+#[derive(Clone)]
 pub struct Classified {
     pub state: SecretState,
     /// The tokens still in the Secret as status describes them, in spec order: those a pass
