@@ -29,7 +29,9 @@ use crate::decide::{
 };
 use crate::held::{HeldToken, Issuance, Issued};
 use crate::metrics::Metrics;
-use crate::record::{FailedDuring, Note, after_failure, after_issue, issue_notes, merged, settled};
+use crate::record::{
+    FailedDuring, Note, after_failure, after_issue, issue_notes, merged, rewrite_note, settled,
+};
 use crate::refresh::{check_expiry, wait_until};
 use crate::restart::{self, RestartOutcome, after_restart, restart_due, restart_patch};
 use crate::secret::{Classified, Delivered, SecretOwnership, classify, ownership, render_secret};
@@ -364,21 +366,7 @@ impl Pass {
                     .await?;
                 let secret_name = self.resource.secret_name();
                 info!(identity = ?self.status.identity_id, secret = %secret_name, "secret restored");
-                let note = match classified.stale_keys.is_empty() {
-                    true => Note::normal(
-                        reason::SECRET_RESTORED,
-                        format!(
-                            "Restored Secret {secret_name:?}, which was edited; the token in it is unchanged"
-                        ),
-                    ),
-                    false => Note::normal(
-                        reason::TOKENS_REMOVED,
-                        format!(
-                            "Took the keys {} of tokens the spec no longer asks for out of Secret {secret_name:?}; the other tokens are unchanged",
-                            classified.stale_keys.join(", ")
-                        ),
-                    ),
-                };
+                let note = rewrite_note(&secret_name, &classified.stale_keys);
                 self.publish(note).await;
                 Ok(self.settle().await?)
             }

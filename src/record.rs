@@ -253,6 +253,27 @@ pub fn issue_notes(
     notes
 }
 
+/// The Event for a Secret written back without an ACS call: restored after an edit, or with
+/// the `stale_keys` of tokens the spec no longer asks for taken out.
+pub fn rewrite_note(secret_name: &str, stale_keys: &[String]) -> Note {
+    if stale_keys.is_empty() {
+        return Note::normal(
+            reason::SECRET_RESTORED,
+            format!(
+                "Restored Secret {secret_name:?}, which was edited; the token in it is unchanged"
+            ),
+        );
+    }
+    Note::normal(
+        reason::TOKENS_REMOVED,
+        format!(
+            "Took the keys {} of tokens the spec no longer asks for out of Secret \
+             {secret_name:?}; the other tokens are unchanged",
+            stale_keys.join(", ")
+        ),
+    )
+}
+
 /// `notes` with those of one type and reason merged into one, texts joined in order: the
 /// Event recorder folds Events of one reason into a series that keeps only the last text, so
 /// the tokens of one pass are told in one Event each reason.
@@ -719,6 +740,22 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn a_rewrite_says_what_it_did() {
+        let restored = rewrite_note("alice-acs-token", &[]);
+        assert_eq!(restored.reason, reason::SECRET_RESTORED);
+        let removed = rewrite_note(
+            "alice-acs-token",
+            &["chat.token".into(), "chat.scopes".into()],
+        );
+        assert_eq!(removed.reason, reason::TOKENS_REMOVED);
+        assert!(
+            removed.text.contains("chat.token, chat.scopes"),
+            "{}",
+            removed.text
+        );
     }
 
     #[test]
