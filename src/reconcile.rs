@@ -632,7 +632,7 @@ impl Pass {
                 Issuance::Issued { reason, .. } => Some(reason),
             };
             let issued = &token.issued;
-            info!(identity = %issued.identity_id, token = %token.name, ?why, expires_on = %issued.expires_on, "token issued");
+            info!(identity = %issued.identity_id, entry = %token.name, ?why, expires_on = %issued.expires_on, "token issued");
             if let Some((_, plan)) = plans.iter().find(|(name, _)| *name == token.name) {
                 notes.extend(issue_notes(&self.resource, token, adopted, plan));
             }

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::support::{
     Operator, PROMPTLY, Setup, basic_spec, create_deployment, next_second_after, wait_for,
+    wait_identity,
 };
 use acs_identity_operator::crd::{
     CommunicationIdentity, REFRESH_REQUESTED_ANNOTATION, reason, secret_key,
@@ -45,6 +46,8 @@ async fn a_deployment_is_restarted_once_per_token_change_and_a_storm_gives_one_r
         { "kind": "Deployment", "name": "frontend" },
         { "kind": "Deployment", "name": "gone" },
     ]);
+    // The shortest interval, so the restart a storm is owed comes within the test.
+    spec["minRestartInterval"] = json!("1m");
     setup.apply("web", spec).await;
     setup.wait_ready("web").await;
     let (generation, annotation) = restarts(&deployments, "frontend").await;
@@ -102,8 +105,8 @@ async fn a_deployment_is_restarted_once_per_token_change_and_a_storm_gives_one_r
         restarted_generation
     );
 
-    // A storm of refreshes within minRestartInterval (5m): each token delivered, no restart
-    // yet; the one restart they are owed is pending.
+    // A storm of refreshes within minRestartInterval: each token delivered, no restart yet;
+    // the one restart they are owed is pending.
     for value in ["2", "3", "4"] {
         next_second_after(jiff::Timestamp::now()).await;
         setup
@@ -126,4 +129,24 @@ async fn a_deployment_is_restarted_once_per_token_change_and_a_storm_gives_one_r
         "no restart within the interval"
     );
     assert_eq!(last_restart(&stormed), last_restart(&restarted));
+
+    // When the interval is over: one restart for the whole storm, and no more after it.
+    let first = last_restart(&restarted).unwrap();
+    let again = wait_identity(
+        &setup.identities,
+        "web",
+        "the storm's one restart",
+        std::time::Duration::from_secs(120),
+        |r| last_restart(r).is_some_and(|at| at > first),
+    )
+    .await;
+    assert!(last_restart(&again).unwrap() >= first + jiff::SignedDuration::from_mins(1));
+    setup.operator.settled_reconciles().await;
+    let (generation, annotation) = restarts(&deployments, "frontend").await;
+    assert_eq!(
+        generation,
+        restarted_generation + 1,
+        "one restart for the storm"
+    );
+    assert_eq!(annotation, Some(last_restart(&again).unwrap().to_string()));
 }
