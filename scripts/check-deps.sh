@@ -20,4 +20,7 @@ if [ ! -x "$root/bin/cargo-deny" ]; then
   # In a target directory of its own (cargo's temporary one), not the workspace's shared one.
   env -u CARGO_TARGET_DIR cargo install --locked --quiet "cargo-deny@$CARGO_DENY_VERSION" --root "$root"
 fi
+# cargo-deny reads the metadata of every platform's dependencies (the Windows crates too), which
+# builds on Linux never download: fetch them first, or a fresh home fails offline.
+cargo fetch --locked --quiet
 PATH=$root/bin:$PATH cargo deny --locked --offline check --hide-inclusion-graph licenses bans sources

@@ -15,13 +15,13 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 source scripts/lib/toolchain.sh
+source scripts/lib/dockerfile.sh
 
 HADOLINT_VERSION=2.15.1
 # What gcr.io/distroless/cc-debian12 provides: glibc 2.36 and libgcc.
 RUNTIME_GLIBC=2.36
 RUNTIME_LIBS="libc.so.6 libm.so.6 libgcc_s.so.1 ld-linux-x86-64.so.2 libdl.so.2 libpthread.so.0 librt.so.1"
 
-dockerfile=$repo/Dockerfile
 step() { echo "==> $*"; }
 fail() {
   echo "check-dockerfile: error: $*" >&2
@@ -47,8 +47,7 @@ fi
 step "structure"
 froms=$(grep -c '^FROM ' "$dockerfile")
 [ "$froms" -ge 2 ] || fail "expected a multi-stage build, found $froms FROM lines"
-# The runtime stage: everything from the last FROM on.
-runtime=$(awk '/^FROM /{stage=""} {stage=stage $0 "\n"} END{printf "%s", stage}' "$dockerfile")
+runtime=$(dockerfile_runtime_stage)
 grep -Eq '^FROM gcr\.io/distroless/(cc|static)-debian12:nonroot' <<<"$runtime" ||
   fail "the runtime stage must be gcr.io/distroless/{cc,static}-debian12:nonroot"
 grep -Eq '^USER 65532(:65532)?$' <<<"$runtime" || fail "the runtime stage must run as USER 65532"
@@ -60,8 +59,7 @@ fi
 echo "multi-stage ($froms stages), distroless non-root runtime, exec-form entrypoint"
 
 step "the Dockerfile's release build"
-# The one `cargo build` command of the Dockerfile, up to the `&&` that follows it.
-build=$(grep -o 'cargo build [^&\\]*' "$dockerfile" | sed 's/[[:space:]]*$//')
+build=$(dockerfile_build_line)
 [ "$(wc -l <<<"$build")" -eq 1 ] && [ -n "$build" ] || fail "expected exactly one cargo build line in the Dockerfile"
 case "$build" in
 *--release*--locked*--bin\ acs-identity-operator*--target\ *) ;;

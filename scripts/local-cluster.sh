@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A real local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) built
-# from Go modules at a pinned release, plus kubectl and helm. No container engine, no kubelet.
+# A real local Kubernetes cluster built from Go modules at a pinned release: the control plane
+# (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) on loopback, one node
+# (containerd, runc, CNI, kubelet, kube-proxy) in a network namespace of its own (see
+# scripts/lib/node.sh for how its traffic stays inside), plus kubectl and helm.
 #
 #   scripts/local-cluster.sh up     build what is missing, start on loopback, wait for /readyz
 #   scripts/local-cluster.sh down   stop exactly the processes `up` started
@@ -9,7 +11,7 @@
 #
 # State (certificates, kubeconfig, logs, pids, etcd data) lives in $ACS_DEV_DIR (default .dev/).
 # Builds are cached under $ACS_CACHE_DIR (default ~/.cache/acs-identity-operator), keyed by the
-# hash of the Go wrapper module, so only the first run compiles.
+# hash of the Go wrapper modules, so only the first run compiles. The node needs root.
 # Optional: ACS_APISERVER_PORT pins the API server port; ACS_WATCH_PID makes the cluster stop
 # itself when that process ends (tests use it so that nothing outlives a crashed test run), and
 # ACS_REMOVE_STATE_ON_EXIT=1 then also removes its state folder.
@@ -32,10 +34,20 @@ die() {
   exit 1
 }
 say() { echo "local-cluster: $*" >&2; }
+# shellcheck source=scripts/lib/node.sh
+source "$repo/scripts/lib/node.sh"
 
 module_hash() {
   cat "$module_dir/go.mod" "$module_dir/go.sum" "$module_dir/cmd/k8s/main.go" |
     sha256sum | cut -c1-16
+}
+version_ldflags() {
+  local minor=${K8S_VERSION#v1.} ldflags="-s -w" pkg
+  minor=${minor%%.*}
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  echo "$ldflags"
 }
 bin_dir() { echo "$cache/controlplane-$K8S_VERSION-$(module_hash)/bin"; }
 helm_bin() { echo "$cache/helm-$HELM_VERSION/helm"; }
@@ -68,18 +80,19 @@ run_with_progress() {
 
 build() {
   command -v go >/dev/null || die "the Go toolchain is not installed (need go >= 1.26 on PATH to build the control plane)"
-  mkdir -p "$state"
+  mkdir -p "$state" "$cache"
+  # One build at a time per cache: runs from several checkouts share it.
+  exec 9>"$cache/.build.lock"
+  if ! flock -n 9; then
+    say "waiting for another build into $cache to finish"
+    flock 9
+  fi
   local bin
   bin=$(bin_dir)
   if [ ! -x "$bin/k8s" ]; then
     say "building Kubernetes $K8S_VERSION (etcd, kube-apiserver, kube-controller-manager, kubectl) into $bin; the first build takes 15-30 minutes on 2 cores"
-    local ver_pkg=k8s.io/component-base/version client_ver_pkg=k8s.io/client-go/pkg/version
-    local minor=${K8S_VERSION#v1.}
-    minor=${minor%%.*}
-    local ldflags="-s -w"
-    for pkg in $ver_pkg $client_ver_pkg; do
-      ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
-    done
+    local ldflags
+    ldflags=$(version_ldflags)
     mkdir -p "$bin.tmp"
     run_with_progress "the control plane" "$state/build.log" \
       go -C "$module_dir" build -v -o "$bin.tmp/k8s" -ldflags "$ldflags" ./cmd/k8s
@@ -96,6 +109,9 @@ build() {
       -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
       "$HELM_MODULE/cmd/helm@$HELM_VERSION"
   fi
+  build_node
+  flock -u 9
+  exec 9>&-
 }
 
 free_port() {
@@ -124,9 +140,12 @@ gen_certs() {
       openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
         -extfile "$ext" -out "$1.crt" 2>/dev/null
     }
-    issue apiserver "/CN=kube-apiserver" serverAuth "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    issue apiserver "/CN=kube-apiserver" serverAuth "IP:127.0.0.1,IP:10.0.0.1,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
     issue admin "/O=system:masters/CN=admin" clientAuth
     issue controller-manager "/CN=system:kube-controller-manager" clientAuth
+    issue scheduler "/CN=system:kube-scheduler" clientAuth
+    issue kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
+    issue kube-proxy "/CN=system:kube-proxy" clientAuth
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
   )
@@ -161,17 +180,25 @@ readyz() {
 
 running() {
   [ -f "$state/pids" ] || return 1
-  local name pid
-  while read -r name pid; do
+  local name pid exe
+  while read -r name pid exe; do
     kill -0 "$pid" 2>/dev/null || return 1
   done <"$state/pids"
+}
+
+# Starts a process in a session of its own and records its name, pid and the executable
+# /proc/PID/exe must show for `down` to signal it (pids get reused).
+start_exe() { # name expected-exe command args...
+  local name=$1 exe=$2
+  shift 2
+  setsid "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
+  echo "$name $! $exe" >>"$state/pids"
 }
 
 start() { # name args...
   local name=$1
   shift
-  setsid "$(bin_dir)/$name" "$@" >"$state/logs/$name.log" 2>&1 </dev/null &
-  echo "$name $!" >>"$state/pids"
+  start_exe "$name" "$(readlink -f "$(bin_dir)/k8s")" "$(bin_dir)/$name" "$@"
 }
 
 up() {
@@ -189,13 +216,16 @@ up() {
   local etcd_port etcd_peer_port
   etcd_port=$(free_port)
   etcd_peer_port=$(free_port)
-  rm -rf "$state/etcd" "$state/logs" && mkdir -p "$state/logs"
+  rm -rf "$state/etcd" "$state/logs" "$state/node" && mkdir -p "$state/logs" "$state/node"
   : >"$state/pids"
   gen_certs
   echo "$apiserver_port" >"$state/apiserver-port"
   readlink -f "$(bin_dir)/k8s" >"$state/binary"
   write_kubeconfig "$state/kubeconfig" admin
   write_kubeconfig "$state/controller-manager.kubeconfig" controller-manager
+  for user in scheduler kubelet kube-proxy; do
+    write_kubeconfig "$state/$user.kubeconfig" "$user"
+  done
   local pki=$state/pki
   start etcd --name local --data-dir "$state/etcd" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
@@ -205,16 +235,16 @@ up() {
   start kube-apiserver --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$apiserver_port" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-    --client-ca-file "$pki/ca.crt" --authorization-mode RBAC \
+    --client-ca-file "$pki/ca.crt" --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --api-audiences https://kubernetes.default.svc.cluster.local \
-    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged --profiling=false \
+    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged --profiling=false \
     --endpoint-reconciler-type none --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 --v 1
   start kube-controller-manager --kubeconfig "$state/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$state/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$state/controller-manager.kubeconfig" \
-    --controllers garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller \
+    --controllers garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,deployment-controller,replicaset-controller,endpointslice-controller,disruption-controller,node-lifecycle-controller,root-ca-certificate-publisher-controller \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --use-service-account-credentials --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
     --kube-api-qps 200 --kube-api-burst 400 --profiling=false --v 1
@@ -226,22 +256,46 @@ up() {
   fi
   local deadline=$((SECONDS + 90))
   until readyz "$apiserver_port" | grep -q '^ok$'; do
-    local name pid
-    while read -r name pid; do
-      if ! kill -0 "$pid" 2>/dev/null; then
-        tail -n 15 "$state/logs/$name.log" >&2
-        down >/dev/null 2>&1 || true
-        die "$name exited during start; its log: $state/logs/$name.log"
-      fi
-    done <"$state/pids"
-    if [ $SECONDS -ge $deadline ]; then
-      down >/dev/null 2>&1 || true
-      die "kube-apiserver was not ready within 90s; logs in $state/logs/"
-    fi
-    sleep 0.5
+    check_started "kube-apiserver was not ready" "$deadline"
   done
-  say "ready: Kubernetes $K8S_VERSION on https://127.0.0.1:$apiserver_port (build ${build_secs}s, start $((SECONDS - start_at))s)"
+  write_kubernetes_endpoints
+  start_node
+  deadline=$((SECONDS + 90))
+  until node_ready; do
+    check_started "node $NODE_NAME was not Ready" "$deadline"
+  done
+  say "ready: Kubernetes $K8S_VERSION on https://127.0.0.1:$apiserver_port, node $NODE_NAME Ready (build ${build_secs}s, start $((SECONDS - start_at))s)"
   say "use it with: eval \"\$(scripts/local-cluster.sh env)\""
+}
+
+node_ready() {
+  [ "$("$(bin_dir)/kubectl" --kubeconfig "$state/kubeconfig" get node "$NODE_NAME" \
+    -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
+}
+
+# While up waits: fails if a started process has ended, or once the deadline has passed.
+check_started() { # what deadline
+  local name pid exe
+  while read -r name pid exe; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 15 "$state/logs/$name.log" >&2
+      down >/dev/null 2>&1 || true
+      die "$name exited during start; its log: $state/logs/$name.log"
+    fi
+  done <"$state/pids"
+  if [ "$SECONDS" -ge "$2" ]; then
+    down >/dev/null 2>&1 || true
+    die "$1 within 90s; logs in $state/logs/"
+  fi
+  sleep 0.5
+}
+
+# Whether pid runs (a zombie, ended but not yet reaped by its new parent, does not).
+alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
 }
 
 down() {
@@ -249,19 +303,23 @@ down() {
     say "not running"
     return 0
   }
-  local name pid pids=()
-  while read -r name pid; do
+  local name pid exe pids=()
+  while read -r name pid exe; do
     # Only signal a pid that still runs the binary we started (pids get reused).
-    if [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$(cat "$state/binary" 2>/dev/null)" ]; then
+    if [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "${exe:-$(cat "$state/binary" 2>/dev/null)}" ]; then
       kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
     fi
   done < <(tac "$state/pids")
   local deadline=$((SECONDS + 15))
   for pid in "${pids[@]}"; do
-    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    while alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     kill -KILL "$pid" 2>/dev/null || true
   done
   rm -f "$state/pids"
+  if [ -f "$state/node/netns" ]; then
+    ip netns del "$(basename "$(cat "$state/node/netns")")" 2>/dev/null || true
+    rm -f "$state/node/netns"
+  fi
   say "stopped"
 }
 

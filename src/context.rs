@@ -1,4 +1,4 @@
-//! What every reconcile shares: the Kubernetes client, the event recorder, the ACS clients,
+//! What every reconcile shares: the Kubernetes client, the Event recorders, the ACS clients,
 //! the metrics and the clock.
 
 use std::collections::HashMap;
@@ -9,11 +9,12 @@ use acs::{AcsClient, ClientOptions, ConnectionString, EndpointPolicy};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::runtime::events::Recorder;
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
 use crate::crd::{CommunicationIdentity, ConnectionSecretRef};
 use crate::held::HeldTokens;
+use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
 use crate::status::Failure;
 
@@ -32,11 +33,13 @@ pub struct AcsSettings {
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: Events,
     pub acs: AcsClients,
     pub connection_secrets: RecentSecrets,
     /// Tokens issued but not yet recorded (see [`HeldTokens`]).
     pub held_tokens: HeldTokens,
+    /// What is known of the token Secrets without reading them.
+    pub known_secrets: KnownSecrets,
     /// The controller's cache of CommunicationIdentities.
     pub identities: Store<CommunicationIdentity>,
     pub metrics: Arc<Metrics>,
@@ -46,17 +49,18 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: Client,
-        recorder: Recorder,
+        reporter: Reporter,
         settings: AcsSettings,
         metrics: Arc<Metrics>,
         identities: Store<CommunicationIdentity>,
     ) -> Self {
         Self {
+            events: Events::new(client.clone(), reporter),
             client,
-            recorder,
             acs: AcsClients::new(settings, metrics.clone()),
             connection_secrets: RecentSecrets::default(),
             held_tokens: HeldTokens::default(),
+            known_secrets: KnownSecrets::default(),
             identities,
             metrics,
             clock: Box::new(Timestamp::now),
@@ -71,6 +75,36 @@ impl Context {
 
     pub fn now(&self) -> Timestamp {
         (self.clock)()
+    }
+}
+
+/// Where the reconcile's Events go: kube's `Recorder`, in two ways. A Warning goes through one
+/// shared Recorder, which folds a warning repeated within 6 minutes (a failure retried with
+/// backoff) into one Event series, and so keeps every Event it posted for those 6 minutes. A
+/// Normal Event (an identity created, a token refreshed) reports a change that does not repeat,
+/// so it goes through a Recorder of its own, dropped once it has posted: a burst of 10,000
+/// creations would otherwise keep 10,000 Events in memory for 6 minutes.
+pub struct Events {
+    client: Client,
+    reporter: Reporter,
+    warnings: Recorder,
+}
+
+impl Events {
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            warnings: Recorder::new(client.clone(), reporter.clone()),
+            client,
+            reporter,
+        }
+    }
+
+    /// The Recorder to publish an Event of `type_` with.
+    pub fn recorder(&self, type_: EventType) -> Recorder {
+        match type_ {
+            EventType::Warning => self.warnings.clone(),
+            EventType::Normal => Recorder::new(self.client.clone(), self.reporter.clone()),
+        }
     }
 }
 

@@ -7,7 +7,6 @@ use crate::crd::{
     CommunicationIdentitySpec, CommunicationIdentityStatus, DeletionPolicy, TokenStatus,
 };
 use crate::refresh::{MIN_REMAINING, can_keep_min_remaining};
-use crate::secret::Delivered;
 use crate::tokens::{token_state, token_states};
 
 /// The state of the resource's own Secret, as far as the tokens go.
@@ -203,11 +202,11 @@ pub fn decide(observed: &Observed<'_>, now: Timestamp) -> Decision {
 }
 
 /// Each token `spec` asks for as observed: what `status` records of it, and whether the
-/// Secret still holds it (`in_secret`, the tokens carried in the Secret).
+/// Secret still holds it (`in_secret`, by entry name).
 pub fn tokens_seen(
     spec: &CommunicationIdentitySpec,
     status: &CommunicationIdentityStatus,
-    in_secret: &[Delivered],
+    in_secret: impl Fn(&str) -> bool,
 ) -> Vec<TokenSeen> {
     let states = token_states(status);
     spec.entries()
@@ -217,7 +216,7 @@ pub fn tokens_seen(
             TokenSeen {
                 name: entry.name.to_owned(),
                 matches_spec: state.as_ref().is_some_and(|s| entry.matches(s)),
-                in_secret: in_secret.iter().any(|t| t.name == entry.name),
+                in_secret: in_secret(entry.name),
                 state,
             }
         })
@@ -663,12 +662,7 @@ mod tests {
             tokens: vec![voip.clone()],
             ..Default::default()
         };
-        let carried = [Delivered {
-            name: "voip".into(),
-            token: "t".into(),
-            expires_on: at("2026-11-24T11:00:00Z"),
-        }];
-        let seen = tokens_seen(&spec, &status, &carried);
+        let seen = tokens_seen(&spec, &status, |name| name == "voip");
         assert_eq!(
             seen,
             [

@@ -17,8 +17,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::client::Body;
+use kube::core::{PartialObjectMeta, PartialObjectMetaExt};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -134,6 +135,11 @@ pub fn secret_keys(secret: &Secret) -> Vec<String> {
         .collect()
 }
 
+/// `secret` as a metadata watch delivers it.
+fn secret_metadata(secret: &Secret) -> PartialObjectMeta<Secret> {
+    secret.metadata.clone().into_response_partial()
+}
+
 /// What the mock API server holds: the objects a pass reads and writes. Every write gets the
 /// next resourceVersion, as etcd's revision counter gives it.
 pub struct Cluster {
@@ -144,7 +150,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    fn next_resource_version(&mut self) -> String {
+    pub fn next_resource_version(&mut self) -> String {
         self.last_resource_version += 1;
         self.last_resource_version.to_string()
     }
@@ -325,7 +331,6 @@ impl Operator {
             controller: "acs-identity-operator".into(),
             instance: None,
         };
-        let recorder = Recorder::new(client.clone(), reporter);
         let (store, cache) = reflector::store();
         let settings = AcsSettings {
             allow_http: true,
@@ -333,7 +338,7 @@ impl Operator {
             ..AcsSettings::default()
         };
         let clock = clock.clone();
-        let ctx = Context::new(client, recorder, settings, Arc::default(), store)
+        let ctx = Context::new(client, reporter, settings, Arc::default(), store)
             .with_clock(move || clock.now());
         Self {
             ctx: Arc::new(ctx),
@@ -513,6 +518,23 @@ impl Harness {
         self.operator
             .cache
             .apply_watcher_event(&watcher::Event::Apply(other));
+    }
+
+    /// The operator's metadata watch of its Secrets lists what the API server holds.
+    pub fn watch_lists_secrets(&self) {
+        let known = &self.operator.ctx.known_secrets;
+        known.observe(&watcher::Event::Init);
+        if let Some(secret) = &self.cluster.token_secret {
+            known.observe(&watcher::Event::InitApply(secret_metadata(secret)));
+        }
+        known.observe(&watcher::Event::InitDone);
+    }
+
+    /// The watch delivers the token Secret as the API server holds it now.
+    pub fn watch_delivers_token_secret(&self) {
+        let secret = self.cluster.token_secret.as_ref().expect("the Secret");
+        let event = watcher::Event::Apply(secret_metadata(secret));
+        self.operator.ctx.known_secrets.observe(&event);
     }
 
     /// Starts a pass on the resource as the API server has it now (as the watch delivered it).

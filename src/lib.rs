@@ -7,6 +7,8 @@ pub mod context;
 pub mod crd;
 pub mod decide;
 pub mod held;
+pub mod known_secrets;
+pub mod launch;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

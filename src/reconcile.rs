@@ -28,6 +28,7 @@ use crate::decide::{
     Cleanup, Decision, Deletion, IssueReason, Observed, SecretState, TokenSeen, decide, tokens_seen,
 };
 use crate::held::{HeldToken, Issuance, Issued};
+use crate::known_secrets::{Known, fingerprint};
 use crate::metrics::Metrics;
 use crate::record::{
     FailedDuring, Note, after_failure, after_issue, issue_notes, merged, rewrite_note, settled,
@@ -121,7 +122,7 @@ pub async fn reconcile(
     // first, since the cache may not show yet what the previous pass wrote (a Secret event can
     // trigger a pass before our own status update arrives), and acting on that would issue twice.
     // The object a patch returns is as fresh as a read.
-    let mut fresh = false;
+    let mut basis = Basis::Cached;
     for _ in 0..MAX_DECISIONS {
         let pass = Pass::new(resource.clone(), ctx.clone(), &namespace)?;
         let has_finalizer = pass.resource.finalizers().iter().any(|f| f == FINALIZER);
@@ -131,22 +132,33 @@ pub async fn reconcile(
             }
             return pass.clean_up().await;
         }
-        match pass.apply(fresh).await? {
+        match pass.apply(basis).await? {
             Applied::Done(action) => return Ok(action),
             Applied::Stale(latest) => {
                 resource = Arc::new(*latest);
-                fresh = true;
+                basis = Basis::FreshResource;
             }
             Applied::Changed => {
                 // Decide again from what the API server holds now.
                 let name = resource.name_any();
                 let latest = kube_call(&ctx.metrics, "identity_get", pass.api.get(&name)).await?;
                 resource = Arc::new(latest);
-                fresh = true;
+                basis = Basis::AfterChange;
             }
         }
     }
     Ok(requeue(MIN_REQUEUE))
+}
+
+/// What a decision of [`Pass::apply`] starts from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Basis {
+    /// The resource from the watch cache; its Secret as `known_secrets` knows it.
+    Cached,
+    /// The resource as the API server answered; its Secret as known.
+    FreshResource,
+    /// Both changed under a write: the resource as answered, and the Secret read.
+    AfterChange,
 }
 
 /// How [`Pass::apply`] ended.
@@ -242,28 +254,39 @@ impl Pass {
     }
 
     /// Create or refresh: gather (the spec's validity, the Secret), decide, act.
-    async fn apply(&self, fresh: bool) -> Result<Applied, Error> {
+    async fn apply(&self, basis: Basis) -> Result<Applied, Error> {
         if let Err(invalid) = self.resource.validate() {
             let failure = Failure::InvalidSpec(invalid);
             return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
         }
-        let secret_name = self.resource.secret_name();
-        let existing = self
-            .kube("secret_get", self.secrets.get_opt(&secret_name))
-            .await?;
-        let seen = match ownership(existing.as_ref(), &self.uid) {
-            SecretOwnership::Foreign => {
-                let failure = Failure::SecretConflict { secret_name };
-                return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
+        let known = match basis {
+            Basis::AfterChange => Known::Unknown,
+            Basis::Cached | Basis::FreshResource => {
+                let fingerprint = self.fingerprint(&self.status);
+                self.ctx.known_secrets.lookup(&self.uid, fingerprint)
             }
-            SecretOwnership::Absent => SecretSeen::Absent,
-            SecretOwnership::Ours => SecretSeen::Ours {
-                resource_version: existing.as_ref().and_then(|s| s.resource_version()),
-            },
         };
-        let classified = classify(&self.resource, &self.status, existing.as_ref());
+        // A Secret known unchanged since it was last written or read holds what status
+        // describes: when that needs nothing done (the passes the operator's own writes
+        // trigger), the Secret is not read.
+        if matches!(known, Known::Unchanged { .. }) && !self.restart_is_due(&self.status) {
+            let tokens = tokens_seen(&self.resource.spec, &self.status, |_| true);
+            let decision = decide(&self.observed(SecretState::Current, tokens, None), self.now);
+            if let Decision::WaitUntil(_) = decision {
+                return Ok(Applied::Done(self.settle().await?));
+            }
+        }
+        let (seen, classified) = match self.read_secret(&known).await {
+            Ok(read) => read,
+            Err(halt) => return self.halted(halt, true).await,
+        };
         let secret_state = classified.state;
-        let tokens = tokens_seen(&self.resource.spec, &self.status, &classified.carried);
+        let tokens = tokens_seen(&self.resource.spec, &self.status, |name| {
+            classified
+                .carried
+                .iter()
+                .any(|carried| carried.name == name)
+        });
         let decision = decide(&self.observed(secret_state, tokens, None), self.now);
         debug!(?decision, "decided");
         let calls_acs = matches!(
@@ -275,7 +298,7 @@ impl Pass {
         let restarts = self.restart_is_due(&self.status);
         // Without the finalizer, the patch that adds it before the ACS call proves the cache
         // current (it is guarded by resourceVersion); with it, a read does.
-        if (calls_acs || restarts) && !fresh && self.has_finalizer() {
+        if (calls_acs || restarts) && basis == Basis::Cached && self.has_finalizer() {
             let name = self.resource.name_any();
             let latest = self.kube("identity_get", self.api.get(&name)).await?;
             if latest.resource_version() != self.resource.resource_version() {
@@ -284,19 +307,80 @@ impl Pass {
         }
         match self.act(decision, classified, &seen).await {
             Ok(action) => Ok(Applied::Done(action)),
-            Err(Halt::Failed {
+            Err(halt) => {
+                let secret_holds_token = secret_state != SecretState::TokenMissing;
+                self.halted(halt, secret_holds_token).await
+            }
+        }
+    }
+
+    /// How a pass that stopped short ends: a failure is recorded, a change decided again.
+    async fn halted(&self, halt: Halt, secret_holds_token: bool) -> Result<Applied, Error> {
+        match halt {
+            Halt::Failed {
                 failure,
                 tokens_revoked,
-            }) => {
+            } => {
                 let during = FailedDuring::Apply {
                     tokens_revoked,
-                    secret_holds_token: secret_state != SecretState::TokenMissing,
+                    secret_holds_token,
                 };
                 Ok(Applied::Done(self.record_failure(failure, during).await?))
             }
-            Err(Halt::Kube(error)) => Err(error),
-            Err(Halt::Changed) => Ok(Applied::Changed),
+            Halt::Kube(error) => Err(error),
+            Halt::Changed => Ok(Applied::Changed),
         }
+    }
+
+    /// The resource's Secret, and what the pass saw of it: read from the API server unless
+    /// `known` says it is absent. Someone else's Secret of that name is a failure.
+    async fn read_secret(&self, known: &Known) -> Result<(SecretSeen, Classified), Halt> {
+        let secret_name = self.resource.secret_name();
+        let existing = match known {
+            Known::Absent => None,
+            Known::Unchanged { .. } | Known::Unknown => {
+                self.kube("secret_get", self.secrets.get_opt(&secret_name))
+                    .await?
+            }
+        };
+        let seen = match ownership(existing.as_ref(), &self.uid) {
+            SecretOwnership::Foreign => {
+                self.ctx.known_secrets.forget(&self.uid);
+                return Err(Failure::SecretConflict { secret_name }.into());
+            }
+            SecretOwnership::Absent => SecretSeen::Absent,
+            SecretOwnership::Ours => SecretSeen::Ours {
+                resource_version: existing.as_ref().and_then(|s| s.resource_version()),
+            },
+        };
+        let classified = classify(&self.resource, &self.status, existing.as_ref());
+        match (classified.state, &seen, self.fingerprint(&self.status)) {
+            (SecretState::Current, SecretSeen::Ours { resource_version }, Some(fingerprint)) => {
+                let known = &self.ctx.known_secrets;
+                known.verified(&self.uid, resource_version.as_deref(), fingerprint);
+            }
+            _ => self.ctx.known_secrets.forget(&self.uid),
+        }
+        Ok((seen, classified))
+    }
+
+    /// The fingerprint of the Secret `status` describes, if it describes one.
+    fn fingerprint(&self, status: &CommunicationIdentityStatus) -> Option<u64> {
+        let identity_id = status.identity_id.as_deref()?;
+        let first = status.token_expires_on.as_ref()?.0;
+        let entries = status.tokens.iter().map(|token| {
+            let expires_on = token.expires_on.as_ref().map(|t| t.0);
+            (token.name.as_str(), expires_on)
+        });
+        let generation = self.resource.metadata.generation;
+        let secret_name = self.resource.secret_name();
+        Some(fingerprint(
+            generation,
+            &secret_name,
+            identity_id,
+            first,
+            entries,
+        ))
     }
 
     /// What [`decide`] looks at. The Secret is not read while deleting.
@@ -362,8 +446,13 @@ impl Pass {
                     .rewrite
                     .as_ref()
                     .expect("a rewrite decision comes with the Secret");
-                self.write_secret(desired, seen, &classified.stale_keys)
+                let written = self
+                    .write_secret(desired, seen, &classified.stale_keys)
                     .await?;
+                if let Some(fingerprint) = self.fingerprint(&self.status) {
+                    let known = &self.ctx.known_secrets;
+                    known.verified(&self.uid, written.as_deref(), fingerprint);
+                }
                 let secret_name = self.resource.secret_name();
                 info!(identity = ?self.status.identity_id, secret = %secret_name, "secret restored");
                 let note = rewrite_note(&secret_name, &classified.stale_keys);
@@ -618,9 +707,14 @@ impl Pass {
             &delivered,
         )
         .map_err(|_| Error::MissingMetadata("uid"))?;
-        self.write_secret(&secret, seen, &classified.stale_keys)
+        let written = self
+            .write_secret(&secret, seen, &classified.stale_keys)
             .await?;
         let (status, plans) = after_issue(&self.status, &self.resource, &tokens, self.now);
+        if let Some(fingerprint) = self.fingerprint(&status) {
+            let known = &self.ctx.known_secrets;
+            known.verified(&self.uid, written.as_deref(), fingerprint);
+        }
         self.patch_status(&status).await?;
         self.ctx.held_tokens.release(&self.uid);
         let adopted =
@@ -917,7 +1011,7 @@ impl Pass {
     /// Creates the Secret if it was absent, or writes it with the resourceVersion it had when
     /// seen as ours: a Secret someone else created or changed in the meantime is never
     /// overwritten (the pass decides again instead). A refusal by the API server is a failure
-    /// the user sees, with the token held for the retry.
+    /// the user sees, with the token held for the retry. Returns the resourceVersion written.
     ///
     /// `stale_keys` (keys of tokens the spec no longer asks for) are then taken out with a
     /// merge patch guarded by the resourceVersion just written: server-side apply would leave
@@ -927,7 +1021,7 @@ impl Pass {
         secret: &Secret,
         seen: &SecretSeen,
         stale_keys: &[String],
-    ) -> Result<(), Halt> {
+    ) -> Result<Option<String>, Halt> {
         let name = secret.metadata.name.as_deref().unwrap_or_default();
         let written = match seen {
             SecretSeen::Absent => {
@@ -962,12 +1056,15 @@ impl Pass {
                 }));
                 let params = PatchParams::default();
                 let request = self.secrets.patch(name, &params, &patch);
-                self.kube("secret_keys_remove", request).await.map(drop)
+                self.kube("secret_keys_remove", request).await
             }
-            written => written.map(drop),
+            written => written,
         };
+        if written.is_err() {
+            self.ctx.known_secrets.forget(&self.uid);
+        }
         match written {
-            Ok(()) => Ok(()),
+            Ok(written) => Ok(written.resource_version()),
             Err(Error::Kube {
                 call,
                 source: kube::Error::Api(status),
@@ -1018,7 +1115,10 @@ impl Pass {
         let published = self
             .kube(
                 "event_publish",
-                self.ctx.recorder.publish(&event, &reference),
+                self.ctx
+                    .events
+                    .recorder(note.type_)
+                    .publish(&event, &reference),
             )
             .await;
         if let Err(error) = published {

@@ -47,6 +47,20 @@ impl Issued {
 async fn start_first_pass(h: &mut Harness) {
     h.start_pass();
     h.expect_token_secret_get().await;
+    prepare_first_create(h).await;
+}
+
+/// The first pass of a new resource once the operator's watch has listed its Secrets: it
+/// knows the token Secret absent without reading it.
+async fn start_first_pass_listed(h: &mut Harness) {
+    h.watch_lists_secrets();
+    h.start_pass();
+    prepare_first_create(h).await;
+}
+
+/// What comes before the first create in ACS: the connection Secret read, the resource's
+/// finalizer with the create mark, the connection Secret's finalizer.
+async fn prepare_first_create(h: &mut Harness) {
     h.expect_connection_secret_get().await;
     h.expect_finalizer_and_create_mark().await;
     h.expect_connection_secret_finalizer_patch(&[CONNECTION_SECRET_FINALIZER])
@@ -68,6 +82,11 @@ async fn start_adoption_pass(h: &mut Harness) {
 /// sent: four writes.
 async fn first_pass(h: &mut Harness) -> Issued {
     start_first_pass(h).await;
+    finish_first_pass(h).await
+}
+
+/// The rest of [`first_pass`], after its start.
+async fn finish_first_pass(h: &mut Harness) -> Issued {
     assert!(h.cluster.identity.create_attempted());
     let secret = h.expect_secret_create().await;
     let status = h.expect_status_apply().await;
@@ -568,6 +587,78 @@ async fn a_secret_created_by_someone_else_during_the_pass_makes_it_decide_again(
     assert!(
         h.cluster.identity.create_attempted(),
         "the identity was created in ACS: the mark must stay for deletion to clean it up"
+    );
+}
+
+#[tokio::test]
+async fn passes_its_own_writes_trigger_read_nothing_once_the_secrets_are_listed() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    start_first_pass_listed(&mut h).await;
+    let created = finish_first_pass(&mut h).await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+
+    // The passes the Secret's create and the status write trigger: nothing to read or write.
+    h.watch_delivers_token_secret();
+    h.start_pass();
+    let action = h.finish_pass().await;
+    assert_eq!(
+        action,
+        requeue_until(h.now(), next_refresh(&created.status))
+    );
+    h.start_pass();
+    h.finish_pass().await;
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_secret_edit_the_watch_delivers_is_read_and_restored() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    start_first_pass_listed(&mut h).await;
+    let created = finish_first_pass(&mut h).await;
+    h.acs.calls().await;
+    let edited_at = h.cluster.next_resource_version();
+    let secret = h.cluster.token_secret.as_mut().expect("the Secret");
+    secret.labels_mut().remove(MANAGED_BY_LABEL);
+    secret.metadata.resource_version = Some(edited_at);
+    h.watch_delivers_token_secret();
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    let applied = h.expect_secret_apply().await;
+    h.expect_event(NORMAL, reason::SECRET_RESTORED).await;
+    h.finish_pass().await;
+    assert_eq!(applied.data, created.secret.data);
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+
+    // Restored, and known so: the pass its write triggers reads nothing.
+    h.watch_delivers_token_secret();
+    h.start_pass();
+    h.finish_pass().await;
+}
+
+#[tokio::test]
+async fn a_secret_the_watch_cannot_see_is_read_when_creating_it_fails() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    // Unlabelled, so not in the watch's listing.
+    h.cluster.token_secret = Some(foreign_secret());
+    start_first_pass_listed(&mut h).await;
+    h.refuse_secret_create(
+        StatusCode::CONFLICT,
+        "AlreadyExists",
+        "secrets \"alice-acs-token\" already exists",
+    )
+    .await;
+    h.expect_identity_get().await;
+    h.expect_token_secret_get().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(WARNING, reason::SECRET_CONFLICT).await;
+    h.finish_pass().await;
+
+    assert_eq!(ready(&status), ("False", reason::SECRET_CONFLICT));
+    assert_eq!(
+        h.cluster.token_secret,
+        Some(foreign_secret()),
+        "never written"
     );
 }
 

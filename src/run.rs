@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::net::TcpListener;
@@ -22,8 +23,10 @@ const RECONCILE_CONCURRENCY: u16 = 64;
 use crate::admin::{self, Health, Phase};
 use crate::context::{AcsSettings, Context};
 use crate::crd::{
-    CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OPERATOR_ANNOTATION_PREFIX,
+    CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    OPERATOR_ANNOTATION_PREFIX,
 };
+use crate::launch::METRICS_LINE;
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::reconcile::{Error, KUBE_CALL_TIMEOUT, error_policy, reconcile};
@@ -74,8 +77,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 config.metrics_addr
             )
         })?;
-    // Tests that ask for port 0 read the port from this line.
-    info!("serving metrics on {}", listener.local_addr()?);
+    // Tests that ask for port 0 read the port from this line (`launch::metrics_addr`).
+    let serving = listener.local_addr()?;
+    info!("{METRICS_LINE}{serving}");
     // Spawned: it serves while this replica stands by as well as while it leads.
     let mut admin = tokio::spawn(admin::serve(listener, health.clone()));
 
@@ -98,8 +102,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         controller: "acs-identity-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let recorder = Recorder::new(client.clone(), reporter);
-    let (identities, secrets): (Api<CommunicationIdentity>, Api<Secret>) =
+    let (identities, secrets): (Api<CommunicationIdentity>, Api<PartialObjectMeta<Secret>>) =
         match &config.watch_namespace {
             Some(namespace) => (
                 Api::namespaced(watch_client.clone(), namespace),
@@ -110,7 +113,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (store, writer) = reflector::store();
     let context = Arc::new(Context::new(
         client,
-        recorder,
+        reporter,
         config.acs,
         metrics,
         store.clone(),
@@ -120,11 +123,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "starting controller"
     );
 
-    // Only the Secrets the operator labels are watched, and `owns` watches them as metadata
-    // only (kube-runtime's `metadata_watcher`, no cache), so memory does not grow with the
-    // cluster's Secret count.
+    // Only the Secrets the operator labels are watched, as metadata only and without a cache,
+    // so memory does not grow with the cluster's Secret count; each event is noted in
+    // `known_secrets` (a resourceVersion per Secret) before it triggers its owner's pass.
     let owned_secrets =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let secret_events = {
+        let context = context.clone();
+        watcher(secrets, owned_secrets)
+            .default_backoff()
+            .map_ok(move |event| {
+                context.known_secrets.observe(&event);
+                event
+            })
+            .touched_objects()
+    };
     // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
     // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
     let identity_events = watcher(identities, watcher::Config::default())
@@ -133,7 +146,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .reflect(writer)
         .applied_objects();
     let controller = Controller::for_stream(identity_events, store)
-        .owns(secrets, owned_secrets)
+        .owns_stream(secret_events)
         // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
         // cheap scheduler entries instead of thousands of live reconcile futures.
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
@@ -180,14 +193,26 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 /// (most of an object's size), labels, owner references and every annotation but the
 /// operator's own (kubectl's last-applied copy of the object, GitOps tools' bookkeeping). A
 /// pass that writes works from the API server's answers, not from the cache, for anything it
-/// sends back.
+/// sends back. The create mark goes too once status records the identity: it only tells a
+/// deletion that a create of an unrecorded identity may have reached ACS, and a map of one
+/// annotation costs ~600 bytes per resource.
 fn trim_for_cache(resource: &mut CommunicationIdentity) {
+    let recorded = resource
+        .status
+        .as_ref()
+        .is_some_and(|status| status.identity_id.is_some());
     let metadata = &mut resource.metadata;
     metadata.managed_fields = None;
     metadata.labels = None;
     metadata.owner_references = None;
     if let Some(annotations) = &mut metadata.annotations {
-        annotations.retain(|key, _| key.starts_with(OPERATOR_ANNOTATION_PREFIX));
+        annotations.retain(|key, _| {
+            key.starts_with(OPERATOR_ANNOTATION_PREFIX)
+                && !(recorded && key == CREATE_ATTEMPTED_ANNOTATION)
+        });
+        if annotations.is_empty() {
+            metadata.annotations = None;
+        }
     }
 }
 
@@ -252,6 +277,7 @@ mod tests {
                 "labels": { "team": "a" },
                 "ownerReferences": [{ "apiVersion": "v1", "kind": "ConfigMap", "name": "app", "uid": "u-0" }],
                 "annotations": {
+                    "acs-operator.io/identity-create-attempted": "true",
                     "acs-operator.io/refresh-requested-at": "r1",
                     "argocd.argoproj.io/tracking-id": "app:acs-operator.io/CommunicationIdentity:team/alice",
                     "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}"
@@ -262,8 +288,16 @@ mod tests {
             "status": { "identityId": "8:acs:x" }
         }))
         .unwrap();
+        let mut unrecorded = resource.clone();
+        unrecorded.status = None;
+        trim_for_cache(&mut unrecorded);
+        assert!(
+            unrecorded.create_attempted(),
+            "needed while no identity is recorded"
+        );
         let before = resource.clone();
         trim_for_cache(&mut resource);
+        assert!(!resource.create_attempted());
         assert!(resource.managed_fields().is_empty());
         assert!(resource.labels().is_empty() && resource.owner_references().is_empty());
         assert_eq!(

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use acs_emulator::process::{Launch, Ready};
 use acs_identity_operator::crd::{CommunicationIdentity, READY_CONDITION, reason};
+use acs_identity_operator::launch;
 use acs_identity_operator::metrics::PREFIX;
 
 /// How long a test waits for what the operator or the emulator does promptly.
@@ -344,16 +345,18 @@ impl Operator {
         let dir = TempDir::new("operator");
         let log = dir.path().join("operator.log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_acs-identity-operator"))
-            .args(["run", "--watch-namespace", namespace, "--acs-ca-file"])
-            .arg(ca_file)
-            // Tests run operators side by side: each serves /metrics on a port of its own.
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            // Every endpoint a test uses is on loopback, which the default (Azure's ACS domains
-            // only) refuses.
-            .args(["--acs-endpoint-suffixes", "127.0.0.1,localhost"])
-            .args(extra)
-            .env("KUBECONFIG", kubeconfig)
+        let launch = launch::Launch {
+            program: env!("CARGO_BIN_EXE_acs-identity-operator").into(),
+            kubeconfig: kubeconfig.to_owned(),
+            ca_file: ca_file.to_owned(),
+            args: ["--watch-namespace", namespace]
+                .iter()
+                .chain(extra)
+                .map(|arg| (*arg).to_owned())
+                .collect(),
+        };
+        let child = launch
+            .command()
             .env("RUST_LOG", "info,acs_identity_operator=debug")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -377,13 +380,7 @@ impl Operator {
         wait_for(
             "the operator to log its metrics address",
             Duration::from_secs(30),
-            || async {
-                let logs = self.logs();
-                let (_, rest) = logs.split_once("serving metrics on ")?;
-                let (addr, _) = rest.split_once(['"', '\n'])?;
-                let addr: std::net::SocketAddr = addr.parse().ok()?;
-                Some(format!("http://{addr}"))
-            },
+            || async { launch::metrics_addr(&self.logs()).map(|addr| format!("http://{addr}")) },
         )
         .await
     }

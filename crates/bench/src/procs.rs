@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use acs_emulator::process::{Launch, Ready};
+use acs_emulator::process::{Launch as EmulatorLaunch, Ready};
+use acs_identity_operator::launch::{Launch, metrics_addr};
 use anyhow::{Context as _, bail};
 
 /// Pids of the children still running, for the signal and panic handlers.
@@ -247,7 +248,7 @@ impl Emulator {
     /// Every emulator of a scenario shares one CA (the first creates it, the others reuse it),
     /// so one `--acs-ca-file` serves the operator for all of them.
     pub fn start(bin_dir: &Path, dir: &Path, name: &str, extra: &[String]) -> anyhow::Result<Self> {
-        let launch = Launch {
+        let launch = EmulatorLaunch {
             program: bin_dir.join("acs-emulator"),
             tls_dir: dir.join("emulator-tls"),
             args: extra.to_vec(),
@@ -292,21 +293,17 @@ impl Operator {
             .create(true)
             .append(true)
             .open(&log)?;
+        let launch = Launch {
+            program: bin_dir.join("acs-identity-operator"),
+            kubeconfig: cluster.kubeconfig.clone(),
+            ca_file: ca_file.to_owned(),
+            args: extra.iter().map(|arg| (*arg).to_owned()).collect(),
+        };
         let proc = Proc::spawn(
             "operator",
-            Command::new(bin_dir.join("acs-identity-operator"))
-                .args(["run", "--metrics-addr", "127.0.0.1:0"])
-                // The emulators listen on loopback, outside the default (Azure-only) allowlist.
-                .args([
-                    "--acs-endpoint-suffixes",
-                    "127.0.0.1,localhost",
-                    "--acs-ca-file",
-                ])
-                .arg(ca_file)
-                .args(extra)
-                .env("KUBECONFIG", &cluster.kubeconfig)
+            launch
+                .command()
                 .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
                 .stdout(file.try_clone()?)
                 .stderr(file),
         )?;
@@ -317,20 +314,13 @@ impl Operator {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        let marker = "serving metrics on ";
         while Instant::now() < deadline {
             let text = std::fs::read_to_string(&operator.log).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .rev()
-                .find_map(|line| line.split(marker).nth(1))
-                .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
-                .filter(|_| operator.proc.alive())
-            {
+            if let Some(addr) = metrics_addr(&text).filter(|_| operator.proc.alive()) {
                 // The log is appended across restarts: only a line written after this start
                 // counts, so wait until the port answers.
-                if std::net::TcpStream::connect(&addr).is_ok() {
-                    operator.metrics_addr = addr;
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    operator.metrics_addr = addr.to_string();
                     return Ok(operator);
                 }
             }
