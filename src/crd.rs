@@ -13,6 +13,8 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::tokens::{self, TokenEntry};
+
 /// Finalizer on a `CommunicationIdentity`: cleanup in ACS must run before it goes.
 pub const FINALIZER: &str = "acs-operator.io/cleanup";
 /// Finalizer on a connection Secret while a `CommunicationIdentity` still needs it, so deleting a
@@ -66,6 +68,17 @@ pub mod reason {
     pub const IDENTITY_RETAINED: &str = "IdentityRetained";
     /// Event: a Secret deleted or edited by someone else was written back.
     pub const SECRET_RESTORED: &str = "SecretRestored";
+    /// Event: the keys of tokens the spec no longer asks for were taken out of the Secret.
+    pub const TOKENS_REMOVED: &str = "TokensRemoved";
+    /// Event: a workload of spec.rolloutRestartTargets was restarted for new tokens.
+    pub const WORKLOAD_RESTARTED: &str = "WorkloadRestarted";
+    /// Warning event: a restart target does not exist.
+    pub const RESTART_TARGET_NOT_FOUND: &str = "RestartTargetNotFound";
+    /// Warning event: the operator may not patch a restart target (the chart's
+    /// rolloutRestart.enabled grants it).
+    pub const RESTART_FORBIDDEN: &str = "RestartForbidden";
+    /// Warning event: the API server refused the restart of a target otherwise.
+    pub const RESTART_FAILED: &str = "RestartFailed";
     /// Warning event: ACS returned a token that lives shorter than requested.
     pub const SHORT_TOKEN_LIFETIME: &str = "ShortTokenLifetime";
     /// Warning event: the skip-cleanup annotation released the resource without cleanup in ACS.
@@ -97,6 +110,10 @@ pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60 * 60);
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// ACS SDKs refresh 10 minutes before expiry; refreshing later than 15 minutes before would race them.
 pub const MIN_REFRESH_BEFORE: Duration = Duration::from_secs(15 * 60);
+/// Default of spec.minRestartInterval: a few minutes, so a burst of token changes costs one
+/// rollout, while a workload is never more than that behind.
+pub const DEFAULT_MIN_RESTART_INTERVAL: Duration = Duration::from_secs(5 * 60);
+const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(60);
 /// refreshBefore must stay below tokenLifetime minus this, so a token is used for a while.
 pub const MIN_TOKEN_USE: Duration = Duration::from_secs(15 * 60);
 
@@ -218,66 +235,55 @@ const RESERVED_KEY_PREFIX: &str = OPERATOR_ANNOTATION_PREFIX;
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": concat!(
-            "!has(self.refreshBefore)",
-            " || !self.refreshBefore.matches('", duration_regex!(), "')",
-            " || !self.tokenLifetime.matches('", duration_regex!(), "')",
-            " || duration(self.refreshBefore) < duration(self.tokenLifetime) - duration('15m')",
-        ),
-        "message": "refreshBefore must be less than tokenLifetime minus 15m",
-    },
+    refresh_before_below_lifetime_rule(),
     {
         "rule": "has(self.identityId) == has(oldSelf.identityId)",
         "message": "identityId can only be set when the resource is created, and cannot be removed",
+    },
+    {
+        "rule": "has(self.scopes) != has(self.tokens)",
+        "message": ONE_FORM_MESSAGE,
+    },
+    {
+        "rule": "!has(self.tokens) || !has(self.refreshBefore) && self.tokenLifetime == '24h'",
+        "message": "with spec.tokens, set tokenLifetime and refreshBefore on each entry of spec.tokens, not on the spec",
     },
 ]))]
 pub struct CommunicationIdentitySpec {
     /// The Secret, in this resource's namespace, that holds the ACS connection string.
     pub connection_secret_ref: ConnectionSecretRef,
 
-    /// Token scopes: 1 to 5 distinct values.
+    /// Scopes of the one token (Secret keys token, expiresOn, scopes): 1 to 5 distinct values. Exactly one of scopes and tokens.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 1, max = 5))]
-    #[schemars(extend("x-kubernetes-validations" = [
-        { "rule": "self.all(x, self.exists_one(y, x == y))", "message": "scopes must be distinct" },
-    ]))]
+    #[schemars(extend("x-kubernetes-validations" = [distinct_scopes_rule()]))]
     pub scopes: Vec<Scope>,
 
-    /// Lifetime of each token, whole hours and/or minutes ("24h", "90m", "1h30m"), 1h to 24h.
+    /// Lifetime of the token of spec.scopes, whole hours and/or minutes ("24h", "90m", "1h30m"), 1h to 24h.
     #[serde(default = "default_token_lifetime")]
     // maxLength bounds the cost the apiserver estimates for the CEL rules.
     #[schemars(length(max = 12))]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": concat!("self.matches('", duration_regex!(), "')"),
-            "message": "tokenLifetime must be whole hours and/or minutes, such as 24h, 90m or 1h30m",
-        },
-        {
-            "rule": concat!(
-                "!self.matches('", duration_regex!(), "')",
-                " || duration(self) >= duration('1h') && duration(self) <= duration('24h')",
-            ),
-            "message": "tokenLifetime must be between 1h and 24h",
-        },
-    ]))]
+    #[schemars(extend("x-kubernetes-validations" = token_lifetime_rules()))]
     pub token_lifetime: String,
 
-    /// How long before expiry a token is replaced ("8h", "90m"): from 15m to below tokenLifetime minus 15m; default a third of tokenLifetime.
+    /// How long before expiry the token of spec.scopes is replaced ("8h", "90m"): from 15m to below tokenLifetime minus 15m; default a third of tokenLifetime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     // `with = "String"` keeps the schema free of `nullable`, so a null is pruned as absent
     // instead of reaching the CEL rules.
     #[schemars(with = "String", length(max = 12))]
+    #[schemars(extend("x-kubernetes-validations" = refresh_before_rules()))]
+    pub refresh_before: Option<String>,
+
+    /// Several named tokens of the one identity, each with its own scopes and refresh schedule (Secret keys <name>.token, <name>.expiresOn, <name>.scopes): 1 to 8 entries with distinct names. Exactly one of scopes and tokens.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(min = 1, max = MAX_TOKENS))]
     #[schemars(extend("x-kubernetes-validations" = [
         {
-            "rule": concat!("self.matches('", duration_regex!(), "')"),
-            "message": "refreshBefore must be whole hours and/or minutes, such as 8h, 90m or 1h30m",
-        },
-        {
-            "rule": concat!("!self.matches('", duration_regex!(), "') || duration(self) >= duration('15m')"),
-            "message": "refreshBefore must be at least 15m",
+            "rule": "self.all(x, self.exists_one(y, x.name == y.name))",
+            "message": "tokens names must be distinct: each names its own keys in the Secret",
         },
     ]))]
-    pub refresh_before: Option<String>,
+    pub tokens: Vec<NamedToken>,
 
     /// Name of the Secret the token is written to. Default: <metadata.name>-acs-token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,10 +317,157 @@ pub struct CommunicationIdentitySpec {
         },
     ]))]
     pub identity_id: Option<String>,
+
+    /// Deployments, StatefulSets and DaemonSets of this namespace restarted (as `kubectl rollout restart` does) when the tokens in the Secret change, for workloads that read a token once at start. At most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_RESTART_TARGETS))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(x, self.exists_one(y, x.kind == y.kind && x.name == y.name))",
+            "message": "rolloutRestartTargets must name each workload once",
+        },
+    ]))]
+    pub rollout_restart_targets: Vec<RestartTarget>,
+
+    /// The shortest time between two restarts of the targets ("5m", "1h"), from 1m to 24h; default 5m. A revoke restarts them at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "String", length(max = 12))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": concat!("self.matches('", duration_regex!(), "')"),
+            "message": "minRestartInterval must be whole hours and/or minutes, such as 5m, 1h or 1h30m",
+        },
+        {
+            "rule": concat!(
+                "!self.matches('", duration_regex!(), "')",
+                " || duration(self) >= duration('1m') && duration(self) <= duration('24h')",
+            ),
+            "message": "minRestartInterval must be between 1m and 24h",
+        },
+    ]))]
+    pub min_restart_interval: Option<String>,
+}
+
+/// Most workloads `spec.rolloutRestartTargets` may name.
+pub const MAX_RESTART_TARGETS: usize = 16;
+
+/// A workload restarted when the tokens change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartTarget {
+    pub kind: WorkloadKind,
+    /// The workload's name, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+}
+
+/// The kinds of workload `kubectl rollout restart` restarts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl WorkloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+        }
+    }
 }
 
 fn default_token_lifetime() -> String {
     DEFAULT_TOKEN_LIFETIME.to_owned()
+}
+
+/// Most entries `spec.tokens` may hold.
+pub const MAX_TOKENS: usize = 8;
+/// Longest name of an entry of `spec.tokens` (a DNS label).
+const MAX_TOKEN_NAME_LENGTH: usize = 63;
+/// DNS-1123 label, as an entry's name: it prefixes its keys in the Secret.
+const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+const ONE_FORM_MESSAGE: &str = "set exactly one of spec.scopes (one token, under the Secret keys token, expiresOn and scopes) and spec.tokens (named tokens, under <name>.token, <name>.expiresOn and <name>.scopes)";
+
+/// One named token of `spec.tokens`: its own scopes, lifetime and refresh schedule, under
+/// `<name>.`-prefixed keys in the Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [refresh_before_below_lifetime_rule()]))]
+pub struct NamedToken {
+    /// Names the token's keys in the Secret (<name>.token, ...): a DNS label, unique in the list.
+    #[schemars(length(min = 1, max = MAX_TOKEN_NAME_LENGTH), pattern(DNS_LABEL_PATTERN))]
+    pub name: String,
+
+    /// Token scopes: 1 to 5 distinct values.
+    #[schemars(length(min = 1, max = 5))]
+    #[schemars(extend("x-kubernetes-validations" = [distinct_scopes_rule()]))]
+    pub scopes: Vec<Scope>,
+
+    /// Lifetime of this token, whole hours and/or minutes ("24h", "90m", "1h30m"), 1h to 24h.
+    #[serde(default = "default_token_lifetime")]
+    #[schemars(length(max = 12))]
+    #[schemars(extend("x-kubernetes-validations" = token_lifetime_rules()))]
+    pub token_lifetime: String,
+
+    /// How long before expiry this token is replaced ("8h", "90m"): from 15m to below tokenLifetime minus 15m; default a third of tokenLifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "String", length(max = 12))]
+    #[schemars(extend("x-kubernetes-validations" = refresh_before_rules()))]
+    pub refresh_before: Option<String>,
+}
+
+// The rules `spec` and each entry of `spec.tokens` share, declared once.
+
+fn distinct_scopes_rule() -> serde_json::Value {
+    serde_json::json!({
+        "rule": "self.all(x, self.exists_one(y, x == y))",
+        "message": "scopes must be distinct",
+    })
+}
+
+fn token_lifetime_rules() -> serde_json::Value {
+    serde_json::json!([
+        {
+            "rule": concat!("self.matches('", duration_regex!(), "')"),
+            "message": "tokenLifetime must be whole hours and/or minutes, such as 24h, 90m or 1h30m",
+        },
+        {
+            "rule": concat!(
+                "!self.matches('", duration_regex!(), "')",
+                " || duration(self) >= duration('1h') && duration(self) <= duration('24h')",
+            ),
+            "message": "tokenLifetime must be between 1h and 24h",
+        },
+    ])
+}
+
+fn refresh_before_rules() -> serde_json::Value {
+    serde_json::json!([
+        {
+            "rule": concat!("self.matches('", duration_regex!(), "')"),
+            "message": "refreshBefore must be whole hours and/or minutes, such as 8h, 90m or 1h30m",
+        },
+        {
+            "rule": concat!("!self.matches('", duration_regex!(), "') || duration(self) >= duration('15m')"),
+            "message": "refreshBefore must be at least 15m",
+        },
+    ])
+}
+
+/// On the object holding both fields.
+fn refresh_before_below_lifetime_rule() -> serde_json::Value {
+    serde_json::json!({
+        "rule": concat!(
+            "!has(self.refreshBefore)",
+            " || !self.refreshBefore.matches('", duration_regex!(), "')",
+            " || !self.tokenLifetime.matches('", duration_regex!(), "')",
+            " || duration(self.refreshBefore) < duration(self.tokenLifetime) - duration('15m')",
+        ),
+        "message": "refreshBefore must be less than tokenLifetime minus 15m",
+    })
 }
 
 /// Where the ACS connection string lives. Always in the resource's own namespace, so
@@ -547,6 +700,11 @@ pub struct CommunicationIdentityStatus {
     /// Lifetime in minutes the token in the Secret was requested with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_lifetime_minutes: Option<i32>,
+    /// Each token of spec.tokens, by name; the fields above then tell the first expiry and the
+    /// first refresh of them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub tokens: Vec<TokenStatus>,
     /// Failures in a row since the last success; with lastFailureTime, backoff survives restarts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failed_attempts: i32,
@@ -562,11 +720,68 @@ pub struct CommunicationIdentityStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The restarts of spec.rolloutRestartTargets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_restart: Option<RolloutRestartStatus>,
     /// Ready: True while the Secret holds an unexpired token for the current spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     // A map keyed by type, so server-side apply merges conditions instead of replacing the list.
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// The restarts of spec.rolloutRestartTargets: a change of the tokens is pending until the
+/// targets are restarted for it, which survives an operator restart.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartStatus {
+    /// When the targets were last restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_time: Option<Time>,
+    /// Since when the tokens have changed without a restart of the targets yet; the restart
+    /// comes at lastRestartTime + minRestartInterval at the earliest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_since: Option<Time>,
+    /// The pending change is a revoke: the targets are restarted at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending_revoke: bool,
+    /// The targets the last restart could not restart, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_targets: Vec<RestartFailure>,
+}
+
+/// A target the last restart could not restart.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartFailure {
+    pub kind: WorkloadKind,
+    pub name: String,
+    /// RestartTargetNotFound, RestartForbidden or RestartFailed.
+    pub reason: String,
+    pub message: String,
+}
+
+/// One token of spec.tokens as issued.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenStatus {
+    /// The entry's name.
+    pub name: String,
+    /// Scopes the token in the Secret was issued for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<Scope>,
+    /// Lifetime in minutes the token was requested with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_lifetime_minutes: Option<i32>,
+    /// When the token expires, as ACS said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_on: Option<Time>,
+    /// When the token was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<Time>,
+    /// When the token will be replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_time: Option<Time>,
 }
 
 fn is_zero(value: &i32) -> bool {
@@ -579,21 +794,14 @@ impl CommunicationIdentityStatus {
         self.conditions.iter().find(|c| c.type_ == type_)
     }
 
-    /// Whether the token in the Secret was issued for the scopes and lifetime `spec` asks for
-    /// now; when not, a new token is due at once.
+    /// Whether every token in the Secret was issued for the scopes and lifetime `spec` asks
+    /// for now.
     pub fn token_matches(&self, spec: &CommunicationIdentitySpec) -> bool {
-        let Ok(minutes) = spec.token_lifetime_minutes() else {
-            return false;
-        };
-        self.token_lifetime_minutes == Some(minutes)
-            && sorted(&self.token_scopes) == sorted(&spec.scopes)
+        let states = tokens::token_states(self);
+        spec.entries().iter().all(|entry| {
+            tokens::token_state(&states, entry.name).is_some_and(|state| entry.matches(state))
+        })
     }
-}
-
-fn sorted(scopes: &[Scope]) -> Vec<Scope> {
-    let mut scopes = scopes.to_vec();
-    scopes.sort_unstable();
-    scopes
 }
 
 /// A spec the schema should have rejected (an older CRD, or validation switched off).
@@ -655,6 +863,28 @@ pub enum InvalidSpec {
          128 KiB allowed: shorten or remove some"
     )]
     AnnotationsTooLarge { size: usize },
+    #[error("{ONE_FORM_MESSAGE}")]
+    TokenForm,
+    #[error("minRestartInterval must be between 1m and 24h")]
+    RestartIntervalOutOfRange,
+    #[error(
+        "with spec.tokens, set tokenLifetime and refreshBefore on each entry of spec.tokens, not on the spec"
+    )]
+    TopLevelTokenSettings,
+    #[error("tokens must hold 1 to {MAX_TOKENS} entries")]
+    TokenCount,
+    #[error(
+        "tokens name {value:?} is not a DNS label: use at most 63 lowercase letters, digits and \
+         '-', starting and ending with a letter or digit"
+    )]
+    TokenName { value: String },
+    #[error("tokens names must be distinct: {name:?} names two entries")]
+    DuplicateTokenName { name: String },
+    #[error("tokens entry {name:?}: {source}")]
+    Token {
+        name: String,
+        source: Box<InvalidSpec>,
+    },
     #[error(
         "identityId {value:?} is not an ACS communication user id: use the id ACS returned, \
          8:acs:<resource GUID>_<suffix>, or leave identityId out to create an identity"
@@ -665,16 +895,7 @@ pub enum InvalidSpec {
 impl CommunicationIdentitySpec {
     /// Every check the schema makes on fields the operator uses, in Rust.
     pub fn validate(&self) -> Result<(), InvalidSpec> {
-        if self.scopes.is_empty() || self.scopes.len() > 5 {
-            return Err(InvalidSpec::ScopeCount);
-        }
-        if sorted(&self.scopes)
-            .windows(2)
-            .any(|pair| pair[0] == pair[1])
-        {
-            return Err(InvalidSpec::DuplicateScopes);
-        }
-        self.refresh_before()?;
+        self.validate_tokens()?;
         let key = &self.connection_secret_ref.key;
         if !is_secret_data_key(key) {
             return Err(InvalidSpec::ConnectionSecretKey { value: key.clone() });
@@ -687,6 +908,7 @@ impl CommunicationIdentitySpec {
             });
         }
         self.secret_template.validate()?;
+        self.min_restart_interval()?;
         match self.adopted_identity_id() {
             Some(id) if !is_communication_user_id(id) => Err(InvalidSpec::IdentityId {
                 value: id.to_owned(),
@@ -695,48 +917,74 @@ impl CommunicationIdentitySpec {
         }
     }
 
-    /// The requested token lifetime, within 1h..=24h.
-    pub fn token_lifetime(&self) -> Result<Duration, InvalidSpec> {
-        let lifetime =
-            parse_duration(&self.token_lifetime).ok_or_else(|| InvalidSpec::Duration {
-                field: "tokenLifetime",
-                value: self.token_lifetime.clone(),
-            })?;
-        if !(MIN_TOKEN_LIFETIME..=MAX_TOKEN_LIFETIME).contains(&lifetime) {
-            return Err(InvalidSpec::TokenLifetimeOutOfRange);
+    /// The tokens the spec asks for: the one of spec.scopes, or the entries of spec.tokens.
+    pub fn entries(&self) -> Vec<TokenEntry<'_>> {
+        if self.tokens.is_empty() {
+            return vec![TokenEntry {
+                name: "",
+                scopes: &self.scopes,
+                token_lifetime: &self.token_lifetime,
+                refresh_before: self.refresh_before.as_deref(),
+            }];
         }
-        Ok(lifetime)
+        self.tokens
+            .iter()
+            .map(|token| TokenEntry {
+                name: &token.name,
+                scopes: &token.scopes,
+                token_lifetime: &token.token_lifetime,
+                refresh_before: token.refresh_before.as_deref(),
+            })
+            .collect()
     }
 
-    /// The requested token lifetime as ACS's `expiresInMinutes`.
-    pub fn token_lifetime_minutes(&self) -> Result<i32, InvalidSpec> {
-        // Bounded by 1440, so the conversion cannot fail.
-        Ok((self.token_lifetime()?.as_secs() / 60) as i32)
+    /// One form or the other, and each token's own checks.
+    fn validate_tokens(&self) -> Result<(), InvalidSpec> {
+        if self.tokens.is_empty() {
+            return self.entries()[0].validate();
+        }
+        if !self.scopes.is_empty() {
+            return Err(InvalidSpec::TokenForm);
+        }
+        if self.refresh_before.is_some() || self.token_lifetime != DEFAULT_TOKEN_LIFETIME {
+            return Err(InvalidSpec::TopLevelTokenSettings);
+        }
+        if self.tokens.len() > MAX_TOKENS {
+            return Err(InvalidSpec::TokenCount);
+        }
+        for (index, entry) in self.entries().iter().enumerate() {
+            if !is_dns_label(entry.name) {
+                return Err(InvalidSpec::TokenName {
+                    value: entry.name.to_owned(),
+                });
+            }
+            if self.tokens[..index].iter().any(|t| t.name == entry.name) {
+                return Err(InvalidSpec::DuplicateTokenName {
+                    name: entry.name.to_owned(),
+                });
+            }
+            entry.validate().map_err(|source| InvalidSpec::Token {
+                name: entry.name.to_owned(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
     }
 
-    /// How long before expiry to refresh: spec.refreshBefore, or one third of the lifetime.
-    pub fn refresh_before(&self) -> Result<Duration, InvalidSpec> {
-        let lifetime = self.token_lifetime()?;
-        let Some(text) = &self.refresh_before else {
-            return Ok(lifetime / 3);
+    /// The shortest time between two restarts of the targets: spec.minRestartInterval, or
+    /// [`DEFAULT_MIN_RESTART_INTERVAL`].
+    pub fn min_restart_interval(&self) -> Result<Duration, InvalidSpec> {
+        let Some(text) = &self.min_restart_interval else {
+            return Ok(DEFAULT_MIN_RESTART_INTERVAL);
         };
-        let refresh_before = parse_duration(text).ok_or_else(|| InvalidSpec::Duration {
-            field: "refreshBefore",
+        let interval = parse_duration(text).ok_or_else(|| InvalidSpec::Duration {
+            field: "minRestartInterval",
             value: text.clone(),
         })?;
-        if refresh_before < MIN_REFRESH_BEFORE {
-            return Err(InvalidSpec::RefreshBeforeTooShort);
+        if !(MIN_RESTART_INTERVAL..=MAX_TOKEN_LIFETIME).contains(&interval) {
+            return Err(InvalidSpec::RestartIntervalOutOfRange);
         }
-        if refresh_before >= lifetime.saturating_sub(MIN_TOKEN_USE) {
-            return Err(InvalidSpec::RefreshBeforeTooLong);
-        }
-        Ok(refresh_before)
-    }
-
-    /// Scopes as the Secret's `scopes` key holds them: comma-joined, in spec order.
-    pub fn scopes_joined(&self) -> String {
-        let names: Vec<&str> = self.scopes.iter().map(|s| s.as_str()).collect();
-        names.join(",")
+        Ok(interval)
     }
 
     /// The deletion policy in force: spec.deletionPolicy, or the default for how the identity
@@ -842,6 +1090,11 @@ fn is_qualified_name_part(text: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// `DNS_LABEL_PATTERN`, at most 63 characters.
+fn is_dns_label(text: &str) -> bool {
+    text.len() <= MAX_TOKEN_NAME_LENGTH && !text.contains('.') && is_dns_subdomain(text)
 }
 
 /// `DNS_SUBDOMAIN_PATTERN`, at most 253 characters.
@@ -991,12 +1244,13 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(spec.connection_secret_ref.key, "connectionString");
-        assert_eq!(spec.token_lifetime(), Ok(24 * HOUR));
-        assert_eq!(spec.token_lifetime_minutes(), Ok(1440));
-        assert_eq!(spec.refresh_before(), Ok(8 * HOUR));
+        let token = spec.entries()[0];
+        assert_eq!(token.token_lifetime(), Ok(24 * HOUR));
+        assert_eq!(token.token_lifetime_minutes(), Ok(1440));
+        assert_eq!(token.refresh_before(), Ok(8 * HOUR));
         assert_eq!(spec.deletion_policy, None);
         assert_eq!(spec.effective_deletion_policy(), DeletionPolicy::Delete);
-        assert_eq!(spec.scopes_joined(), "voip,chat.join.limited");
+        assert_eq!(token.scopes_joined(), "voip,chat.join.limited");
         assert_eq!(spec.adopted_identity_id(), None);
         assert_eq!(spec.validate(), Ok(()));
         // Defaults stay out of the serialised form, so server-side apply does not claim them.
@@ -1076,6 +1330,137 @@ mod tests {
         let mut none = spec("24h", None);
         none.scopes.clear();
         assert_eq!(none.validate(), Err(InvalidSpec::ScopeCount));
+    }
+
+    #[test]
+    fn tokens_validation_matches_the_schema_rules() {
+        let with_tokens = |tokens: Value, extra: Value| -> CommunicationIdentitySpec {
+            let mut spec = json!({
+                "connectionSecretRef": { "name": "acs-connection" },
+                "tokens": tokens,
+            });
+            spec.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value(spec).unwrap()
+        };
+        let voip = json!({ "name": "voip", "scopes": ["voip"], "tokenLifetime": "1h" });
+        let chat = json!({ "name": "chat", "scopes": ["chat"], "refreshBefore": "2h" });
+        let entry_error = |name: &str, source: InvalidSpec| {
+            Err(InvalidSpec::Token {
+                name: name.into(),
+                source: Box::new(source),
+            })
+        };
+        let nine: Vec<Value> = (0..9)
+            .map(|i| json!({ "name": format!("t{i}"), "scopes": ["chat"] }))
+            .collect();
+        let cases = [
+            (
+                "two entries",
+                with_tokens(json!([voip, chat]), json!({})),
+                Ok(()),
+            ),
+            (
+                "both forms",
+                with_tokens(json!([voip]), json!({ "scopes": ["chat"] })),
+                Err(InvalidSpec::TokenForm),
+            ),
+            (
+                "a spec-level refreshBefore",
+                with_tokens(json!([voip]), json!({ "refreshBefore": "1h" })),
+                Err(InvalidSpec::TopLevelTokenSettings),
+            ),
+            (
+                "a spec-level tokenLifetime",
+                with_tokens(json!([voip]), json!({ "tokenLifetime": "1h" })),
+                Err(InvalidSpec::TopLevelTokenSettings),
+            ),
+            (
+                "nine entries",
+                with_tokens(json!(nine), json!({})),
+                Err(InvalidSpec::TokenCount),
+            ),
+            (
+                "a name that is no DNS label",
+                with_tokens(
+                    json!([{ "name": "Voice.1", "scopes": ["voip"] }]),
+                    json!({}),
+                ),
+                Err(InvalidSpec::TokenName {
+                    value: "Voice.1".into(),
+                }),
+            ),
+            (
+                "a name twice",
+                with_tokens(json!([voip, voip]), json!({})),
+                Err(InvalidSpec::DuplicateTokenName {
+                    name: "voip".into(),
+                }),
+            ),
+            (
+                "an entry's lifetime out of range",
+                with_tokens(
+                    json!([{ "name": "voip", "scopes": ["voip"], "tokenLifetime": "25h" }]),
+                    json!({}),
+                ),
+                entry_error("voip", InvalidSpec::TokenLifetimeOutOfRange),
+            ),
+            (
+                "an entry's refreshBefore too long for its lifetime",
+                with_tokens(
+                    json!([{ "name": "chat", "scopes": ["chat"], "tokenLifetime": "1h", "refreshBefore": "50m" }]),
+                    json!({}),
+                ),
+                entry_error("chat", InvalidSpec::RefreshBeforeTooLong),
+            ),
+            (
+                "an entry with a scope twice",
+                with_tokens(
+                    json!([{ "name": "chat", "scopes": ["chat", "chat"] }]),
+                    json!({}),
+                ),
+                entry_error("chat", InvalidSpec::DuplicateScopes),
+            ),
+        ];
+        for (name, spec, expected) in cases {
+            assert_eq!(spec.validate(), expected, "{name}");
+        }
+        assert_eq!(
+            InvalidSpec::Token {
+                name: "chat".into(),
+                source: Box::new(InvalidSpec::RefreshBeforeTooLong)
+            }
+            .to_string(),
+            "tokens entry \"chat\": refreshBefore must be less than tokenLifetime minus 15m"
+        );
+    }
+
+    #[test]
+    fn min_restart_interval_defaults_to_five_minutes_within_bounds() {
+        let interval = |value: Value| spec_with(json!({ "minRestartInterval": value }));
+        let cases = [
+            ("default", spec_with(json!({})), Ok(5 * MINUTE)),
+            ("an hour", interval(json!("1h")), Ok(HOUR)),
+            ("a minute", interval(json!("1m")), Ok(MINUTE)),
+            (
+                "none at all",
+                interval(json!("0m")),
+                Err(InvalidSpec::RestartIntervalOutOfRange),
+            ),
+            (
+                "seconds",
+                interval(json!("30s")),
+                Err(InvalidSpec::Duration {
+                    field: "minRestartInterval",
+                    value: "30s".into(),
+                }),
+            ),
+        ];
+        for (name, spec, expected) in cases {
+            assert_eq!(spec.min_restart_interval(), expected, "{name}");
+            assert_eq!(spec.validate(), expected.map(drop), "{name}");
+        }
     }
 
     /// A valid spec with `extra` merged over it, as the API server would hand it over.
@@ -1735,7 +2120,63 @@ mod tests {
             [
                 "refreshBefore must be less than tokenLifetime minus 15m",
                 "identityId can only be set when the resource is created, and cannot be removed",
+                "set exactly one of spec.scopes (one token, under the Secret keys token, expiresOn and scopes) and spec.tokens (named tokens, under <name>.token, <name>.expiresOn and <name>.scopes)",
+                "with spec.tokens, set tokenLifetime and refreshBefore on each entry of spec.tokens, not on the spec",
             ]
+        );
+        let tokens = &fields["tokens"];
+        assert_eq!(
+            messages(tokens),
+            ["tokens names must be distinct: each names its own keys in the Secret"]
+        );
+        assert_eq!(
+            (&tokens["minItems"], &tokens["maxItems"]),
+            (&json!(1), &json!(8))
+        );
+        let entry = &tokens["items"];
+        assert_eq!(
+            messages(entry),
+            ["refreshBefore must be less than tokenLifetime minus 15m"]
+        );
+        let entry_fields = &entry["properties"];
+        assert_eq!(entry["required"], json!(["name", "scopes"]));
+        assert_eq!(entry_fields["name"]["maxLength"], 63);
+        assert_eq!(
+            messages(&entry_fields["scopes"]),
+            ["scopes must be distinct"]
+        );
+        assert_eq!(
+            messages(&entry_fields["tokenLifetime"]),
+            messages(&fields["tokenLifetime"]),
+            "an entry's tokenLifetime is checked as spec.tokenLifetime"
+        );
+        assert_eq!(
+            messages(&entry_fields["refreshBefore"]),
+            messages(&fields["refreshBefore"])
+        );
+        assert_eq!(entry_fields["tokenLifetime"]["default"], "24h");
+        let targets = &fields["rolloutRestartTargets"];
+        assert_eq!(
+            messages(targets),
+            ["rolloutRestartTargets must name each workload once"]
+        );
+        assert_eq!(targets["maxItems"], 16);
+        assert_eq!(
+            targets["items"]["properties"]["kind"]["enum"],
+            json!(["Deployment", "StatefulSet", "DaemonSet"])
+        );
+        assert_eq!(
+            messages(&fields["minRestartInterval"]),
+            [
+                "minRestartInterval must be whole hours and/or minutes, such as 5m, 1h or 1h30m",
+                "minRestartInterval must be between 1m and 24h",
+            ]
+        );
+        assert!(
+            spec["required"]
+                .as_array()
+                .is_none_or(|required| !required.contains(&json!("scopes"))),
+            "scopes is one of two forms"
         );
         assert_eq!(fields["scopes"]["minItems"], 1);
         assert_eq!(fields["scopes"]["maxItems"], 5);

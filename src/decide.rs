@@ -3,35 +3,52 @@
 
 use jiff::Timestamp;
 
-use crate::crd::{CommunicationIdentityStatus, DeletionPolicy};
+use crate::crd::{
+    CommunicationIdentitySpec, CommunicationIdentityStatus, DeletionPolicy, TokenStatus,
+};
 use crate::refresh::{MIN_REMAINING, can_keep_min_remaining};
+use crate::tokens::{token_state, token_states};
 
-/// The state of the resource's own Secret, as far as the token goes.
+/// The state of the resource's own Secret, as far as the tokens go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SecretState {
-    /// No Secret, or one without the token status describes: a new token is needed.
+    /// No Secret, or one without a token status describes: a new token is needed.
     TokenMissing,
-    /// Holds the token status describes, but something else (a key, a label, the owner) was
-    /// edited away: rewriting it needs no ACS call.
+    /// Holds every token status describes, but something else (a key, a label, the owner, the
+    /// keys of a token no longer asked for) was edited or is left over: rewriting it needs no
+    /// ACS call.
     TokenIntactButEdited,
     /// Exactly as the operator wrote it.
     Current,
 }
 
 /// Everything [`decide`] looks at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Observed<'a> {
     pub generation: Option<i64>,
     pub status: &'a CommunicationIdentityStatus,
     /// `spec.identityId`: an existing identity to adopt.
     pub adopt_identity_id: Option<&'a str>,
-    /// Whether the token in the Secret was issued for the spec's current scopes and lifetime.
-    pub token_matches_spec: bool,
+    /// Each token the spec asks for, in spec order.
+    pub tokens: Vec<TokenSeen>,
     pub refresh_request: Option<&'a str>,
     pub revoke_request: Option<&'a str>,
     pub secret: SecretState,
     /// Set while the resource is being deleted (and still carries the operator's finalizer).
     pub deletion: Option<Deletion>,
+}
+
+/// One token the spec asks for, as observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSeen {
+    /// The entry's name; empty for the token of spec.scopes.
+    pub name: String,
+    /// What status records of it; `None` before its first issue.
+    pub state: Option<TokenStatus>,
+    /// Whether that token was issued for the entry's current scopes and lifetime.
+    pub matches_spec: bool,
+    /// Whether the Secret still holds that token.
+    pub in_secret: bool,
 }
 
 /// What deletion was asked to do.
@@ -85,10 +102,11 @@ pub enum IssueReason {
 pub enum Decision {
     /// No identity yet: create one with its first token in the same call.
     CreateIdentity,
-    /// Issue a new token for `identity_id` (after revoking all its tokens when `revoke_first`).
-    IssueToken {
+    /// Issue new tokens for `identity_id`, for the entries named in `tokens` (after revoking
+    /// all its tokens when `revoke_first`); the other entries' tokens stay as they are.
+    IssueTokens {
         identity_id: String,
-        reason: IssueReason,
+        tokens: Vec<(String, IssueReason)>,
         revoke_first: bool,
     },
     /// The token in the Secret is fine; only the Secret itself needs restoring.
@@ -128,16 +146,23 @@ pub fn decide(observed: &Observed<'_>, now: Timestamp) -> Decision {
             _ => Decision::CreateIdentity,
         };
     };
-    let issue = |reason, revoke_first| Decision::IssueToken {
-        identity_id: identity_id.clone(),
-        reason,
-        revoke_first,
+    let every = |reason| {
+        let tokens = observed.tokens.iter();
+        tokens.map(|t| (t.name.clone(), reason)).collect()
     };
     if revoke_requested {
-        return issue(IssueReason::RevokeRequested, true);
+        return Decision::IssueTokens {
+            identity_id,
+            tokens: every(IssueReason::RevokeRequested),
+            revoke_first: true,
+        };
     }
     if refresh_requested {
-        return issue(IssueReason::RefreshRequested, false);
+        return Decision::IssueTokens {
+            identity_id,
+            tokens: every(IssueReason::RefreshRequested),
+            revoke_first: false,
+        };
     }
     if let (true, Some(at)) = (backing_off, next_attempt) {
         // Restoring an edited Secret needs no ACS call, so a backoff does not delay it.
@@ -146,28 +171,83 @@ pub fn decide(observed: &Observed<'_>, now: Timestamp) -> Decision {
         }
         return Decision::WaitUntil(at);
     }
-    let expires_on = status.token_expires_on.as_ref().map(|t| t.0);
-    let Some(expires_on) = expires_on else {
-        return issue(IssueReason::Initial, false);
-    };
-    if !observed.token_matches_spec {
-        return issue(IssueReason::SpecChanged, false);
-    }
-    if observed.secret == SecretState::TokenMissing {
-        return issue(IssueReason::SecretLost, false);
-    }
-    let issued_at = status.last_refresh_time.as_ref().map(|t| t.0);
-    let floor_breached = expires_on.duration_since(now)
-        < jiff::SignedDuration::try_from(MIN_REMAINING).unwrap()
-        && issued_at.is_none_or(|issued| can_keep_min_remaining(issued, expires_on));
-    let refresh_due = next_attempt.is_none_or(|at| at <= now) || floor_breached;
-    if refresh_due {
-        return issue(IssueReason::Refresh, false);
+    let due: Vec<(String, IssueReason)> = observed
+        .tokens
+        .iter()
+        .filter_map(|token| Some((token.name.clone(), token_due(token, now)?)))
+        .collect();
+    if !due.is_empty() {
+        return Decision::IssueTokens {
+            identity_id,
+            tokens: due,
+            revoke_first: false,
+        };
     }
     if observed.secret == SecretState::TokenIntactButEdited {
         return Decision::RewriteSecret;
     }
-    Decision::WaitUntil(next_attempt.expect("refresh_due covers a missing refresh time"))
+    let next_refresh = observed
+        .tokens
+        .iter()
+        .filter_map(|token| {
+            token
+                .state
+                .as_ref()?
+                .next_refresh_time
+                .as_ref()
+                .map(|t| t.0)
+        })
+        .min();
+    Decision::WaitUntil(next_refresh.expect("token_due covers a missing refresh time"))
+}
+
+/// Each token `spec` asks for as observed: what `status` records of it, and whether the
+/// Secret still holds it (`in_secret`, by entry name).
+pub fn tokens_seen(
+    spec: &CommunicationIdentitySpec,
+    status: &CommunicationIdentityStatus,
+    in_secret: impl Fn(&str) -> bool,
+) -> Vec<TokenSeen> {
+    let states = token_states(status);
+    spec.entries()
+        .iter()
+        .map(|entry| {
+            let state = token_state(&states, entry.name).cloned();
+            TokenSeen {
+                name: entry.name.to_owned(),
+                matches_spec: state.as_ref().is_some_and(|s| entry.matches(s)),
+                in_secret: in_secret(entry.name),
+                state,
+            }
+        })
+        .collect()
+}
+
+/// Why one token needs issuing now, if it does: never issued, issued for other scopes or
+/// lifetime, lost from the Secret, or its refresh time come (or its expiry within
+/// [`MIN_REMAINING`]).
+fn token_due(token: &TokenSeen, now: Timestamp) -> Option<IssueReason> {
+    let state = token.state.as_ref();
+    let Some(expires_on) = state.and_then(|s| s.expires_on.as_ref()).map(|t| t.0) else {
+        return Some(IssueReason::Initial);
+    };
+    if !token.matches_spec {
+        return Some(IssueReason::SpecChanged);
+    }
+    if !token.in_secret {
+        return Some(IssueReason::SecretLost);
+    }
+    let issued_at = state
+        .and_then(|s| s.last_refresh_time.as_ref())
+        .map(|t| t.0);
+    let next_refresh = state
+        .and_then(|s| s.next_refresh_time.as_ref())
+        .map(|t| t.0);
+    let floor_breached = expires_on.duration_since(now)
+        < jiff::SignedDuration::try_from(MIN_REMAINING).unwrap()
+        && issued_at.is_none_or(|issued| can_keep_min_remaining(issued, expires_on));
+    let refresh_due = next_refresh.is_none_or(|at| at <= now) || floor_breached;
+    refresh_due.then_some(IssueReason::Refresh)
 }
 
 /// The cleanup a deletion needs: per policy, for the identity status knows or the one a lost
@@ -222,12 +302,27 @@ mod tests {
         }
     }
 
+    /// The resource's one token as `status` records it, issued for the current spec and in
+    /// the Secret unless said otherwise.
+    fn single(
+        status: &CommunicationIdentityStatus,
+        matches_spec: bool,
+        in_secret: bool,
+    ) -> Vec<TokenSeen> {
+        vec![TokenSeen {
+            name: String::new(),
+            state: token_states(status).into_iter().next(),
+            matches_spec,
+            in_secret,
+        }]
+    }
+
     fn observed(status: &CommunicationIdentityStatus) -> Observed<'_> {
         Observed {
             generation: Some(2),
             status,
             adopt_identity_id: None,
-            token_matches_spec: true,
+            tokens: single(status, true, true),
             refresh_request: Some("r1"),
             revoke_request: Some("v1"),
             secret: SecretState::Current,
@@ -236,9 +331,9 @@ mod tests {
     }
 
     fn issue(reason: IssueReason, revoke_first: bool) -> Decision {
-        Decision::IssueToken {
+        Decision::IssueTokens {
             identity_id: "8:acs:r_1".into(),
-            reason,
+            tokens: vec![(String::new(), reason)],
             revoke_first,
         }
     }
@@ -344,7 +439,7 @@ mod tests {
             (
                 "changed scopes issue at once",
                 Observed {
-                    token_matches_spec: false,
+                    tokens: single(&healthy, false, true),
                     generation: Some(3),
                     ..observed(&healthy)
                 },
@@ -354,6 +449,7 @@ mod tests {
                 "a deleted Secret gets a new token",
                 Observed {
                     secret: SecretState::TokenMissing,
+                    tokens: single(&healthy, true, false),
                     ..observed(&healthy)
                 },
                 issue(IssueReason::SecretLost, false),
@@ -391,7 +487,7 @@ mod tests {
                 "a spec change restarts a backoff",
                 Observed {
                     generation: Some(3),
-                    token_matches_spec: false,
+                    tokens: single(&backing_off, false, true),
                     ..observed(&backing_off)
                 },
                 issue(IssueReason::SpecChanged, false),
@@ -409,6 +505,181 @@ mod tests {
         for (name, observed, expected) in cases {
             assert_eq!(decide(&observed, now()), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn each_named_token_is_decided_on_its_own() {
+        let token = |name: &str, next: &str, matches_spec: bool, in_secret: bool| TokenSeen {
+            name: name.into(),
+            state: Some(TokenStatus {
+                name: name.into(),
+                expires_on: Some(Time(at("2026-11-24T20:00:00Z"))),
+                last_refresh_time: Some(Time(at("2026-11-24T08:00:00Z"))),
+                next_refresh_time: Some(Time(at(next))),
+                ..Default::default()
+            }),
+            matches_spec,
+            in_secret,
+        };
+        let fine = |name| token(name, "2026-11-24T16:00:00Z", true, true);
+        let new = |name: &str| TokenSeen {
+            name: name.into(),
+            state: None,
+            matches_spec: false,
+            in_secret: false,
+        };
+        let healthy = healthy();
+        let issue = |tokens: &[(&str, IssueReason)], revoke_first| Decision::IssueTokens {
+            identity_id: "8:acs:r_1".into(),
+            tokens: tokens.iter().map(|(n, r)| ((*n).to_owned(), *r)).collect(),
+            revoke_first,
+        };
+        let cases: Vec<(&str, Vec<TokenSeen>, Observed<'_>, Decision)> = vec![
+            (
+                "both fine: wait for the first refresh",
+                vec![
+                    fine("voip"),
+                    token("chat", "2026-11-24T12:00:00Z", true, true),
+                ],
+                observed(&healthy),
+                Decision::WaitUntil(at("2026-11-24T12:00:00Z")),
+            ),
+            (
+                "one due: only it is refreshed",
+                vec![
+                    fine("voip"),
+                    token("chat", "2026-11-24T09:00:00Z", true, true),
+                ],
+                observed(&healthy),
+                issue(&[("chat", IssueReason::Refresh)], false),
+            ),
+            (
+                "an entry added: only it is issued",
+                vec![fine("voip"), new("chat")],
+                observed(&healthy),
+                issue(&[("chat", IssueReason::Initial)], false),
+            ),
+            (
+                "an entry's scopes changed: only it is reissued",
+                vec![
+                    token("voip", "2026-11-24T16:00:00Z", false, true),
+                    fine("chat"),
+                ],
+                observed(&healthy),
+                issue(&[("voip", IssueReason::SpecChanged)], false),
+            ),
+            (
+                "one token's keys lost from the Secret",
+                vec![
+                    fine("voip"),
+                    token("chat", "2026-11-24T16:00:00Z", true, false),
+                ],
+                Observed {
+                    secret: SecretState::TokenMissing,
+                    ..observed(&healthy)
+                },
+                issue(&[("chat", IssueReason::SecretLost)], false),
+            ),
+            (
+                "several due at once: one pass for all",
+                vec![
+                    token("voip", "2026-11-24T09:00:00Z", true, true),
+                    token("chat", "2026-11-24T09:30:00Z", true, true),
+                ],
+                observed(&healthy),
+                issue(
+                    &[
+                        ("voip", IssueReason::Refresh),
+                        ("chat", IssueReason::Refresh),
+                    ],
+                    false,
+                ),
+            ),
+            (
+                "a revoke reissues every token",
+                vec![fine("voip"), fine("chat")],
+                Observed {
+                    revoke_request: Some("v2"),
+                    ..observed(&healthy)
+                },
+                issue(
+                    &[
+                        ("voip", IssueReason::RevokeRequested),
+                        ("chat", IssueReason::RevokeRequested),
+                    ],
+                    true,
+                ),
+            ),
+            (
+                "a refresh request refreshes every token",
+                vec![fine("voip"), fine("chat")],
+                Observed {
+                    refresh_request: Some("r2"),
+                    ..observed(&healthy)
+                },
+                issue(
+                    &[
+                        ("voip", IssueReason::RefreshRequested),
+                        ("chat", IssueReason::RefreshRequested),
+                    ],
+                    false,
+                ),
+            ),
+            (
+                "an entry removed leaves a rewrite, no ACS call",
+                vec![fine("voip")],
+                Observed {
+                    secret: SecretState::TokenIntactButEdited,
+                    ..observed(&healthy)
+                },
+                Decision::RewriteSecret,
+            ),
+        ];
+        for (name, tokens, observed, expected) in cases {
+            let observed = Observed { tokens, ..observed };
+            assert_eq!(decide(&observed, now()), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_seen_from_status_and_the_secret() {
+        let spec: CommunicationIdentitySpec = serde_json::from_value(serde_json::json!({
+            "connectionSecretRef": { "name": "acs" },
+            "tokens": [
+                { "name": "voip", "scopes": ["voip"], "tokenLifetime": "1h" },
+                { "name": "chat", "scopes": ["chat"] },
+            ],
+        }))
+        .unwrap();
+        let voip = TokenStatus {
+            name: "voip".into(),
+            scopes: vec![crate::crd::Scope::Voip],
+            token_lifetime_minutes: Some(60),
+            expires_on: Some(Time(at("2026-11-24T11:00:00Z"))),
+            ..Default::default()
+        };
+        let status = CommunicationIdentityStatus {
+            tokens: vec![voip.clone()],
+            ..Default::default()
+        };
+        let seen = tokens_seen(&spec, &status, |name| name == "voip");
+        assert_eq!(
+            seen,
+            [
+                TokenSeen {
+                    name: "voip".into(),
+                    state: Some(voip),
+                    matches_spec: true,
+                    in_secret: true,
+                },
+                TokenSeen {
+                    name: "chat".into(),
+                    state: None,
+                    matches_spec: false,
+                    in_secret: false,
+                },
+            ]
+        );
     }
 
     #[test]

@@ -77,6 +77,14 @@ pub fn identity(spec: Value) -> CommunicationIdentity {
     .expect("a valid CommunicationIdentity")
 }
 
+/// As [`identity`], with named `tokens` (spec.tokens) instead of spec.scopes.
+pub fn identity_with_tokens(tokens: Value) -> CommunicationIdentity {
+    let mut identity = identity(json!({}));
+    identity.spec.scopes.clear();
+    identity.spec.tokens = serde_json::from_value(tokens).expect("valid spec.tokens");
+    identity
+}
+
 /// Another CommunicationIdentity of the namespace, as the controller's cache holds it.
 pub fn other_identity(name: &str, uid: &str, spec: Value) -> CommunicationIdentity {
     let mut other = identity(spec);
@@ -151,6 +159,23 @@ impl Cluster {
     /// has finalizers.
     pub fn delete_identity(&mut self, at: Timestamp) {
         self.identity.metadata.deletion_timestamp = Some(Time(at));
+        self.identity.metadata.resource_version = Some(self.next_resource_version());
+    }
+
+    /// `kubectl edit` of the spec: a new generation and resourceVersion.
+    pub fn edit_spec(&mut self, edit: impl FnOnce(&mut crate::crd::CommunicationIdentitySpec)) {
+        edit(&mut self.identity.spec);
+        self.identity.metadata.generation = self.identity.metadata.generation.map(|g| g + 1);
+        self.identity.metadata.resource_version = Some(self.next_resource_version());
+    }
+
+    /// `kubectl annotate`: a new resourceVersion, the generation unchanged.
+    pub fn annotate(&mut self, key: &str, value: &str) {
+        self.identity
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(key.to_owned(), value.to_owned());
         self.identity.metadata.resource_version = Some(self.next_resource_version());
     }
 
@@ -756,6 +781,83 @@ impl Harness {
         let answer = stored.clone();
         call.reply(StatusCode::OK, &answer);
         applied
+    }
+
+    /// The merge patch that takes `keys` out of the token Secret, guarded by the
+    /// resourceVersion the write before it left.
+    pub async fn expect_secret_keys_removed(&mut self, keys: &[&str]) {
+        let call = self.next("removal of keys from the token Secret").await;
+        call.assert_is(
+            "Secret key removal",
+            Method::PATCH,
+            &secret_path(TOKEN_SECRET),
+            &[],
+        );
+        assert_eq!(call.content_type.as_deref(), Some(MERGE_PATCH_CONTENT_TYPE));
+        let rv = self.cluster.next_resource_version();
+        let stored = self
+            .cluster
+            .token_secret
+            .as_mut()
+            .expect("a Secret to patch");
+        let removed: serde_json::Map<String, Value> = keys
+            .iter()
+            .map(|k| ((*k).to_owned(), Value::Null))
+            .collect();
+        assert_eq!(
+            call.body,
+            json!({
+                "metadata": { "resourceVersion": stored.metadata.resource_version },
+                "data": removed,
+            }),
+            "key removal"
+        );
+        let data = stored.data.get_or_insert_default();
+        for key in keys {
+            data.remove(*key);
+        }
+        stored.metadata.resource_version = Some(rv);
+        let answer = stored.clone();
+        call.reply(StatusCode::OK, &answer);
+    }
+
+    /// The restart of the workload `plural`/`name` (`deployments`, `statefulsets`,
+    /// `daemonsets`) as `kubectl rollout restart` makes it, answered with `code`; returns the
+    /// restartedAt value it set.
+    pub async fn expect_workload_restart(
+        &mut self,
+        plural: &str,
+        name: &str,
+        code: StatusCode,
+    ) -> String {
+        let call = self.next(&format!("restart of {plural}/{name}")).await;
+        call.assert_is(
+            "workload restart",
+            Method::PATCH,
+            &format!("/apis/apps/v1/namespaces/{NAMESPACE}/{plural}/{name}"),
+            &[("fieldManager", FIELD_MANAGER)],
+        );
+        assert_eq!(
+            call.content_type.as_deref(),
+            Some("application/strategic-merge-patch+json")
+        );
+        let annotations = &call.body["spec"]["template"]["metadata"]["annotations"];
+        let restarted_at = annotations["kubectl.kubernetes.io/restartedAt"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a restartedAt annotation in {}", call.body))
+            .to_owned();
+        match code {
+            StatusCode::OK => {
+                let answer = json!({
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": { "name": name, "namespace": NAMESPACE },
+                });
+                call.reply(code, &answer);
+            }
+            code => call.refuse(code, "Refused", &format!("{plural} \"{name}\" refused")),
+        }
+        restarted_at
     }
 
     /// An Event about the resource (events.k8s.io/v1, as kube-runtime's Recorder posts it) of

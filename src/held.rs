@@ -15,6 +15,7 @@ use jiff::{SignedDuration, Timestamp};
 use crate::crd::{CommunicationIdentity, CommunicationIdentitySpec, Scope};
 use crate::decide::IssueReason;
 use crate::refresh::MIN_REMAINING;
+use crate::tokens::{TokenEntry, sorted};
 
 /// A token as a pass records it. `expires_on` is in whole seconds, the precision status keeps.
 #[derive(Clone, PartialEq, Eq)]
@@ -50,6 +51,8 @@ pub enum Issuance {
 /// An issued token waiting to be recorded, with what it was issued for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldToken {
+    /// The entry it was issued for; empty for the token of spec.scopes.
+    pub name: String,
     pub issued: Issued,
     pub issued_at: Timestamp,
     pub issuance: Issuance,
@@ -66,26 +69,32 @@ const HELD_MARGIN: SignedDuration = SignedDuration::from_mins(5);
 impl HeldToken {
     pub fn new(
         resource: &CommunicationIdentity,
+        entry: &TokenEntry<'_>,
         issued: Issued,
         issued_at: Timestamp,
         issuance: Issuance,
     ) -> Self {
         Self {
+            name: entry.name.to_owned(),
             issued,
             issued_at,
             issuance,
-            scopes: sorted(&resource.spec.scopes),
-            lifetime_minutes: resource.spec.token_lifetime_minutes().ok(),
+            scopes: sorted(entry.scopes),
+            lifetime_minutes: entry.token_lifetime_minutes().ok(),
             refresh_request: resource.pending_refresh_request().map(str::to_owned),
             revoke_request: resource.pending_revoke_request().map(str::to_owned),
         }
     }
 
-    /// Whether this token can stand in for the ACS call `resource` needs now: issued for the
-    /// same scopes, lifetime and identity, answering any request still pending, and with well
-    /// over [`MIN_REMAINING`] left.
+    /// Whether this token can stand in for the ACS call `resource` needs now: issued for an
+    /// entry of the same name, scopes and lifetime, and the same identity, answering any
+    /// request still pending, and with well over [`MIN_REMAINING`] left.
     pub fn usable_for(&self, resource: &CommunicationIdentity, now: Timestamp) -> bool {
         let spec: &CommunicationIdentitySpec = &resource.spec;
+        let entries = spec.entries();
+        let Some(entry) = entries.iter().find(|e| e.name == self.name) else {
+            return false;
+        };
         let identity = resource
             .status
             .as_ref()
@@ -95,8 +104,8 @@ impl HeldToken {
             pending.is_none_or(|value| answered.as_deref() == Some(value))
         };
         let minimum = SignedDuration::try_from(MIN_REMAINING).unwrap_or(SignedDuration::MAX);
-        sorted(&spec.scopes) == self.scopes
-            && spec.token_lifetime_minutes().ok() == self.lifetime_minutes
+        sorted(entry.scopes) == self.scopes
+            && entry.token_lifetime_minutes().ok() == self.lifetime_minutes
             && identity.is_none_or(|id| id == self.issued.identity_id)
             && answers(resource.pending_refresh_request(), &self.refresh_request)
             && answers(resource.pending_revoke_request(), &self.revoke_request)
@@ -104,44 +113,48 @@ impl HeldToken {
     }
 }
 
-fn sorted(scopes: &[Scope]) -> Vec<Scope> {
-    let mut scopes = scopes.to_vec();
-    scopes.sort_unstable();
-    scopes
-}
-
-/// Held tokens by resource UID: one at most per resource, dropped once recorded or when the
-/// resource is released.
+/// Held tokens by resource UID and entry name: one at most per entry, dropped once recorded
+/// or when the resource is released.
 #[derive(Default)]
 pub struct HeldTokens {
-    by_uid: Mutex<HashMap<String, HeldToken>>,
+    by_uid: Mutex<HashMap<String, Vec<HeldToken>>>,
 }
 
 impl HeldTokens {
     pub fn hold(&self, uid: &str, token: HeldToken) {
-        self.lock().insert(uid.to_owned(), token);
+        let mut held = self.lock();
+        let tokens = held.entry(uid.to_owned()).or_default();
+        tokens.retain(|t| t.name != token.name);
+        tokens.push(token);
     }
 
-    /// The held token of `uid` if it can serve `resource` now; an unusable one is dropped.
+    /// The held token of `uid`'s entry `name` if it can serve `resource` now; an unusable one
+    /// is dropped.
     pub fn usable(
         &self,
         uid: &str,
+        name: &str,
         resource: &CommunicationIdentity,
         now: Timestamp,
     ) -> Option<HeldToken> {
         let mut held = self.lock();
-        let token = held.remove(uid)?;
-        token.usable_for(resource, now).then(|| {
-            held.insert(uid.to_owned(), token.clone());
-            token
-        })
+        let tokens = held.get_mut(uid)?;
+        let index = tokens.iter().position(|t| t.name == name)?;
+        if tokens[index].usable_for(resource, now) {
+            return Some(tokens[index].clone());
+        }
+        tokens.remove(index);
+        if tokens.is_empty() {
+            held.remove(uid);
+        }
+        None
     }
 
     pub fn release(&self, uid: &str) {
         self.lock().remove(uid);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldToken>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<HeldToken>>> {
         self.by_uid
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -186,7 +199,13 @@ mod tests {
             reason: IssueReason::SecretLost,
             revoked: false,
         };
-        HeldToken::new(resource, issued, now(), issuance)
+        HeldToken::new(
+            resource,
+            &resource.spec.entries()[0],
+            issued,
+            now(),
+            issuance,
+        )
     }
 
     fn annotated(key: &str, value: &str) -> CommunicationIdentity {
@@ -277,19 +296,19 @@ mod tests {
         let tokens = HeldTokens::default();
         let base = resource();
         tokens.hold("u-1", held(&base, 24));
-        assert!(tokens.usable("u-1", &base, now()).is_some());
+        assert!(tokens.usable("u-1", "", &base, now()).is_some());
         assert!(
-            tokens.usable("u-1", &base, now()).is_some(),
+            tokens.usable("u-1", "", &base, now()).is_some(),
             "kept while usable"
         );
-        assert!(tokens.usable("u-2", &base, now()).is_none());
+        assert!(tokens.usable("u-2", "", &base, now()).is_none());
         let mut changed = base.clone();
         changed.spec.scopes.pop();
-        assert!(tokens.usable("u-1", &changed, now()).is_none());
-        assert!(tokens.usable("u-1", &base, now()).is_none(), "dropped");
+        assert!(tokens.usable("u-1", "", &changed, now()).is_none());
+        assert!(tokens.usable("u-1", "", &base, now()).is_none(), "dropped");
         tokens.hold("u-1", held(&base, 24));
         tokens.release("u-1");
-        assert!(tokens.usable("u-1", &base, now()).is_none());
+        assert!(tokens.usable("u-1", "", &base, now()).is_none());
     }
 
     #[test]

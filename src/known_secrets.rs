@@ -33,16 +33,20 @@ pub enum Known {
 }
 
 /// The inputs that decide a token Secret's content, hashed: a different generation (the spec
-/// and its Secret template), Secret name, identity or expiry means the verified content no
-/// longer answers for it.
-pub fn fingerprint(
+/// and its Secret template), Secret name, identity or expiry of any token (`entries`: each
+/// named token's) means the verified content no longer answers for it.
+pub fn fingerprint<'a>(
     generation: Option<i64>,
     secret_name: &str,
     identity_id: &str,
     expires_on: Timestamp,
+    entries: impl Iterator<Item = (&'a str, Option<Timestamp>)>,
 ) -> u64 {
     let mut hasher = DefaultHasher::new();
     (generation, secret_name, identity_id, expires_on.as_second()).hash(&mut hasher);
+    for (name, expires_on) in entries {
+        (name, expires_on.map(|t| t.as_second())).hash(&mut hasher);
+    }
     hasher.finish()
 }
 
@@ -228,7 +232,18 @@ mod tests {
 
     /// The fingerprint of the resource as the cases see it.
     fn fp() -> u64 {
-        fingerprint(Some(1), "alice-token", "8:acs:x", Timestamp::UNIX_EPOCH)
+        fingerprint_of(Some(1))
+    }
+
+    fn fingerprint_of(generation: Option<i64>) -> u64 {
+        let entries = [("voip", Some(Timestamp::UNIX_EPOCH))].into_iter();
+        fingerprint(
+            generation,
+            "alice-token",
+            "8:acs:x",
+            Timestamp::UNIX_EPOCH,
+            entries,
+        )
     }
 
     fn unchanged(version: &str) -> Known {
@@ -239,7 +254,7 @@ mod tests {
 
     #[test]
     fn what_a_pass_may_assume() {
-        let other_fp = fingerprint(Some(2), "alice-token", "8:acs:x", Timestamp::UNIX_EPOCH);
+        let other_fp = fingerprint_of(Some(2));
         type Setup = fn(&KnownSecrets);
         let cases: &[(&str, bool, Setup, Option<u64>, Known)] = &[
             (
@@ -360,7 +375,7 @@ mod tests {
     #[test]
     fn a_relist_drops_secrets_deleted_while_the_watch_was_down() {
         let known = listed(&[watched(UID, "5"), watched(OTHER_UID, "6")]);
-        let fp = fingerprint(None, "s", "8:acs:x", Timestamp::UNIX_EPOCH);
+        let fp = fingerprint_of(None);
         known.verified(UID, Some("5"), fp);
         known.verified(OTHER_UID, Some("6"), fp);
         known.observe(&Event::Init);

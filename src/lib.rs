@@ -14,9 +14,11 @@ pub mod metrics;
 pub mod reconcile;
 pub mod record;
 pub mod refresh;
+pub mod restart;
 pub mod run;
 pub mod secret;
 pub mod status;
+pub mod tokens;
 
 #[cfg(test)]
 mod fixtures;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
 use kube::{Api, Resource, ResourceExt};
@@ -20,16 +21,23 @@ use crate::adoption::claimed_by;
 use crate::context::Context;
 use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
-    CommunicationIdentityStatus, FIELD_MANAGER, FINALIZER, reason,
+    CommunicationIdentityStatus, DEFAULT_MIN_RESTART_INTERVAL, FIELD_MANAGER, FINALIZER,
+    RestartTarget, WorkloadKind, reason,
 };
-use crate::decide::{Cleanup, Decision, Deletion, Observed, SecretState, decide};
+use crate::decide::{
+    Cleanup, Decision, Deletion, IssueReason, Observed, SecretState, TokenSeen, decide, tokens_seen,
+};
 use crate::held::{HeldToken, Issuance, Issued};
 use crate::known_secrets::{Known, fingerprint};
 use crate::metrics::Metrics;
-use crate::record::{FailedDuring, Note, after_failure, after_issue, issue_notes, settled};
+use crate::record::{
+    FailedDuring, Note, after_failure, after_issue, issue_notes, merged, rewrite_note, settled,
+};
 use crate::refresh::{check_expiry, wait_until};
-use crate::secret::{SecretOwnership, classify, ownership, render_secret};
+use crate::restart::{self, RestartOutcome, after_restart, restart_due, restart_patch};
+use crate::secret::{Classified, Delivered, SecretOwnership, classify, ownership, render_secret};
 use crate::status::{Failure, bounded};
+use crate::tokens::TokenEntry;
 
 /// Failures of the Kubernetes API itself; everything about ACS or user input is a [`Failure`]
 /// recorded in status instead. `call` names the request, a bounded metric label.
@@ -251,26 +259,53 @@ impl Pass {
             let failure = Failure::InvalidSpec(invalid);
             return Ok(Applied::Done(self.record_failure(failure, APPLYING).await?));
         }
-        let (seen, secret_state, rewritten) = match self.gather_secret(basis).await {
-            Ok(gathered) => gathered,
+        let known = match basis {
+            Basis::AfterChange => Known::Unknown,
+            Basis::Cached | Basis::FreshResource => {
+                let fingerprint = self.fingerprint(&self.status);
+                self.ctx.known_secrets.lookup(&self.uid, fingerprint)
+            }
+        };
+        // A Secret known unchanged since it was last written or read holds what status
+        // describes: when that needs nothing done (the passes the operator's own writes
+        // trigger), the Secret is not read.
+        if matches!(known, Known::Unchanged { .. }) && !self.restart_is_due(&self.status) {
+            let tokens = tokens_seen(&self.resource.spec, &self.status, |_| true);
+            let decision = decide(&self.observed(SecretState::Current, tokens, None), self.now);
+            if let Decision::WaitUntil(_) = decision {
+                return Ok(Applied::Done(self.settle().await?));
+            }
+        }
+        let (seen, classified) = match self.read_secret(&known).await {
+            Ok(read) => read,
             Err(halt) => return self.halted(halt, true).await,
         };
-        let decision = decide(&self.observed(secret_state, None), self.now);
+        let secret_state = classified.state;
+        let tokens = tokens_seen(&self.resource.spec, &self.status, |name| {
+            classified
+                .carried
+                .iter()
+                .any(|carried| carried.name == name)
+        });
+        let decision = decide(&self.observed(secret_state, tokens, None), self.now);
         debug!(?decision, "decided");
         let calls_acs = matches!(
             decision,
-            Decision::CreateIdentity | Decision::IssueToken { .. }
+            Decision::CreateIdentity | Decision::IssueTokens { .. }
         );
+        // A restart the cache shows as due may be done already: the cache can lag behind the
+        // status the restarting pass wrote.
+        let restarts = self.restart_is_due(&self.status);
         // Without the finalizer, the patch that adds it before the ACS call proves the cache
         // current (it is guarded by resourceVersion); with it, a read does.
-        if calls_acs && basis == Basis::Cached && self.has_finalizer() {
+        if (calls_acs || restarts) && basis == Basis::Cached && self.has_finalizer() {
             let name = self.resource.name_any();
             let latest = self.kube("identity_get", self.api.get(&name)).await?;
             if latest.resource_version() != self.resource.resource_version() {
                 return Ok(Applied::Stale(Box::new(latest)));
             }
         }
-        match self.act(decision, rewritten, &seen).await {
+        match self.act(decision, classified, &seen).await {
             Ok(action) => Ok(Applied::Done(action)),
             Err(halt) => {
                 let secret_holds_token = secret_state != SecretState::TokenMissing;
@@ -297,30 +332,13 @@ impl Pass {
         }
     }
 
-    /// The resource's Secret: what the pass saw of it, its state and, when only edited, what to
-    /// write back. Read from the API server unless `known_secrets` knows it unchanged since it
-    /// was last written or verified, or absent. Someone else's Secret of that name is a failure.
-    async fn gather_secret(
-        &self,
-        basis: Basis,
-    ) -> Result<(SecretSeen, SecretState, Option<Secret>), Halt> {
-        let known = match basis {
-            Basis::AfterChange => Known::Unknown,
-            Basis::Cached | Basis::FreshResource => {
-                let fingerprint = self.status_fingerprint();
-                self.ctx.known_secrets.lookup(&self.uid, fingerprint)
-            }
-        };
+    /// The resource's Secret, and what the pass saw of it: read from the API server unless
+    /// `known` says it is absent. Someone else's Secret of that name is a failure.
+    async fn read_secret(&self, known: &Known) -> Result<(SecretSeen, Classified), Halt> {
         let secret_name = self.resource.secret_name();
         let existing = match known {
-            Known::Unchanged { resource_version } => {
-                let seen = SecretSeen::Ours {
-                    resource_version: Some(resource_version),
-                };
-                return Ok((seen, SecretState::Current, None));
-            }
             Known::Absent => None,
-            Known::Unknown => {
+            Known::Unchanged { .. } | Known::Unknown => {
                 self.kube("secret_get", self.secrets.get_opt(&secret_name))
                     .await?
             }
@@ -335,41 +353,48 @@ impl Pass {
                 resource_version: existing.as_ref().and_then(|s| s.resource_version()),
             },
         };
-        let (state, rewritten) = classify(&self.resource, &self.status, existing.as_ref());
-        match (state, &seen, self.status_fingerprint()) {
+        let classified = classify(&self.resource, &self.status, existing.as_ref());
+        match (classified.state, &seen, self.fingerprint(&self.status)) {
             (SecretState::Current, SecretSeen::Ours { resource_version }, Some(fingerprint)) => {
                 let known = &self.ctx.known_secrets;
                 known.verified(&self.uid, resource_version.as_deref(), fingerprint);
             }
             _ => self.ctx.known_secrets.forget(&self.uid),
         }
-        Ok((seen, state, rewritten))
+        Ok((seen, classified))
     }
 
-    /// The fingerprint of the Secret status describes, if it describes one.
-    fn status_fingerprint(&self) -> Option<u64> {
-        let identity_id = self.status.identity_id.as_deref()?;
-        let expires_on = self.status.token_expires_on.as_ref()?.0;
-        Some(self.fingerprint(identity_id, expires_on))
-    }
-
-    fn fingerprint(&self, identity_id: &str, expires_on: Timestamp) -> u64 {
+    /// The fingerprint of the Secret `status` describes, if it describes one.
+    fn fingerprint(&self, status: &CommunicationIdentityStatus) -> Option<u64> {
+        let identity_id = status.identity_id.as_deref()?;
+        let first = status.token_expires_on.as_ref()?.0;
+        let entries = status.tokens.iter().map(|token| {
+            let expires_on = token.expires_on.as_ref().map(|t| t.0);
+            (token.name.as_str(), expires_on)
+        });
         let generation = self.resource.metadata.generation;
-        fingerprint(
+        let secret_name = self.resource.secret_name();
+        Some(fingerprint(
             generation,
-            &self.resource.secret_name(),
+            &secret_name,
             identity_id,
-            expires_on,
-        )
+            first,
+            entries,
+        ))
     }
 
-    /// What [`decide`] looks at. `secret` is not read while deleting.
-    fn observed(&self, secret: SecretState, deletion: Option<Deletion>) -> Observed<'_> {
+    /// What [`decide`] looks at. The Secret is not read while deleting.
+    fn observed(
+        &self,
+        secret: SecretState,
+        tokens: Vec<TokenSeen>,
+        deletion: Option<Deletion>,
+    ) -> Observed<'_> {
         Observed {
             generation: self.resource.metadata.generation,
             status: &self.status,
             adopt_identity_id: self.resource.spec.adopted_identity_id(),
-            token_matches_spec: self.status.token_matches(&self.resource.spec),
+            tokens,
             refresh_request: self.resource.pending_refresh_request(),
             revoke_request: self.resource.pending_revoke_request(),
             secret,
@@ -382,54 +407,56 @@ impl Pass {
     async fn act(
         &self,
         decision: Decision,
-        rewritten: Option<Secret>,
+        classified: Classified,
         seen: &SecretSeen,
     ) -> Result<Action, Halt> {
-        let held = || {
-            self.ctx
-                .held_tokens
-                .usable(&self.uid, &self.resource, self.now)
-        };
         match decision {
             Decision::CreateIdentity => {
-                let token = match held() {
-                    Some(token) => token,
-                    None => self.hold(self.create_identity().await?, Issuance::Created),
-                };
-                self.record_issued(token, seen).await
-            }
-            Decision::IssueToken {
-                identity_id,
-                reason,
-                revoke_first,
-            } => {
-                let token = match held() {
+                let entries = self.resource.spec.entries();
+                let created = match self.held(entries[0].name) {
                     Some(token) => token,
                     None => {
-                        let issued = self.issue_token(identity_id, revoke_first).await?;
-                        let issuance = Issuance::Issued {
-                            reason,
-                            revoked: revoke_first,
-                        };
-                        self.hold(issued, issuance)
+                        let issued = self.create_identity(&entries[0]).await?;
+                        self.hold(&entries[0], issued, Issuance::Created)
                     }
                 };
-                self.record_issued(token, seen).await
+                // The identity's other tokens, in the same pass: one Secret write for all.
+                let others: Vec<(String, IssueReason)> = entries[1..]
+                    .iter()
+                    .map(|entry| (entry.name.to_owned(), IssueReason::Initial))
+                    .collect();
+                let identity_id = created.issued.identity_id.clone();
+                let mut tokens = vec![created];
+                let more = self.issue_tokens(&identity_id, &others, false, true);
+                tokens.extend(more.await?);
+                self.record_issued(tokens, &classified, seen).await
+            }
+            Decision::IssueTokens {
+                identity_id,
+                tokens,
+                revoke_first,
+            } => {
+                let tokens = self
+                    .issue_tokens(&identity_id, &tokens, revoke_first, false)
+                    .await?;
+                self.record_issued(tokens, &classified, seen).await
             }
             Decision::RewriteSecret => {
-                let desired = rewritten.expect("a rewrite decision comes with the Secret");
-                let written = self.write_secret(&desired, seen).await?;
-                if let Some(fingerprint) = self.status_fingerprint() {
+                let desired = classified
+                    .rewrite
+                    .as_ref()
+                    .expect("a rewrite decision comes with the Secret");
+                let written = self
+                    .write_secret(desired, seen, &classified.stale_keys)
+                    .await?;
+                if let Some(fingerprint) = self.fingerprint(&self.status) {
                     let known = &self.ctx.known_secrets;
                     known.verified(&self.uid, written.as_deref(), fingerprint);
                 }
-                info!(identity = ?self.status.identity_id, secret = %self.resource.secret_name(), "secret restored");
-                let text = format!(
-                    "Restored Secret {:?}, which was edited; the token in it is unchanged",
-                    self.resource.secret_name()
-                );
-                self.publish(Note::normal(reason::SECRET_RESTORED, text))
-                    .await;
+                let secret_name = self.resource.secret_name();
+                info!(identity = ?self.status.identity_id, secret = %secret_name, "secret restored");
+                let note = rewrite_note(&secret_name, &classified.stale_keys);
+                self.publish(note).await;
                 Ok(self.settle().await?)
             }
             Decision::WaitUntil(_) => Ok(self.settle().await?),
@@ -437,43 +464,69 @@ impl Pass {
         }
     }
 
-    fn hold(&self, issued: Issued, issuance: Issuance) -> HeldToken {
-        let token = HeldToken::new(&self.resource, issued, self.now, issuance);
+    /// The token held for entry `name`, if it can serve the resource now.
+    fn held(&self, name: &str) -> Option<HeldToken> {
+        self.ctx
+            .held_tokens
+            .usable(&self.uid, name, &self.resource, self.now)
+    }
+
+    fn hold(&self, entry: &TokenEntry<'_>, issued: Issued, issuance: Issuance) -> HeldToken {
+        let token = HeldToken::new(&self.resource, entry, issued, self.now, issuance);
         self.ctx.held_tokens.hold(&self.uid, token.clone());
         token
     }
 
-    /// Creates the identity with its first token. The resource's UID is the identity's
-    /// customId, so a create retried after a crash, or after a lost answer, returns the same
-    /// identity.
-    async fn create_identity(&self) -> Result<Issued, Halt> {
+    /// Creates the identity with the first token of `entry`. The resource's UID is the
+    /// identity's customId, so a create retried after a crash, or after a lost answer, returns
+    /// the same identity.
+    async fn create_identity(&self, entry: &TokenEntry<'_>) -> Result<Issued, Halt> {
         let (acs, endpoint, connection) = self.acs_client().await?;
         self.prepare_for_acs(true, connection).await?;
-        let created = self.create_in_acs(&acs).await?;
+        let created = self.create_in_acs(&acs, entry).await?;
         info!(identity = %created.id, existing = !created.created, "identity created");
         Ok(self.to_issued(created.id, created.token, endpoint)?)
     }
 
-    async fn create_in_acs(&self, acs: &acs::AcsClient) -> Result<acs::CreatedIdentity, Failure> {
-        let spec = &self.resource.spec;
-        let minutes = spec.token_lifetime_minutes().unwrap_or_default() as u32;
-        acs.create_identity_with_token(&self.uid, &scope_names(spec), minutes)
+    async fn create_in_acs(
+        &self,
+        acs: &acs::AcsClient,
+        entry: &TokenEntry<'_>,
+    ) -> Result<acs::CreatedIdentity, Failure> {
+        let minutes = entry.token_lifetime_minutes().unwrap_or_default() as u32;
+        acs.create_identity_with_token(&self.uid, &entry.scope_names(), minutes)
             .await
             .map_err(|error| self.failure_from_acs(&error, None))
     }
 
-    /// Issues a new token for `identity_id`, revoking all its tokens first when asked to. An
-    /// identity not yet recorded in status is being adopted: it is checked first.
-    async fn issue_token(&self, identity_id: String, revoke_first: bool) -> Result<Issued, Halt> {
-        let (acs, endpoint, connection) = self.acs_client().await?;
-        if self.status.identity_id.is_none() {
-            self.check_adoption(&acs, &identity_id).await?;
+    /// Issues a new token of `identity_id` for each entry in `wanted`, revoking all its tokens
+    /// first when asked to; tokens held from an earlier attempt stand in for their ACS calls.
+    /// `just_created`: this pass created the identity, so the finalizers are in place already.
+    /// Otherwise an identity not yet recorded in status is being adopted: it is checked first.
+    async fn issue_tokens(
+        &self,
+        identity_id: &str,
+        wanted: &[(String, IssueReason)],
+        revoke_first: bool,
+        just_created: bool,
+    ) -> Result<Vec<HeldToken>, Halt> {
+        let held: Vec<Option<HeldToken>> = wanted.iter().map(|(name, _)| self.held(name)).collect();
+        if held.iter().all(Option::is_some) {
+            return Ok(held.into_iter().flatten().collect());
         }
-        self.prepare_for_acs(false, connection).await?;
-        if revoke_first {
-            acs.revoke_tokens(&identity_id)
+        let (acs, endpoint, connection) = self.acs_client().await?;
+        if !just_created {
+            if self.status.identity_id.is_none() {
+                self.check_adoption(&acs, identity_id).await?;
+            }
+            self.prepare_for_acs(false, connection).await?;
+        }
+        // A token held from an earlier attempt was issued after the revoke that attempt made.
+        let revoke = revoke_first && held.iter().all(Option::is_none);
+        if revoke {
+            acs.revoke_tokens(identity_id)
                 .await
-                .map_err(|error| self.failure_from_acs(&error, Some(&identity_id)))?;
+                .map_err(|error| self.failure_from_acs(&error, Some(identity_id)))?;
             info!(identity = %identity_id, "all tokens revoked");
             let text = format!("Revoked every access token of ACS identity {identity_id}");
             self.publish(Note::normal(reason::TOKENS_REVOKED, text))
@@ -481,16 +534,33 @@ impl Pass {
         }
         let after_revoke = |failure| Halt::Failed {
             failure,
-            tokens_revoked: revoke_first,
+            tokens_revoked: revoke,
         };
-        let spec = &self.resource.spec;
-        let minutes = spec.token_lifetime_minutes().unwrap_or_default() as u32;
-        let token = acs
-            .issue_token(&identity_id, &scope_names(spec), minutes)
-            .await
-            .map_err(|error| after_revoke(self.failure_from_acs(&error, Some(&identity_id))))?;
-        self.to_issued(identity_id, token, endpoint)
-            .map_err(after_revoke)
+        let entries = self.resource.spec.entries();
+        let mut tokens = Vec::with_capacity(wanted.len());
+        for ((name, reason), held) in wanted.iter().zip(held) {
+            if let Some(token) = held {
+                tokens.push(token);
+                continue;
+            }
+            let Some(entry) = entries.iter().find(|entry| entry.name == name) else {
+                continue;
+            };
+            let minutes = entry.token_lifetime_minutes().unwrap_or_default() as u32;
+            let token = acs
+                .issue_token(identity_id, &entry.scope_names(), minutes)
+                .await
+                .map_err(|error| after_revoke(self.failure_from_acs(&error, Some(identity_id))))?;
+            let issued = self
+                .to_issued(identity_id.to_owned(), token, endpoint.clone())
+                .map_err(after_revoke)?;
+            let issuance = Issuance::Issued {
+                reason: *reason,
+                revoked: revoke_first,
+            };
+            tokens.push(self.hold(entry, issued, issuance));
+        }
+        Ok(tokens)
     }
 
     /// An identity is adopted only if it exists and no other resource of this cluster holds it.
@@ -610,35 +680,62 @@ impl Pass {
         Ok(())
     }
 
-    /// Writes the Secret with the new token, then the status that describes it; the token stays
-    /// held until both are written.
-    async fn record_issued(&self, held: HeldToken, seen: &SecretSeen) -> Result<Action, Halt> {
-        let issued = &held.issued;
+    /// Writes the Secret with the new tokens (and the others as they were), then the status
+    /// that describes them; the new tokens stay held until both are written.
+    async fn record_issued(
+        &self,
+        tokens: Vec<HeldToken>,
+        classified: &Classified,
+        seen: &SecretSeen,
+    ) -> Result<Action, Halt> {
+        let first = &tokens[0].issued;
+        let mut delivered: Vec<Delivered> = classified
+            .carried
+            .iter()
+            .filter(|carried| tokens.iter().all(|token| token.name != carried.name))
+            .cloned()
+            .collect();
+        delivered.extend(tokens.iter().map(|token| Delivered {
+            name: token.name.clone(),
+            token: token.issued.token.clone(),
+            expires_on: token.issued.expires_on,
+        }));
         let secret = render_secret(
             &self.resource,
-            &issued.token,
-            issued.expires_on,
-            &issued.identity_id,
-            &issued.endpoint,
+            &first.identity_id,
+            &first.endpoint,
+            &delivered,
         )
         .map_err(|_| Error::MissingMetadata("uid"))?;
-        let written = self.write_secret(&secret, seen).await?;
-        let fingerprint = self.fingerprint(&issued.identity_id, issued.expires_on);
-        let known = &self.ctx.known_secrets;
-        known.verified(&self.uid, written.as_deref(), fingerprint);
-        let (status, plan) = after_issue(&self.status, &self.resource, &held, self.now);
+        let written = self
+            .write_secret(&secret, seen, &classified.stale_keys)
+            .await?;
+        let (status, plans) = after_issue(&self.status, &self.resource, &tokens, self.now);
+        if let Some(fingerprint) = self.fingerprint(&status) {
+            let known = &self.ctx.known_secrets;
+            known.verified(&self.uid, written.as_deref(), fingerprint);
+        }
         self.patch_status(&status).await?;
         self.ctx.held_tokens.release(&self.uid);
-        let why = match held.issuance {
-            Issuance::Created => None,
-            Issuance::Issued { reason, .. } => Some(reason),
-        };
-        info!(identity = %issued.identity_id, ?why, expires_on = %issued.expires_on, "token issued");
-        let adopted = self.status.identity_id.is_none();
-        for note in issue_notes(&self.resource, &held, adopted, &plan) {
+        let adopted =
+            self.status.identity_id.is_none() && self.resource.spec.adopted_identity_id().is_some();
+        let mut notes = Vec::new();
+        for token in &tokens {
+            let why = match token.issuance {
+                Issuance::Created => None,
+                Issuance::Issued { reason, .. } => Some(reason),
+            };
+            let issued = &token.issued;
+            info!(identity = %issued.identity_id, entry = %token.name, ?why, expires_on = %issued.expires_on, "token issued");
+            if let Some((_, plan)) = plans.iter().find(|(name, _)| *name == token.name) {
+                notes.extend(issue_notes(&self.resource, token, adopted, plan));
+            }
+        }
+        for note in merged(notes) {
             self.publish(note).await;
         }
-        Ok(requeue(plan.wait_from(self.now)))
+        let status = self.restart_targets_if_due(status).await?;
+        Ok(self.requeue_for(&status))
     }
 
     /// Nothing to do in ACS: bring status up to date and wait for the next refresh.
@@ -647,11 +744,97 @@ impl Pass {
         if status != self.status {
             self.patch_status(&status).await?;
         }
-        let wait = status
-            .next_refresh_time
-            .map(|t| wait_until(self.now, t.0))
-            .unwrap_or(KUBE_ERROR_RETRY);
-        Ok(requeue(wait))
+        let status = self.restart_targets_if_due(status).await?;
+        Ok(self.requeue_for(&status))
+    }
+
+    /// When the restart `status` holds pending is due, if one is (and there is a target).
+    fn restart_due_at(&self, status: &CommunicationIdentityStatus) -> Option<Timestamp> {
+        if self.resource.spec.rollout_restart_targets.is_empty() {
+            return None;
+        }
+        let interval = self.resource.spec.min_restart_interval();
+        restart_due(
+            status.rollout_restart.as_ref(),
+            interval.unwrap_or(DEFAULT_MIN_RESTART_INTERVAL),
+        )
+    }
+
+    fn restart_is_due(&self, status: &CommunicationIdentityStatus) -> bool {
+        self.restart_due_at(status).is_some_and(|at| at <= self.now)
+    }
+
+    /// The requeue for the next refresh, or the pending restart if that comes first.
+    fn requeue_for(&self, status: &CommunicationIdentityStatus) -> Action {
+        let restart = self.restart_due_at(status);
+        let wait = [status.next_refresh_time.as_ref().map(|t| t.0), restart]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(KUBE_ERROR_RETRY, |at| wait_until(self.now, at));
+        requeue(wait)
+    }
+
+    /// Restarts spec.rolloutRestartTargets once a restart they are owed is due, then records it
+    /// in `status`. A target that is missing or may not be patched is a Warning Event and a
+    /// status entry; the tokens are delivered already.
+    async fn restart_targets_if_due(
+        &self,
+        mut status: CommunicationIdentityStatus,
+    ) -> Result<CommunicationIdentityStatus, Error> {
+        if !self.restart_is_due(&status) {
+            return Ok(status);
+        }
+        let secret_name = self.resource.secret_name();
+        let mut outcomes = Vec::new();
+        for target in &self.resource.spec.rollout_restart_targets {
+            let outcome = self.restart_target(target).await?;
+            let note = restart::note(target, &outcome, &secret_name, &self.namespace);
+            info!(kind = target.kind.as_str(), name = %target.name, ?outcome, "restart target");
+            self.publish(note).await;
+            outcomes.push((target.clone(), outcome));
+        }
+        let restarted = after_restart(&outcomes, &secret_name, &self.namespace, self.now);
+        status.rollout_restart = Some(restarted);
+        self.patch_status(&status).await?;
+        Ok(status)
+    }
+
+    /// Restarts one workload as `kubectl rollout restart` does: a new pod-template annotation.
+    async fn restart_target(&self, target: &RestartTarget) -> Result<RestartOutcome, Error> {
+        let resource = match target.kind {
+            WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
+            WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
+            WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.ctx.client.clone(), &self.namespace, &resource);
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        let patch = Patch::Strategic(restart_patch(self.now));
+        let request = api.patch(&target.name, &params, &patch);
+        match self.kube("workload_restart", request).await {
+            Ok(_) => Ok(RestartOutcome::Restarted),
+            Err(Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            }) => Ok(match status.code {
+                404 => RestartOutcome::NotFound,
+                403 => RestartOutcome::Forbidden,
+                code if (400..500).contains(&code) && code != 429 => RestartOutcome::Refused(
+                    bounded(format!("{code} {}: {}", status.reason, status.message)),
+                ),
+                _ => {
+                    return Err(Error::Kube {
+                        call: "workload_restart",
+                        source: kube::Error::Api(status),
+                    });
+                }
+            }),
+            Err(error) => Err(error),
+        }
     }
 
     /// Records a failure: status (with the backoff), a Warning event and a metric.
@@ -680,7 +863,7 @@ impl Pass {
             create_attempted: self.resource.create_attempted(),
         };
         let decision = decide(
-            &self.observed(SecretState::TokenMissing, Some(deletion)),
+            &self.observed(SecretState::TokenMissing, Vec::new(), Some(deletion)),
             self.now,
         );
         let Decision::CleanUp(cleanup) = decision else {
@@ -738,7 +921,9 @@ impl Pass {
         let identity_id = match recorded {
             Some(identity_id) => identity_id,
             None => {
-                let created = self.create_in_acs(&acs).await?;
+                let created = self
+                    .create_in_acs(&acs, &self.resource.spec.entries()[0])
+                    .await?;
                 info!(identity = %created.id, "learned the identity of a create whose answer was lost");
                 created.id
             }
@@ -827,10 +1012,15 @@ impl Pass {
     /// seen as ours: a Secret someone else created or changed in the meantime is never
     /// overwritten (the pass decides again instead). A refusal by the API server is a failure
     /// the user sees, with the token held for the retry. Returns the resourceVersion written.
+    ///
+    /// `stale_keys` (keys of tokens the spec no longer asks for) are then taken out with a
+    /// merge patch guarded by the resourceVersion just written: server-side apply would leave
+    /// them, as the create that first wrote them owns them too.
     async fn write_secret(
         &self,
         secret: &Secret,
         seen: &SecretSeen,
+        stale_keys: &[String],
     ) -> Result<Option<String>, Halt> {
         let name = secret.metadata.name.as_deref().unwrap_or_default();
         let written = match seen {
@@ -853,6 +1043,22 @@ impl Pass {
                 let request = self.secrets.patch(name, &params, &patch);
                 self.kube("secret_apply", request).await
             }
+        };
+        let written = match written {
+            Ok(written) if !stale_keys.is_empty() => {
+                let removed: serde_json::Map<String, serde_json::Value> = stale_keys
+                    .iter()
+                    .map(|key| (key.clone(), serde_json::Value::Null))
+                    .collect();
+                let patch = Patch::Merge(json!({
+                    "metadata": { "resourceVersion": written.resource_version() },
+                    "data": removed,
+                }));
+                let params = PatchParams::default();
+                let request = self.secrets.patch(name, &params, &patch);
+                self.kube("secret_keys_remove", request).await
+            }
+            written => written,
         };
         if written.is_err() {
             self.ctx.known_secrets.forget(&self.uid);
@@ -1029,7 +1235,3 @@ impl Pass {
 
 /// Longer than any communication user id ACS mints (`8:acs:<guid>_<suffix>`), with room.
 const MAX_IDENTITY_ID_LEN: usize = 256;
-
-fn scope_names(spec: &crate::crd::CommunicationIdentitySpec) -> Vec<String> {
-    spec.scopes.iter().map(|s| s.as_str().to_owned()).collect()
-}

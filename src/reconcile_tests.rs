@@ -837,3 +837,429 @@ async fn the_connection_secret_stays_pinned_while_another_resource_uses_it() {
     assert_eq!(connection.finalizers(), [CONNECTION_SECRET_FINALIZER]);
     assert_eq!(action, Action::await_change());
 }
+
+/// The quickstart's two tokens for one identity: a 1-hour `voip` one and a `chat` one.
+fn two_tokens() -> serde_json::Value {
+    json!([
+        { "name": "voip", "scopes": ["voip"], "tokenLifetime": "1h" },
+        { "name": "chat", "scopes": ["chat"] },
+    ])
+}
+
+/// The first pass of a resource with two named tokens: the identity is created with the first
+/// token, the second is issued in the same pass, and one Secret holds both.
+async fn first_pass_of_two(h: &mut Harness) -> Issued {
+    start_first_pass(h).await;
+    let secret = h.expect_secret_create().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::IDENTITY_CREATED).await;
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    let action = h.finish_pass().await;
+    Issued {
+        status,
+        secret,
+        action,
+    }
+}
+
+#[tokio::test]
+async fn two_named_tokens_are_issued_for_one_identity_in_one_pass() {
+    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
+    let created = first_pass_of_two(&mut h).await;
+    assert_eq!(
+        h.acs.calls().await,
+        ["createIdentityWithToken 201", "issueAccessToken 200"]
+    );
+    let (now, status, secret) = (h.now(), &created.status, &created.secret);
+    assert_eq!(
+        secret_keys(secret),
+        [
+            "chat.expiresOn",
+            "chat.scopes",
+            "chat.token",
+            "endpoint",
+            "identityId",
+            "voip.expiresOn",
+            "voip.scopes",
+            "voip.token",
+        ]
+    );
+    assert_eq!(secret_value(secret, "voip.scopes"), "voip");
+    assert_eq!(secret_value(secret, "chat.scopes"), "chat");
+    assert_eq!(
+        secret_value(secret, "voip.expiresOn"),
+        (now + HOUR).to_string()
+    );
+    assert_eq!(
+        secret_value(secret, "chat.expiresOn"),
+        (now + 24 * HOUR).to_string()
+    );
+    for key in ["voip.token", "chat.token"] {
+        assert_eq!(
+            h.acs.token_status(&secret_value(secret, key)).await,
+            "valid"
+        );
+    }
+    let tokens: Vec<(&str, Vec<Scope>, Option<i32>)> = status
+        .tokens
+        .iter()
+        .map(|t| (t.name.as_str(), t.scopes.clone(), t.token_lifetime_minutes))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            ("voip", vec![Scope::Voip], Some(60)),
+            ("chat", vec![Scope::Chat], Some(1440)),
+        ]
+    );
+    // The printer columns tell the first expiry and the first refresh.
+    assert_eq!(status.token_expires_on, Some(Time(now + HOUR)));
+    assert_eq!(status.next_refresh_time, status.tokens[0].next_refresh_time);
+    assert!(status.token_scopes.is_empty());
+    assert_eq!(ready(status), ("True", reason::TOKEN_ISSUED));
+    assert_eq!(created.action, requeue_until(now, next_refresh(status)));
+
+    // A restart with both tokens in place writes nothing and calls nothing.
+    h.restart();
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.finish_pass().await;
+    assert!(h.acs.calls().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_changed_entry_reissues_only_its_token_and_a_removed_one_leaves_the_secret() {
+    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
+    let created = first_pass_of_two(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    h.cluster
+        .edit_spec(|spec| spec.tokens[1].scopes.push(Scope::ChatJoin));
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    let applied = h.expect_secret_apply().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.finish_pass().await;
+    assert_eq!(h.acs.calls().await, ["issueAccessToken 200"]);
+    let before = &created.secret;
+    assert_eq!(
+        secret_value(&applied, "voip.token"),
+        secret_value(before, "voip.token"),
+        "the unchanged entry keeps its token"
+    );
+    assert_ne!(
+        secret_value(&applied, "chat.token"),
+        secret_value(before, "chat.token")
+    );
+    assert_eq!(secret_value(&applied, "chat.scopes"), "chat,chat.join");
+    assert_eq!(status.tokens[0], created.status.tokens[0]);
+    assert_eq!(status.tokens[1].scopes, [Scope::Chat, Scope::ChatJoin]);
+
+    // Removing an entry takes its keys out, with no ACS call.
+    h.restart();
+    h.cluster.edit_spec(|spec| {
+        spec.tokens.pop();
+    });
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_secret_apply().await;
+    h.expect_secret_keys_removed(&["chat.token", "chat.expiresOn", "chat.scopes"])
+        .await;
+    h.expect_event(NORMAL, reason::TOKENS_REMOVED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert!(h.acs.calls().await.is_empty());
+    let names: Vec<&str> = status.tokens.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["voip"]);
+    let secret = h.cluster.token_secret.as_ref().expect("the Secret");
+    assert_eq!(
+        secret_keys(secret),
+        [
+            "endpoint",
+            "identityId",
+            "voip.expiresOn",
+            "voip.scopes",
+            "voip.token"
+        ]
+    );
+}
+
+/// A minute on (tokens carry whole seconds), after an operator restart: a pass on the revoke
+/// request `leak-1`, up to the revoke.
+async fn start_revoke_pass(h: &mut Harness) {
+    h.set_clock(h.now() + MINUTE);
+    h.restart();
+    h.cluster
+        .annotate(crate::crd::REVOKE_REQUESTED_ANNOTATION, "leak-1");
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_event(NORMAL, reason::TOKENS_REVOKED).await;
+}
+
+#[tokio::test]
+async fn a_revoke_replaces_every_named_token() {
+    let mut h = Harness::new(identity_with_tokens(two_tokens())).await;
+    let created = first_pass_of_two(&mut h).await;
+    h.acs.calls().await;
+    start_revoke_pass(&mut h).await;
+    let applied = h.expect_secret_apply().await;
+    let status = h.expect_status_apply().await;
+    let issued = h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.finish_pass().await;
+    let note = issued["note"].as_str().expect("a note");
+    assert!(
+        note.contains("token \"voip\"") && note.contains("token \"chat\""),
+        "one Event tells both: {note}"
+    );
+    assert_eq!(
+        h.acs.calls().await,
+        [
+            "issueAccessToken 200",
+            "issueAccessToken 200",
+            "revokeAccessTokens 204"
+        ]
+    );
+    for key in ["voip.token", "chat.token"] {
+        let (old, new) = (
+            secret_value(&created.secret, key),
+            secret_value(&applied, key),
+        );
+        assert_eq!(h.acs.token_status(&old).await, "revoked", "{key}");
+        assert_eq!(h.acs.token_status(&new).await, "valid", "{key}");
+    }
+    assert_eq!(status.handled_revoke_request.as_deref(), Some("leak-1"));
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+}
+
+/// A resource whose Deployment `web` is restarted when its tokens change (the default
+/// minRestartInterval of 5 minutes), on top of `spec`.
+fn with_web_target(spec: serde_json::Value) -> crate::crd::CommunicationIdentity {
+    let mut full = json!({ "rolloutRestartTargets": [{ "kind": "Deployment", "name": "web" }] });
+    full.as_object_mut()
+        .expect("an object")
+        .extend(spec.as_object().expect("spec fields").clone());
+    identity(full)
+}
+
+/// A pass on a new refresh request: the token is reissued and written, status records it.
+async fn requested_refresh(h: &mut Harness, value: &str) -> CommunicationIdentityStatus {
+    h.restart();
+    h.cluster
+        .annotate(crate::crd::REFRESH_REQUESTED_ANNOTATION, value);
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_secret_apply().await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_REFRESHED).await;
+    status
+}
+
+#[tokio::test]
+async fn a_token_change_restarts_the_targets_once_and_changes_close_together_fold_into_one() {
+    let mut h = Harness::new(with_web_target(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    assert_eq!(
+        created.status.rollout_restart, None,
+        "the first token restarts nothing"
+    );
+
+    // A refresh: the new token is written, then web restarted at once (never restarted before).
+    let pending = requested_refresh(&mut h, "r1").await;
+    assert_eq!(
+        pending.rollout_restart.as_ref().unwrap().pending_since,
+        Some(Time(h.now()))
+    );
+    let restarted_at = h
+        .expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert_eq!(restarted_at, h.now().to_string());
+    let restart = status.rollout_restart.as_ref().unwrap();
+    assert_eq!(restart.last_restart_time, Some(Time(h.now())));
+    assert_eq!(restart.pending_since, None);
+    let first_restart = h.now();
+
+    // Neither an operator restart nor an unchanged pass restarts anything.
+    h.restart();
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.finish_pass().await;
+
+    // Two more refreshes within the interval: each writes its token, neither restarts.
+    h.set_clock(first_restart + MINUTE);
+    let pending = requested_refresh(&mut h, "r2").await;
+    let action = h.finish_pass().await;
+    let due = first_restart + 5 * MINUTE;
+    assert_eq!(
+        pending.rollout_restart.as_ref().unwrap().pending_since,
+        Some(Time(first_restart + MINUTE))
+    );
+    assert_eq!(
+        action,
+        requeue_until(h.now(), due),
+        "back when the restart is due"
+    );
+    h.set_clock(first_restart + 2 * MINUTE);
+    requested_refresh(&mut h, "r3").await;
+    h.finish_pass().await;
+
+    // At the end of the interval, one restart for both; the cache may lag behind a restart
+    // done already, so the resource is read afresh first.
+    h.set_clock(due);
+    h.restart();
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    let restart = status.rollout_restart.as_ref().unwrap();
+    assert_eq!(
+        (
+            restart.last_restart_time.clone(),
+            restart.pending_since.clone()
+        ),
+        (Some(Time(due)), None)
+    );
+}
+
+#[tokio::test]
+async fn a_revoke_restarts_at_once_even_within_the_interval() {
+    let mut h = Harness::new(with_web_target(json!({}))).await;
+    first_pass(&mut h).await;
+    requested_refresh(&mut h, "r1").await;
+    h.expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    h.expect_status_apply().await;
+    h.finish_pass().await;
+
+    start_revoke_pass(&mut h).await;
+    h.expect_secret_apply().await;
+    let pending = h.expect_status_apply().await;
+    assert!(pending.rollout_restart.as_ref().unwrap().pending_revoke);
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.expect_workload_restart("deployments", "web", StatusCode::OK)
+        .await;
+    h.expect_event(NORMAL, reason::WORKLOAD_RESTARTED).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    let restart = status.rollout_restart.as_ref().unwrap();
+    assert_eq!(restart.last_restart_time, Some(Time(h.now())));
+    assert!(!restart.pending_revoke);
+}
+
+#[tokio::test]
+async fn a_missing_or_forbidden_target_is_reported_and_the_token_is_delivered() {
+    let spec = json!({ "rolloutRestartTargets": [
+        { "kind": "Deployment", "name": "web" },
+        { "kind": "StatefulSet", "name": "db" },
+    ] });
+    let mut h = Harness::new(identity(spec)).await;
+    first_pass(&mut h).await;
+    let pending = requested_refresh(&mut h, "r1").await;
+    assert_eq!(ready(&pending), ("True", reason::TOKEN_ISSUED));
+    h.expect_workload_restart("deployments", "web", StatusCode::NOT_FOUND)
+        .await;
+    let missing = h
+        .expect_event(WARNING, reason::RESTART_TARGET_NOT_FOUND)
+        .await;
+    h.expect_workload_restart("statefulsets", "db", StatusCode::FORBIDDEN)
+        .await;
+    let forbidden = h.expect_event(WARNING, reason::RESTART_FORBIDDEN).await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert!(
+        missing["note"]
+            .as_str()
+            .unwrap()
+            .contains("Deployment \"web\"")
+    );
+    assert!(
+        forbidden["note"]
+            .as_str()
+            .unwrap()
+            .contains("rolloutRestart.enabled=true")
+    );
+    let failed: Vec<(&str, &str)> = status
+        .rollout_restart
+        .as_ref()
+        .unwrap()
+        .failed_targets
+        .iter()
+        .map(|f| (f.name.as_str(), f.reason.as_str()))
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            ("web", reason::RESTART_TARGET_NOT_FOUND),
+            ("db", reason::RESTART_FORBIDDEN)
+        ]
+    );
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+    let secret = h.cluster.token_secret.as_ref().expect("the Secret");
+    assert_eq!(
+        h.acs.token_status(&secret_value(secret, "token")).await,
+        "valid"
+    );
+}
+
+#[tokio::test]
+async fn switching_from_scopes_to_tokens_issues_the_new_tokens_and_takes_the_old_keys_out() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    h.restart();
+    h.cluster.edit_spec(|spec| {
+        spec.scopes.clear();
+        spec.tokens = serde_json::from_value(two_tokens()).expect("spec.tokens");
+    });
+
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_secret_apply().await;
+    h.expect_secret_keys_removed(&["token", "expiresOn", "scopes"])
+        .await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(NORMAL, reason::TOKEN_ISSUED).await;
+    h.finish_pass().await;
+    assert_eq!(
+        h.acs.calls().await,
+        ["issueAccessToken 200", "issueAccessToken 200"]
+    );
+    let secret = h.cluster.token_secret.as_ref().expect("the Secret");
+    assert_eq!(
+        secret_keys(secret),
+        [
+            "chat.expiresOn",
+            "chat.scopes",
+            "chat.token",
+            "endpoint",
+            "identityId",
+            "voip.expiresOn",
+            "voip.scopes",
+            "voip.token",
+        ]
+    );
+    assert_eq!(
+        status.identity_id, created.status.identity_id,
+        "the same identity"
+    );
+    assert!(status.token_scopes.is_empty() && status.token_lifetime_minutes.is_none());
+    assert_eq!(status.tokens.len(), 2);
+    assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
+}

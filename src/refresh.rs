@@ -27,13 +27,6 @@ pub struct RefreshPlan {
     pub shortened: bool,
 }
 
-impl RefreshPlan {
-    /// How long from `now` until the refresh is due; zero when it is due already.
-    pub fn wait_from(&self, now: Timestamp) -> Duration {
-        wait_until(now, self.at)
-    }
-}
-
 /// How long from `now` until `at`; zero when it has passed.
 pub fn wait_until(now: Timestamp, at: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
@@ -372,14 +365,14 @@ mod tests {
             "uid-1",
         );
         assert!(plan.at <= now());
-        assert_eq!(plan.wait_from(now()), Duration::ZERO);
+        assert_eq!(wait_until(now(), plan.at), Duration::ZERO);
     }
 
     #[test]
     fn a_token_already_expired_on_issue_is_due_at_once() {
         let plan = refresh_at(now(), before(MINUTE), HOUR, 20 * MINUTE, "uid-1");
         assert!(plan.shortened);
-        assert_eq!(plan.wait_from(now()), Duration::ZERO);
+        assert_eq!(wait_until(now(), plan.at), Duration::ZERO);
     }
 
     #[test]
@@ -396,9 +389,9 @@ mod tests {
     }
 
     #[test]
-    fn wait_from_counts_down_to_the_plan() {
+    fn the_wait_counts_down_to_the_plan() {
         let plan = refresh_at(now(), at(HOUR), HOUR, 20 * MINUTE, "uid-1");
-        let wait = plan.wait_from(now());
+        let wait = wait_until(now(), plan.at);
         assert!(wait <= 40 * MINUTE && wait >= 39 * MINUTE, "{wait:?}");
     }
 

@@ -2,6 +2,7 @@
 //! ownership and drift. Pure: the reconciler writes the result.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
@@ -14,6 +15,7 @@ use crate::crd::{
     secret_key,
 };
 use crate::decide::SecretState;
+use crate::tokens;
 
 /// The resource lacks metadata that every object read from the API server has.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,17 +24,35 @@ use crate::decide::SecretState;
 )]
 pub struct MissingMetadata(&'static str);
 
-/// Renders the complete Secret for `resource` holding `token`.
+/// One token as the Secret holds it, under the keys of the entry `name`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub name: String,
+    pub token: String,
+    pub expires_on: Timestamp,
+}
+
+impl fmt::Debug for Delivered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivered")
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("expires_on", &self.expires_on)
+            .finish()
+    }
+}
+
+/// Renders the complete Secret for `resource` holding `tokens`, one for each entry of the spec
+/// (a token of an entry the spec no longer has is left out).
 ///
 /// `data` (not `stringData`) so that what server-side apply stores equals what was sent, and a
 /// later comparison with [`secret_is_current`] is exact. The managed-by label wins over a template
 /// label of the same key, as the controller finds its Secrets by that label.
 pub fn render_secret(
     resource: &CommunicationIdentity,
-    token: &str,
-    expires_on: Timestamp,
     identity_id: &str,
     endpoint: &str,
+    tokens: &[Delivered],
 ) -> Result<Secret, MissingMetadata> {
     let namespace = resource
         .metadata
@@ -50,16 +70,27 @@ pub fn render_secret(
     labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
     let annotations = (!template.annotations.is_empty()).then(|| template.annotations.clone());
 
-    let data = BTreeMap::from([
-        (secret_key::TOKEN, token.to_owned()),
-        (secret_key::EXPIRES_ON, expires_on.to_string()),
-        (secret_key::IDENTITY_ID, identity_id.to_owned()),
-        (secret_key::SCOPES, resource.spec.scopes_joined()),
-        (secret_key::ENDPOINT, endpoint.to_owned()),
-    ])
-    .into_iter()
-    .map(|(key, value)| (key.to_owned(), ByteString(value.into_bytes())))
-    .collect();
+    let mut data = BTreeMap::from([
+        (secret_key::IDENTITY_ID.to_owned(), identity_id.to_owned()),
+        (secret_key::ENDPOINT.to_owned(), endpoint.to_owned()),
+    ]);
+    for entry in resource.spec.entries() {
+        let Some(delivered) = tokens.iter().find(|t| t.name == entry.name) else {
+            continue;
+        };
+        data.extend([
+            (entry.key(secret_key::TOKEN), delivered.token.clone()),
+            (
+                entry.key(secret_key::EXPIRES_ON),
+                delivered.expires_on.to_string(),
+            ),
+            (entry.key(secret_key::SCOPES), entry.scopes_joined()),
+        ]);
+    }
+    let data = data
+        .into_iter()
+        .map(|(key, value)| (key, ByteString(value.into_bytes())))
+        .collect();
 
     Ok(Secret {
         metadata: ObjectMeta {
@@ -107,40 +138,89 @@ pub fn ownership(existing: Option<&Secret>, owner_uid: &str) -> SecretOwnership 
     }
 }
 
-/// Classifies the resource's own Secret against the token `status` says it holds; for one
-/// edited with the token intact, also renders what to write back (no ACS call needed).
+/// What the resource's own Secret holds of the tokens status describes. No `Debug`: the
+/// Secret to write back holds the tokens.
+#[derive(Clone)]
+pub struct Classified {
+    pub state: SecretState,
+    /// The tokens still in the Secret as status describes them, in spec order: those a pass
+    /// that issues only some tokens writes back unchanged.
+    pub carried: Vec<Delivered>,
+    /// The Secret's endpoint, when it carries any token.
+    pub endpoint: Option<String>,
+    /// For a Secret edited with every token intact: what to write back (no ACS call needed).
+    pub rewrite: Option<Secret>,
+    /// Keys the operator wrote for tokens the spec no longer asks for, still in the Secret.
+    pub stale_keys: Vec<String>,
+}
+
+/// Classifies the resource's own Secret against the tokens `status` says it holds.
 pub fn classify(
     resource: &CommunicationIdentity,
     status: &CommunicationIdentityStatus,
     existing: Option<&Secret>,
-) -> (SecretState, Option<Secret>) {
+) -> Classified {
     let value = |key: &str| {
         existing
             .and_then(|s| s.data.as_ref())
             .and_then(|data| data.get(key))
             .and_then(|v| String::from_utf8(v.0.clone()).ok())
     };
-    let (Some(existing), Some(identity_id), Some(expires_on)) = (
+    let stale_keys: Vec<String> = tokens::stale_keys(status, &resource.spec)
+        .into_iter()
+        .filter(|key| value(key).is_some())
+        .collect();
+    let missing = Classified {
+        state: SecretState::TokenMissing,
+        carried: Vec::new(),
+        endpoint: None,
+        rewrite: None,
+        stale_keys: stale_keys.clone(),
+    };
+    let (Some(existing), Some(identity_id), Some(endpoint)) = (
         existing,
         status.identity_id.as_deref(),
-        status.token_expires_on.as_ref().map(|t| t.0),
+        value(secret_key::ENDPOINT),
     ) else {
-        return (SecretState::TokenMissing, None);
+        return missing;
     };
-    let (Some(token), Some(endpoint)) = (value(secret_key::TOKEN), value(secret_key::ENDPOINT))
-    else {
-        return (SecretState::TokenMissing, None);
-    };
-    if value(secret_key::EXPIRES_ON) != Some(expires_on.to_string()) {
-        return (SecretState::TokenMissing, None);
+    let states = tokens::token_states(status);
+    let entries = resource.spec.entries();
+    let carried: Vec<Delivered> = entries
+        .iter()
+        .filter_map(|entry| {
+            let state = tokens::token_state(&states, entry.name)?;
+            let expires_on = state.expires_on.as_ref()?.0;
+            let token = value(&entry.key(secret_key::TOKEN))?;
+            (value(&entry.key(secret_key::EXPIRES_ON)) == Some(expires_on.to_string())).then(|| {
+                Delivered {
+                    name: entry.name.to_owned(),
+                    token,
+                    expires_on,
+                }
+            })
+        })
+        .collect();
+    if carried.len() < entries.len() {
+        return Classified {
+            carried,
+            endpoint: Some(endpoint),
+            ..missing
+        };
     }
-    let Ok(desired) = render_secret(resource, &token, expires_on, identity_id, &endpoint) else {
-        return (SecretState::TokenMissing, None);
+    let Ok(desired) = render_secret(resource, identity_id, &endpoint, &carried) else {
+        return missing;
     };
-    if secret_is_current(existing, &desired) {
-        (SecretState::Current, None)
-    } else {
-        (SecretState::TokenIntactButEdited, Some(desired))
+    let (state, rewrite) = match secret_is_current(existing, &desired) && stale_keys.is_empty() {
+        true => (SecretState::Current, None),
+        false => (SecretState::TokenIntactButEdited, Some(desired)),
+    };
+    Classified {
+        state,
+        carried,
+        endpoint: Some(endpoint),
+        rewrite,
+        stale_keys,
     }
 }
 
@@ -199,10 +279,13 @@ mod tests {
                 scopes: vec![Scope::Chat, Scope::Voip],
                 token_lifetime: "24h".into(),
                 refresh_before: None,
+                tokens: Vec::new(),
                 secret_name: secret_name.map(Into::into),
                 secret_template: template,
                 deletion_policy: Default::default(),
                 identity_id: None,
+                rollout_restart_targets: Vec::new(),
+                min_restart_interval: None,
             },
         );
         resource.metadata.namespace = Some("chat-app".into());
@@ -214,13 +297,20 @@ mod tests {
         "2026-11-24T10:00:00Z".parse().unwrap()
     }
 
+    fn delivered(name: &str, token: &str) -> Delivered {
+        Delivered {
+            name: name.into(),
+            token: token.into(),
+            expires_on: expires_on(),
+        }
+    }
+
     fn render(resource: &CommunicationIdentity) -> Secret {
         render_secret(
             resource,
-            "tok-123",
-            expires_on(),
             "8:acs:r_1",
             "https://acs.example/",
+            &[delivered("", "tok-123")],
         )
         .unwrap()
     }
@@ -295,7 +385,7 @@ mod tests {
             ),
         ];
         for (name, existing, status, expected) in cases {
-            let (state, rewrite) = classify(&resource, status, existing.as_ref());
+            let Classified { state, rewrite, .. } = classify(&resource, status, existing.as_ref());
             assert_eq!(state, expected, "{name}");
             assert_eq!(
                 rewrite.is_some(),
@@ -309,6 +399,129 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `alice` with the two named tokens of the quickstart.
+    fn two_tokens() -> CommunicationIdentity {
+        let mut resource = resource(SecretTemplate::default(), None);
+        resource.spec.scopes.clear();
+        resource.spec.tokens = serde_json::from_value(serde_json::json!([
+            { "name": "voip", "scopes": ["voip"], "tokenLifetime": "1h" },
+            { "name": "chat", "scopes": ["chat", "chat.join"] },
+        ]))
+        .unwrap();
+        resource
+    }
+
+    #[test]
+    fn named_tokens_have_prefixed_keys_and_share_identity_and_endpoint() {
+        let secret = render_secret(
+            &two_tokens(),
+            "8:acs:r_1",
+            "https://acs.example/",
+            &[delivered("voip", "tok-v"), delivered("chat", "tok-c")],
+        )
+        .unwrap();
+        assert_eq!(
+            secret.data.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            [
+                "chat.expiresOn",
+                "chat.scopes",
+                "chat.token",
+                "endpoint",
+                "identityId",
+                "voip.expiresOn",
+                "voip.scopes",
+                "voip.token",
+            ]
+        );
+        assert_eq!(text(&secret, "voip.token"), "tok-v");
+        assert_eq!(text(&secret, "chat.scopes"), "chat,chat.join");
+        assert_eq!(text(&secret, "voip.expiresOn"), "2026-11-24T10:00:00Z");
+    }
+
+    #[test]
+    fn named_tokens_are_classified_one_by_one() {
+        use crate::crd::TokenStatus;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let resource = two_tokens();
+        let state = |name: &str| TokenStatus {
+            name: name.into(),
+            expires_on: Some(Time(expires_on())),
+            ..Default::default()
+        };
+        let status = CommunicationIdentityStatus {
+            identity_id: Some("8:acs:r_1".into()),
+            tokens: vec![state("voip"), state("chat")],
+            ..Default::default()
+        };
+        let with_removed = CommunicationIdentityStatus {
+            tokens: vec![state("voip"), state("chat"), state("video")],
+            ..status.clone()
+        };
+        let both = [delivered("voip", "tok-v"), delivered("chat", "tok-c")];
+        let written = render_secret(&resource, "8:acs:r_1", "https://acs.example/", &both).unwrap();
+        let without = |key: &'static str| {
+            let mut secret = written.clone();
+            secret.data.as_mut().unwrap().remove(key);
+            secret
+        };
+        let mut left_over = written.clone();
+        left_over
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("video.token".into(), ByteString(b"old".to_vec()));
+        let cases = [
+            (
+                "as written",
+                &status,
+                written.clone(),
+                SecretState::Current,
+                vec!["voip", "chat"],
+                vec![],
+            ),
+            (
+                "one token's key removed",
+                &status,
+                without("chat.token"),
+                SecretState::TokenMissing,
+                vec!["voip"],
+                vec![],
+            ),
+            (
+                "a removed entry's keys left over",
+                &with_removed,
+                left_over,
+                SecretState::TokenIntactButEdited,
+                vec!["voip", "chat"],
+                vec!["video.token"],
+            ),
+            (
+                "a removed entry whose keys are gone",
+                &with_removed,
+                written.clone(),
+                SecretState::Current,
+                vec!["voip", "chat"],
+                vec![],
+            ),
+        ];
+        for (name, status, existing, state, carried, stale) in cases {
+            let classified = classify(&resource, status, Some(&existing));
+            assert_eq!(classified.state, state, "{name}");
+            let names: Vec<&str> = classified.carried.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(names, carried, "{name}");
+            assert_eq!(classified.stale_keys, stale, "{name}");
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_a_delivered_token() {
+        let text = format!("{:?}", delivered("voip", "tok-secret"));
+        assert!(
+            !text.contains("tok-secret") && text.contains("<redacted>"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -357,13 +570,13 @@ mod tests {
         let mut no_uid = resource(SecretTemplate::default(), None);
         no_uid.metadata.uid = None;
         assert_eq!(
-            render_secret(&no_uid, "t", expires_on(), "id", "e"),
+            render_secret(&no_uid, "id", "e", &[delivered("", "t")]),
             Err(MissingMetadata("uid"))
         );
         let mut no_namespace = resource(SecretTemplate::default(), None);
         no_namespace.metadata.namespace = None;
         assert_eq!(
-            render_secret(&no_namespace, "t", expires_on(), "id", "e"),
+            render_secret(&no_namespace, "id", "e", &[delivered("", "t")]),
             Err(MissingMetadata("namespace"))
         );
     }

@@ -25,17 +25,19 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::support::{
     Emulator, Operator, TempDir, TestNamespace, admin_client, apply_identity, basic_spec,
-    create_connection_secret, ensure_crd, kubeconfig, list_events, repo_root, secret_strings,
-    wait_for, wait_gone, wait_ready,
+    create_connection_secret, create_deployment, ensure_crd, kubeconfig, list_events,
+    next_second_after, repo_root, secret_strings, wait_for, wait_gone, wait_identity, wait_ready,
 };
-use acs_identity_operator::crd::{CommunicationIdentity, reason, secret_key};
+use acs_identity_operator::crd::{
+    CommunicationIdentity, REFRESH_REQUESTED_ANNOTATION, reason, secret_key,
+};
 
 const CHART: &str = "charts/acs-identity-operator";
 const CYCLE: Duration = Duration::from_secs(60);
@@ -66,6 +68,14 @@ const NEEDS: &[(&str, &str, &[&str])] = &[
     ),
     ("", "secrets", &["get", "list", "watch", "create", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
+];
+
+/// With `rolloutRestart.enabled=true`, on top of `NEEDS`: the strategic merge patch of
+/// `kubectl rollout restart` on the restart targets.
+const RESTART_NEEDS: &[(&str, &str, &[&str])] = &[
+    ("apps", "deployments", &["patch"]),
+    ("apps", "statefulsets", &["patch"]),
+    ("apps", "daemonsets", &["patch"]),
 ];
 
 /// Leader election: the release's one Lease in the release namespace, read with get, taken with
@@ -221,6 +231,17 @@ fn expected_rules() -> BTreeSet<Rule> {
         .iter()
         .map(|(group, resource, verbs)| rule(group, resource, &[], verbs))
         .collect()
+}
+
+/// `NEEDS` and `RESTART_NEEDS`.
+fn expected_rules_with_restarts() -> BTreeSet<Rule> {
+    let mut rules = expected_rules();
+    rules.extend(
+        RESTART_NEEDS
+            .iter()
+            .map(|(group, resource, verbs)| rule(group, resource, &[], verbs)),
+    );
+    rules
 }
 
 fn expected_lease_rules(lease: &str) -> BTreeSet<Rule> {
@@ -539,6 +560,31 @@ fn chart_crd_is_the_checked_in_crd() {
 }
 
 #[test]
+fn chart_grants_restarts_only_when_enabled() {
+    helm(&[
+        "lint",
+        "--strict",
+        CHART,
+        "--set",
+        "rolloutRestart.enabled=true",
+    ]);
+    let fullname = "r1-acs-identity-operator";
+    let cluster_wide = render(&[("rolloutRestart.enabled", "true")]);
+    assert_eq!(
+        rules(find(&cluster_wide, "ClusterRole", fullname)),
+        expected_rules_with_restarts()
+    );
+    let namespaced = render(&[
+        ("rolloutRestart.enabled", "true"),
+        ("watchNamespace", "app"),
+    ]);
+    let role = find(&namespaced, "Role", fullname);
+    assert_eq!(role["metadata"]["namespace"], "app");
+    assert_eq!(rules(role), expected_rules_with_restarts());
+    assert!(!kinds(&namespaced).contains("ClusterRole"));
+}
+
+#[test]
 fn chart_lints_and_renders_least_privilege_rbac() {
     for values in [
         vec![],
@@ -808,6 +854,92 @@ async fn chart_service_account_runs_a_create_ready_delete_cycle() {
 
     create_ready_delete(&sa, &release, &ns.name).await;
     drop(release);
+}
+
+/// Restarts of spec.rolloutRestartTargets need `rolloutRestart.enabled`: without it the chart's
+/// ServiceAccount may not patch workloads, and the operator running under it delivers the new
+/// token and reports the restart it may not make; with it, it may patch exactly those kinds.
+#[tokio::test]
+async fn restart_targets_need_the_chart_value_and_are_reported_without_it() {
+    let ns = TestNamespace::new("chart-restart").await;
+    let release = Release::install(&ns.name, &[]);
+    ensure_crd().await;
+    let sa = ServiceAccountKubeconfig::new(&ns.name, &release.fullname()).await;
+    let client = sa.client().await;
+    for resource in ["deployments", "statefulsets", "daemonsets"] {
+        assert!(!allowed(&client, Some(&ns.name), "apps", resource, "patch").await);
+    }
+
+    let emulator = Emulator::start(&[]);
+    let admin = admin_client().await;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns.name);
+    let identities: Api<CommunicationIdentity> = Api::namespaced(admin.clone(), &ns.name);
+    create_connection_secret(&secrets, "acs-connection", &emulator.connection_string).await;
+    create_deployment(&Api::namespaced(admin.clone(), &ns.name), "frontend").await;
+    let _operator = Operator::start_with_kubeconfig(&ns.name, &emulator, &[], sa.path());
+    let mut spec = basic_spec();
+    spec["rolloutRestartTargets"] = json!([{ "kind": "Deployment", "name": "frontend" }]);
+    apply_identity(&identities, "alice", spec).await;
+    wait_ready(&identities, "alice", CYCLE).await;
+    let token =
+        secret_strings(&secrets.get("alice-acs-token").await.unwrap())[secret_key::TOKEN].clone();
+    next_second_after(jiff::Timestamp::now()).await;
+    identities
+        .patch(
+            "alice",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": {
+                REFRESH_REQUESTED_ANNOTATION: "1",
+            } } })),
+        )
+        .await
+        .unwrap();
+    let refused = wait_identity(&identities, "alice", "the restart reported", CYCLE, |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.rollout_restart.as_ref())
+            .is_some_and(|restart| {
+                restart
+                    .failed_targets
+                    .iter()
+                    .any(|f| f.reason == reason::RESTART_FORBIDDEN)
+            })
+    })
+    .await;
+    let failure = &refused
+        .status
+        .unwrap()
+        .rollout_restart
+        .unwrap()
+        .failed_targets[0];
+    assert!(
+        failure.message.contains("rolloutRestart.enabled=true"),
+        "{}",
+        failure.message
+    );
+    let refreshed = secret_strings(&secrets.get("alice-acs-token").await.unwrap());
+    assert_ne!(
+        refreshed[secret_key::TOKEN],
+        token,
+        "the token is delivered all the same"
+    );
+    drop(release);
+
+    let enabled_ns = TestNamespace::new("chart-restart-on").await;
+    let enabled = Release::install(&enabled_ns.name, &[("rolloutRestart.enabled", "true")]);
+    let sa = ServiceAccountKubeconfig::new(&enabled_ns.name, &enabled.fullname()).await;
+    let client = sa.client().await;
+    for resource in ["deployments", "statefulsets", "daemonsets"] {
+        for verb in ALL_VERBS {
+            let expected = *verb == "patch";
+            assert_eq!(
+                allowed(&client, Some(&enabled_ns.name), "apps", resource, verb).await,
+                expected,
+                "{verb} {resource}"
+            );
+        }
+    }
+    drop(enabled);
 }
 
 /// Namespaced install (`watchNamespace`): the ServiceAccount may do exactly what the operator

@@ -8,4 +8,6 @@ mod leader;
 mod node;
 mod operations;
 mod operator;
+mod restarts;
 mod support;
+mod tokens;

@@ -11,24 +11,14 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Emulator, Operator, PROMPTLY, Setup, TestNamespace, basic_spec, create_connection_secret,
-    ensure_crd, identity_manifest, ready, ready_message, secret_strings, wait_for, wait_gone,
-    wait_ready,
+    ensure_crd, identity_manifest, next_second_after, ready, ready_message, secret_strings,
+    wait_for, wait_gone, wait_ready,
 };
 use acs_identity_operator::crd::{
     CONNECTION_SECRET_FINALIZER, CommunicationIdentity, FINALIZER, MANAGED_BY_LABEL,
     MANAGED_BY_VALUE, REFRESH_REQUESTED_ANNOTATION, REVOKE_REQUESTED_ANNOTATION,
     SKIP_CLEANUP_ANNOTATION, reason, secret_key,
 };
-
-/// Waits until the wall clock is past the second of `time`. ACS tokens carry whole-second
-/// times, so two tokens for the same identity and scopes minted within one second are equal;
-/// a test that tells tokens apart issues them in different seconds.
-async fn next_second_after(time: jiff::Timestamp) {
-    wait_for("the next second", Duration::from_secs(2), || async {
-        (jiff::Timestamp::now().as_second() > time.as_second()).then_some(())
-    })
-    .await;
-}
 
 /// When the token in `secret` was minted: its expiry less the 1 h lifetime the tests ask for.
 fn minted_at(secret: &BTreeMap<String, String>) -> jiff::Timestamp {
@@ -243,6 +233,35 @@ async fn the_schema_rejects_bad_input_at_apply_time() {
         (
             json!({ "scopes": ["chat"], "identityId": "not-an-acs-id" }),
             "identityId must be an ACS communication user id",
+        ),
+        (
+            json!({ "scopes": ["chat"], "tokens": [{ "name": "voip", "scopes": ["voip"] }] }),
+            "set exactly one of spec.scopes",
+        ),
+        (json!({}), "set exactly one of spec.scopes"),
+        (
+            json!({ "tokens": [
+                { "name": "voip", "scopes": ["voip"] },
+                { "name": "voip", "scopes": ["chat"] },
+            ] }),
+            "tokens names must be distinct",
+        ),
+        (
+            json!({ "tokens": [{ "name": "Voip.1", "scopes": ["voip"] }] }),
+            "spec.tokens[0].name",
+        ),
+        (json!({ "tokens": [] }), "spec.tokens"),
+        (
+            json!({ "tokens": [{ "name": "voip", "scopes": ["voip"], "tokenLifetime": "25h" }] }),
+            "tokenLifetime must be between 1h and 24h",
+        ),
+        (
+            json!({ "tokens": [{ "name": "voip", "scopes": ["voip"], "tokenLifetime": "1h", "refreshBefore": "50m" }] }),
+            "refreshBefore must be less than tokenLifetime minus 15m",
+        ),
+        (
+            json!({ "tokens": [{ "name": "voip", "scopes": ["voip"] }], "refreshBefore": "1h" }),
+            "with spec.tokens, set tokenLifetime and refreshBefore on each entry",
         ),
     ];
     for (mut spec, expected) in cases {

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -143,6 +144,16 @@ where
 {
     wait_for(&format!("{name} to be gone"), deadline, || async {
         api.get_opt(name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
+/// Waits until the wall clock is past the second of `time`. ACS tokens carry whole-second
+/// times, so two tokens for the same identity and scopes minted within one second are equal;
+/// a test that tells tokens apart issues them in different seconds.
+pub async fn next_second_after(time: jiff::Timestamp) {
+    wait_for("the next second", Duration::from_secs(2), || async {
+        (jiff::Timestamp::now().as_second() > time.as_second()).then_some(())
     })
     .await;
 }
@@ -752,4 +763,31 @@ impl Setup {
         })
         .await
     }
+}
+
+/// A Deployment `name` whose pods read a token from the environment (none run: the control
+/// plane has no nodes, but the Deployment controller rolls its ReplicaSets all the same).
+pub async fn create_deployment(deployments: &Api<Deployment>, name: &str) {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": { "containers": [{
+                    "name": "app",
+                    "image": "registry.invalid/app:1",
+                    "env": [{ "name": "ACS_TOKEN", "valueFrom": { "secretKeyRef": {
+                        "name": format!("{name}-acs-token"), "key": "token", "optional": true,
+                    } } }],
+                }] },
+            },
+        },
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap_or_else(|e| panic!("create Deployment {name}: {e}"));
 }
