@@ -22,8 +22,8 @@ use kube::runtime::watcher::Event;
 /// What a pass may assume about its Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Known {
-    /// As last verified at this resourceVersion, and nothing newer was watched.
-    Unchanged { resource_version: String },
+    /// As last verified, and nothing newer was watched.
+    Unchanged,
     /// The watch has listed every labelled Secret and none belongs to this resource. A Secret
     /// of that name may still exist without the label; creating it then fails with 409 and
     /// the pass reads it.
@@ -91,9 +91,7 @@ impl KnownSecrets {
             (None, _) if inner.listed => Known::Absent,
             (Some(entry), Some(fingerprint)) => match entry.verified {
                 Some((verified, of)) if of == fingerprint && entry.watched <= verified => {
-                    Known::Unchanged {
-                        resource_version: verified.to_string(),
-                    }
+                    Known::Unchanged
                 }
                 _ => Known::Unknown,
             },
@@ -246,12 +244,6 @@ mod tests {
         )
     }
 
-    fn unchanged(version: &str) -> Known {
-        Known::Unchanged {
-            resource_version: version.into(),
-        }
-    }
-
     #[test]
     fn what_a_pass_may_assume() {
         let other_fp = fingerprint_of(Some(2));
@@ -276,7 +268,7 @@ mod tests {
                 true,
                 |k| k.verified(UID, Some("7"), fp()),
                 Some(fp()),
-                unchanged("7"),
+                Known::Unchanged,
             ),
             (
                 "written, the watch delivered that write",
@@ -286,7 +278,7 @@ mod tests {
                     k.observe(&Event::Apply(watched(UID, "7")));
                 },
                 Some(fp()),
-                unchanged("7"),
+                Known::Unchanged,
             ),
             (
                 "changed after the write: read",
@@ -351,7 +343,7 @@ mod tests {
                     k.observe(&Event::Apply(watched(UID, "3")));
                 },
                 Some(fp()),
-                unchanged("12"),
+                Known::Unchanged,
             ),
             (
                 "a resourceVersion that is not an integer is never trusted",
@@ -387,7 +379,7 @@ mod tests {
         known.observe(&Event::InitApply(watched(OTHER_UID, "6")));
         known.observe(&Event::InitDone);
         assert_eq!(known.lookup(UID, Some(fp)), Known::Absent);
-        assert_eq!(known.lookup(OTHER_UID, Some(fp)), unchanged("6"));
+        assert_eq!(known.lookup(OTHER_UID, Some(fp)), Known::Unchanged);
     }
 
     #[test]

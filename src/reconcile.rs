@@ -269,7 +269,7 @@ impl Pass {
         // A Secret known unchanged since it was last written or read holds what status
         // describes: when that needs nothing done (the passes the operator's own writes
         // trigger), the Secret is not read.
-        if matches!(known, Known::Unchanged { .. }) && !self.restart_is_due(&self.status) {
+        if matches!(known, Known::Unchanged) && !self.restart_is_due(&self.status) {
             let tokens = tokens_seen(&self.resource.spec, &self.status, |_| true);
             let decision = decide(&self.observed(SecretState::Current, tokens, None), self.now);
             if let Decision::WaitUntil(_) = decision {
@@ -338,7 +338,7 @@ impl Pass {
         let secret_name = self.resource.secret_name();
         let existing = match known {
             Known::Absent => None,
-            Known::Unchanged { .. } | Known::Unknown => {
+            Known::Unchanged | Known::Unknown => {
                 self.kube("secret_get", self.secrets.get_opt(&secret_name))
                     .await?
             }
