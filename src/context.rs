@@ -16,6 +16,7 @@ use crate::crd::{CommunicationIdentity, ConnectionSecretRef};
 use crate::held::HeldTokens;
 use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
+use crate::own_writes::OwnWrites;
 use crate::status::Failure;
 
 /// Settings from the command line that shape how ACS is reached.
@@ -40,6 +41,8 @@ pub struct Context {
     pub held_tokens: HeldTokens,
     /// What is known of the token Secrets without reading them.
     pub known_secrets: KnownSecrets,
+    /// The operator's writes to CommunicationIdentities not yet in the cache.
+    pub own_writes: OwnWrites,
     /// The controller's cache of CommunicationIdentities.
     pub identities: Store<CommunicationIdentity>,
     pub metrics: Arc<Metrics>,
@@ -61,6 +64,7 @@ impl Context {
             connection_secrets: RecentSecrets::default(),
             held_tokens: HeldTokens::default(),
             known_secrets: KnownSecrets::default(),
+            own_writes: OwnWrites::default(),
             identities,
             metrics,
             clock: Box::new(Timestamp::now),

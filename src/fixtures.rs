@@ -537,6 +537,13 @@ impl Harness {
         self.operator.ctx.known_secrets.observe(&event);
     }
 
+    /// The watch relists (after a break, or in a replica that just took over): what the
+    /// operator knew of its own writes in flight is gone.
+    pub fn watch_relists_identities(&self) {
+        let writes = &self.operator.ctx.own_writes;
+        writes.observe(&watcher::Event::Init);
+    }
+
     /// Starts a pass on the resource as the API server has it now (as the watch delivered it).
     pub fn start_pass(&mut self) {
         self.start_pass_from(self.cluster.identity.clone());

@@ -179,14 +179,14 @@ fn version_of(secret: &PartialObjectMeta<Secret>) -> Option<u64> {
 }
 
 /// A UID in its canonical form (hyphenated hex), as 128 bits.
-fn parse_uid(uid: &str) -> Option<u128> {
+pub(crate) fn parse_uid(uid: &str) -> Option<u128> {
     let hex: String = uid.chars().filter(|c| *c != '-').collect();
     (hex.len() == 32)
         .then(|| u128::from_str_radix(&hex, 16).ok())
         .flatten()
 }
 
-fn parse_version(version: &str) -> Option<u64> {
+pub(crate) fn parse_version(version: &str) -> Option<u64> {
     version.parse().ok().filter(|v| *v > 0)
 }
 

@@ -11,6 +11,7 @@ pub mod known_secrets;
 pub mod launch;
 pub mod leader;
 pub mod metrics;
+pub mod own_writes;
 pub mod reconcile;
 pub mod record;
 pub mod refresh;

@@ -70,6 +70,10 @@ const KUBE_ERROR_RETRY: Duration = Duration::from_secs(5);
 /// The longest one Kubernetes API call may take; the client's own read timeout is the same
 /// (see `run`), this also bounds the time to a first byte and whole-body reads.
 pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pass skipped because the cache is behind the operator's own write runs again after this
+/// if that write's watch event has not triggered it first (it comes within milliseconds; this
+/// only covers a watch that breaks in between).
+const CACHE_BEHIND_RETRY: Duration = Duration::from_secs(10);
 /// No requeue sooner than this, so a clock at the edge never spins.
 const MIN_REQUEUE: Duration = Duration::from_secs(1);
 /// No requeue later than this: longer than any refresh plan (tokens live 24 h at most).
@@ -117,6 +121,10 @@ pub async fn reconcile(
     let namespace = resource
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
+    // The watch event of the operator's own newer write triggers the pass that matters.
+    if ctx.own_writes.cache_is_behind(&resource) {
+        return Ok(requeue(CACHE_BEHIND_RETRY));
+    }
     let mut resource = resource;
     // The first pass works from the watch cache; one that would call ACS re-reads the resource
     // first, since the cache may not show yet what the previous pass wrote (a Secret event can
@@ -638,7 +646,7 @@ impl Pass {
                 .patch_finalizers(&self.api, &*self.resource, finalizers, annotations)
                 .await
             {
-                Ok(_) => {}
+                Ok(patched) => self.ctx.own_writes.wrote(&self.uid, &patched),
                 Err(Error::Kube {
                     source: kube::Error::Api(status),
                     ..
@@ -1100,7 +1108,9 @@ impl Pass {
         let name = self.resource.name_any();
         let patch = Patch::Apply(patch);
         let request = self.api.patch_status(&name, &params, &patch);
-        self.kube("status_patch", request).await.map(drop)
+        let patched = self.kube("status_patch", request).await?;
+        self.ctx.own_writes.wrote(&self.uid, &patched);
+        Ok(())
     }
 
     async fn publish(&self, note: Note) {

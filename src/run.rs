@@ -140,11 +140,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
     // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
-    let identity_events = watcher(identities, watcher::Config::default())
-        .default_backoff()
-        .modify(trim_for_cache)
-        .reflect(writer)
-        .applied_objects();
+    // Each event is noted in `own_writes` once the cache holds it.
+    let identity_events = {
+        let context = context.clone();
+        watcher(identities, watcher::Config::default())
+            .default_backoff()
+            .modify(trim_for_cache)
+            .reflect(writer)
+            .map_ok(move |event| {
+                context.own_writes.observe(&event);
+                event
+            })
+            .applied_objects()
+    };
     let controller = Controller::for_stream(identity_events, store)
         .owns_stream(secret_events)
         // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
