@@ -719,7 +719,7 @@ pub async fn memory(common: &Common, n: usize, secrets: usize, settle: u64) -> a
         &format!("RSS, {n} identities, 0 other Secrets (fresh)"),
         value,
         shown,
-        "≤ 64 MiB",
+        "≤ 40 MiB",
     );
 
     k::namespace(&env.client, "noise", None).await?;
@@ -745,7 +745,7 @@ pub async fn memory(common: &Common, n: usize, secrets: usize, settle: u64) -> a
         &format!("RSS, {n} identities, {secrets} other Secrets (fresh)"),
         value,
         shown,
-        "≤ 64 MiB",
+        "≤ 40 MiB",
     );
     drop(operator);
     results.finish(&env.repo)?;
