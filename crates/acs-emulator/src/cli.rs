@@ -95,6 +95,11 @@ struct Args {
     /// through the issuer's OIDC discovery (repeatable): `ISSUER_URL=FILE`.
     #[arg(long = "issuer-jwks-file", value_name = "ISSUER=FILE")]
     issuer_jwks_files: Vec<String>,
+    /// Fetch an issuer's keys from this JWKS URL instead of through the issuer's discovery
+    /// (repeatable): `ISSUER_URL=JWKS_URL`, e.g. a local kube-apiserver's
+    /// `https://127.0.0.1:6443/openid/v1/jwks` for `https://kubernetes.default.svc.cluster.local`.
+    #[arg(long = "issuer-jwks-url", value_name = "ISSUER=URL")]
+    issuer_jwks_urls: Vec<String>,
     /// A PEM CA bundle to trust, besides the public roots, when fetching issuers' keys (the
     /// kube-apiserver's CA).
     #[arg(long, value_name = "FILE")]
@@ -201,16 +206,19 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             parse_federated_credential(spec).map_err(|e| format!("--federated-credential: {e}"))?,
         );
     }
-    for spec in &args.issuer_jwks_files {
-        // The issuer is a URL (it has `:` but no `=`), so the last `=` separates the file.
-        let (issuer, file) = spec
-            .rsplit_once('=')
-            .filter(|(issuer, file)| !issuer.is_empty() && !file.is_empty())
-            .ok_or_else(|| format!("--issuer-jwks-file `{spec}` is not ISSUER=FILE"))?;
-        config
-            .entra
-            .issuers
-            .insert(issuer.to_owned(), IssuerKeys::JwksFile(file.into()));
+    type Source = fn(&str) -> IssuerKeys;
+    let file: Source = |path| IssuerKeys::JwksFile(path.into());
+    let url: Source = |url| IssuerKeys::JwksUrl(url.to_owned());
+    let sources = (args.issuer_jwks_files.iter())
+        .map(|spec| ("--issuer-jwks-file", "FILE", spec, file))
+        .chain((args.issuer_jwks_urls.iter()).map(|spec| ("--issuer-jwks-url", "URL", spec, url)));
+    for (flag, what, spec, source) in sources {
+        // An issuer URL has no `=`, so the first one ends it.
+        let (issuer, keys) = spec
+            .split_once('=')
+            .filter(|(issuer, keys)| !issuer.is_empty() && !keys.is_empty())
+            .ok_or_else(|| format!("{flag} `{spec}` is not ISSUER={what}"))?;
+        config.entra.issuers.insert(issuer.to_owned(), source(keys));
     }
     config.entra.validate()?;
     Ok(Command::Run(Box::new(config)))
@@ -343,6 +351,8 @@ mod tests {
             "tenant=t1,client=c2,issuer=https://other,subject=s,audience=api://custom",
             "--issuer-jwks-file",
             &format!("{issuer}=/tmp/jwks.json"),
+            "--issuer-jwks-url",
+            "https://other=https://127.0.0.1:6443/openid/v1/jwks",
             "--issuer-ca",
             "/tmp/ca.crt",
             "--entra-token-lifetime-seconds",
@@ -362,6 +372,10 @@ mod tests {
             IssuerKeys::JwksFile("/tmp/jwks.json".into())
         );
         assert_eq!(
+            entra.issuers["https://other"],
+            IssuerKeys::JwksUrl("https://127.0.0.1:6443/openid/v1/jwks".into())
+        );
+        assert_eq!(
             entra.issuer_ca_file.as_deref(),
             Some(std::path::Path::new("/tmp/ca.crt"))
         );
@@ -374,6 +388,7 @@ mod tests {
                 "tenant=t,client=c,issuer=i,subject=s,colour=red",
             ],
             &["--issuer-jwks-file", "/tmp/jwks.json"],
+            &["--issuer-jwks-url", "https://127.0.0.1:6443/openid/v1/jwks"],
             &["--retire-api-version", "2099-01-01"],
             &["--entra-token-lifetime-seconds", "0"],
         ] {

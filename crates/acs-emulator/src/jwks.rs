@@ -1,8 +1,11 @@
 //! Where an assertion issuer's public keys come from: a JWKS given inline, a JWKS file (read
-//! anew each time, so a test can rotate keys), or the issuer itself through OIDC discovery
-//! (`{issuer}/.well-known/openid-configuration` → `jwks_uri`), as Entra fetches a Kubernetes
-//! ServiceAccount issuer's keys. Fetched sets are cached for a minute and fetched again at once
-//! when a token names a key the cached set lacks (a rotated key).
+//! anew each time, so a test can rotate keys), a JWKS URL, or the issuer itself through OIDC
+//! discovery (`{issuer}/.well-known/openid-configuration` → `jwks_uri`), as Entra fetches a
+//! Kubernetes ServiceAccount issuer's keys. A URL serves where the issuer's name is not an
+//! address this machine reaches (a local kube-apiserver names itself
+//! `https://kubernetes.default.svc.cluster.local` and serves `/openid/v1/jwks`). Fetched sets are
+//! cached for a minute and fetched again at once when a token names a key the cached set lacks
+//! (a rotated key).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum IssuerKeys {
     /// Fetched from the issuer's own discovery document and `jwks_uri`.
     Discovery,
+    /// Fetched from this URL (HTTPS; the issuer CA is trusted).
+    JwksUrl(String),
     /// A JWKS file (`{"keys":[…]}`), read on every use.
     JwksFile(PathBuf),
     /// A JWKS given as it is.
@@ -51,7 +56,7 @@ impl KeyCache {
         match source {
             IssuerKeys::Jwks(set) => Ok(Arc::new(set.clone())),
             IssuerKeys::JwksFile(path) => read_jwks_file(path).map(Arc::new),
-            IssuerKeys::Discovery => {
+            IssuerKeys::Discovery | IssuerKeys::JwksUrl(_) => {
                 let cached = self
                     .fetched
                     .lock()
@@ -65,7 +70,11 @@ impl KeyCache {
                         return Ok(set);
                     }
                 }
-                let set = Arc::new(discover(issuer, ca_file).await?);
+                let client = https_client(ca_file)?;
+                let set = Arc::new(match source {
+                    IssuerKeys::JwksUrl(url) => get_json(&client, url).await?,
+                    _ => discover(&client, issuer).await?,
+                });
                 self.fetched
                     .lock()
                     .expect("key cache lock")
@@ -94,8 +103,8 @@ struct Discovery {
     jwks_uri: String,
 }
 
-/// OIDC discovery, then the key set it points to.
-async fn discover(issuer: &str, ca_file: Option<&Path>) -> Result<JwkSet, String> {
+/// A client trusting the public roots and `ca_file`.
+fn https_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder().timeout(FETCH_TIMEOUT);
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)
@@ -106,14 +115,18 @@ async fn discover(issuer: &str, ca_file: Option<&Path>) -> Result<JwkSet, String
             builder = builder.add_root_certificate(cert);
         }
     }
-    let client = builder
+    builder
         .build()
-        .map_err(|e| format!("building an HTTPS client: {e}"))?;
+        .map_err(|e| format!("building an HTTPS client: {e}"))
+}
+
+/// OIDC discovery, then the key set it points to.
+async fn discover(client: &reqwest::Client, issuer: &str) -> Result<JwkSet, String> {
     let url = format!(
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
     );
-    let discovery: Discovery = get_json(&client, &url).await?;
+    let discovery: Discovery = get_json(client, &url).await?;
     // As OIDC discovery requires: a document for another issuer is not this issuer's.
     if discovery.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
         return Err(format!(
@@ -121,7 +134,7 @@ async fn discover(issuer: &str, ca_file: Option<&Path>) -> Result<JwkSet, String
             discovery.issuer
         ));
     }
-    get_json(&client, &discovery.jwks_uri).await
+    get_json(client, &discovery.jwks_uri).await
 }
 
 async fn get_json<T: serde::de::DeserializeOwned>(

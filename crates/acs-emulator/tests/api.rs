@@ -1321,7 +1321,7 @@ async fn bearer_tokens_are_refused_401_denied_for_audience_expiry_and_signature(
 }
 
 #[tokio::test]
-async fn issuer_keys_come_from_a_jwks_file_or_from_the_issuers_discovery() {
+async fn issuer_keys_come_from_a_jwks_file_a_jwks_url_or_the_issuers_discovery() {
     // The file is read on every exchange, so a rotated key is used at once.
     let dir = tempdir("jwks");
     let file = dir.join("jwks.json");
@@ -1375,6 +1375,25 @@ async fn issuer_keys_come_from_a_jwks_file_or_from_the_issuers_discovery() {
         .exchange(CLIENT_ID, &issuer_key().mint(&claims))
         .await;
     assert_eq!(response.status(), 200);
+
+    // A JWKS URL: for an issuer whose name is no address (a local kube-apiserver's).
+    let jwks_url = format!(
+        "{}/{TENANT}/discovery/v2.0/keys",
+        issuer_emulator.endpoint()
+    );
+    client
+        .admin(
+            "PUT",
+            "entra",
+            Some(json!({
+                "federatedCredentials": [federated_credential(ISSUER)],
+                "issuers": {ISSUER: {"jwksUrl": jwks_url}},
+            })),
+        )
+        .await;
+    let assertion = issuer_key().mint(&assertion_claims(Timestamp::now()));
+    assert_eq!(client.exchange(CLIENT_ID, &assertion).await.status(), 200);
+
     // An issuer that cannot be reached is Entra's AADSTS50166.
     issuer_emulator.shutdown().await;
     client
