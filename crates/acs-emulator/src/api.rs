@@ -213,7 +213,12 @@ fn authenticate(
         .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok());
-    match authorization.and_then(|a| a.strip_prefix("Bearer ")) {
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let bearer = authorization
+        .and_then(|a| a.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
+    match bearer {
         Some(token) => crate::entra::accepts_bearer(shared, token.trim()).map_err(|e| {
             // The reason, never the token.
             tracing::debug!("bearer token refused: {e:?}");

@@ -245,7 +245,7 @@ pub(crate) struct Shared {
     stats: Stats,
     entra: RwLock<EntraConfig>,
     /// The Entra authority's public keys (those of `signing`).
-    entra_keys: jsonwebtoken::jwk::JwkSet,
+    entra_keys: JwkSet,
     issuer_keys: jwks::KeyCache,
     retired_api_versions: RwLock<BTreeSet<String>>,
     /// Until when the Entra token endpoint answers 503.

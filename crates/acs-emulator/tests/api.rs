@@ -1295,6 +1295,14 @@ async fn bearer_tokens_are_refused_401_denied_for_audience_expiry_and_signature(
             .status(),
         201
     );
+    let lower_case_scheme = client
+        .http
+        .post(format!("{}{target}", client.endpoint))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower_case_scheme.status(), 201);
 
     // Signed by the authority's key, but for another resource.
     let now = clock.now().as_second();
