@@ -107,7 +107,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, tls: Option<Tl
 }
 
 /// Every request on every connection: the admin endpoints (with `--admin`), the Entra
-/// authority (a service of its own: the API's outages and faults do not touch it) or the API.
+/// authority (a service of its own: the API's faults and 503 outages do not touch it) or the API.
 async fn dispatch(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
     if shared.admin && req.uri().path().starts_with(admin::PREFIX) {
         return Ok(admin::handle(&shared, req).await);
