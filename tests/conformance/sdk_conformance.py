@@ -1,8 +1,12 @@
-"""Microsoft's ACS identity SDK (azure-communication-identity 1.5.0), unchanged, against acs-emulator.
+"""Microsoft's ACS identity SDK (azure-communication-identity 1.5.0), unchanged, against acs-emulator;
+and with Microsoft's azure-identity (1.27.0) getting its bearer token from the emulator's Entra
+authority through a federated client assertion (workload identity), instead of the access key.
 
 Run through tests/conformance/run.sh, which starts the emulators and sets:
 ACS_EMULATOR_HTTP / ACS_EMULATOR_HTTPS (connection strings, both started with --admin),
-ACS_EMULATOR_CA and REQUESTS_CA_BUNDLE (the HTTPS emulator's CA).
+ACS_EMULATOR_CA and REQUESTS_CA_BUNDLE (the HTTPS emulator's CA), and, for the Entra
+application the HTTPS emulator knows, ACS_ENTRA_TENANT, ACS_ENTRA_CLIENT and
+ACS_ENTRA_ISSUER_KEY (the key of the ServiceAccount issuer it trusts; see issuer.py).
 """
 
 import asyncio
@@ -13,6 +17,7 @@ import os
 
 import pytest
 import requests
+from azure.identity import ClientAssertionCredential, WorkloadIdentityCredential
 from azure.communication.identity import (
     CommunicationIdentityClient,
     CommunicationTokenScope,
@@ -22,8 +27,19 @@ from azure.communication.identity._shared.utils import create_access_token
 from azure.communication.identity.aio import (
     CommunicationIdentityClient as AsyncCommunicationIdentityClient,
 )
-from azure.core.credentials import AzureKeyCredential
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.core.credentials import AccessToken, AzureKeyCredential
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+)
+
+import issuer
+
+# The scope the ACS SDK asks azure-identity for.
+ACS_SCOPE = "https://communication.azure.com//.default"
+PREVIEW = "2025-03-02-preview"
+GA_VERSIONS = ["2025-06-30", "2026-07-22", "2026-09-23"]
 
 
 def parse_connection_string(text):
@@ -208,3 +224,147 @@ def test_the_async_client_sends_raw_ids_and_they_verify():
                 await client.get_token(user, [CommunicationTokenScope.VOIP])
 
     asyncio.run(flow())
+
+
+# --- Entra ID workload identity: azure-identity signs in at the emulator's authority --------------
+
+
+@pytest.fixture
+def https():
+    return Emulator("https")
+
+
+def entra_kwargs(https):
+    """What a workload needs to sign in: the emulator is the authority (its own endpoint, tenants
+    under it); instance discovery is off, as for any authority that is not a public cloud."""
+    return {
+        "tenant_id": env("ACS_ENTRA_TENANT"),
+        "client_id": env("ACS_ENTRA_CLIENT"),
+        "authority": https.endpoint,
+        "disable_instance_discovery": True,
+    }
+
+
+def assertion(**overrides):
+    return issuer.assertion(env("ACS_ENTRA_ISSUER_KEY"), **overrides)
+
+
+def quickstart(client):
+    """The ACS quickstart: create an identity, issue a token, refresh it, revoke, delete."""
+    user = client.create_user()
+    token = client.get_token(user, [CommunicationTokenScope.VOIP], token_expires_in=datetime.timedelta(hours=1))
+    check_token(token, 3600, user)
+    refreshed = client.get_token(user, [CommunicationTokenScope.VOIP])
+    check_token(refreshed, 24 * 3600, user)
+    client.revoke_tokens(user)
+    client.delete_user(user)
+    with pytest.raises(ResourceNotFoundError):
+        client.get_token(user, [CommunicationTokenScope.VOIP])
+    return token, refreshed
+
+
+def test_workload_identity_credential_runs_the_quickstart(https, tmp_path):
+    # As on AKS: the projected ServiceAccount token in a file (AZURE_FEDERATED_TOKEN_FILE).
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text(assertion())
+    credential = WorkloadIdentityCredential(token_file_path=str(token_file), **entra_kwargs(https))
+    before = https.requests_count("entraToken", 200)
+    token, refreshed = quickstart(CommunicationIdentityClient(https.endpoint, credential))
+    assert https.admin("POST", "validate", {"token": token.token})["status"] == "deleted"
+    assert https.admin("POST", "validate", {"token": refreshed.token})["status"] == "deleted"
+    # One Entra token, cached by azure-identity for every call of the quickstart.
+    assert https.requests_count("entraToken", 200) == before + 1
+
+
+def test_client_assertion_credential_gets_an_acs_token(https):
+    credential = ClientAssertionCredential(func=assertion, **entra_kwargs(https))
+    access = credential.get_token(ACS_SCOPE)
+    assert access.expires_on > datetime.datetime.now().timestamp() + 3000
+    payload = json.loads(base64.urlsafe_b64decode(access.token.split(".")[1] + "=="))
+    assert payload["aud"] == "https://communication.azure.com/"
+    assert payload["tid"] == env("ACS_ENTRA_TENANT")
+    assert payload["appid"] == env("ACS_ENTRA_CLIENT")
+    user, token = CommunicationIdentityClient(https.endpoint, credential).create_user_and_token(
+        [CommunicationTokenScope.CHAT]
+    )
+    check_token(token, 24 * 3600, user)
+
+
+@pytest.mark.parametrize(
+    "change, code",
+    [
+        ({"client_id": "11111111-2222-4333-8444-555555555555"}, "AADSTS700016"),
+        ({"assertion": {"sub": "system:serviceaccount:default:someone-else"}}, "AADSTS70021"),
+        ({"assertion": {"aud": ["api://not-the-exchange"]}}, "AADSTS70021"),
+        ({"assertion": {"exp": 1_000_000_000, "iat": 999_996_400, "nbf": 999_996_400}}, "AADSTS700024"),
+    ],
+    ids=["unknown-client", "wrong-subject", "wrong-audience", "expired"],
+)
+def test_entra_refusals_reach_azure_identity_with_their_aadsts_code(https, change, code):
+    kwargs = entra_kwargs(https)
+    kwargs.update({k: v for k, v in change.items() if k != "assertion"})
+    credential = ClientAssertionCredential(func=lambda: assertion(**change.get("assertion", {})), **kwargs)
+    with pytest.raises(ClientAuthenticationError) as refused:
+        credential.get_token(ACS_SCOPE)
+    assert code in str(refused.value)
+
+
+def test_a_bearer_token_the_authority_did_not_issue_is_refused_with_401(https):
+    class Forged:
+        """A credential handing out a token signed by the ServiceAccount issuer, not by Entra."""
+
+        def get_token(self, *scopes, **kwargs):
+            forged = assertion(aud="https://communication.azure.com/")
+            return AccessToken(forged, int(datetime.datetime.now().timestamp()) + 3600)
+
+    with pytest.raises(HttpResponseError) as refused:
+        CommunicationIdentityClient(https.endpoint, Forged()).create_user()
+    assert refused.value.status_code == 401
+    assert refused.value.error.code == "Denied"
+
+
+# --- API versions: the GA versions, and a retired preview -------------------------------------
+
+
+def sent_api_versions(call):
+    """Calls `call(hook)` and returns the api-version of every request the SDK sent."""
+    seen = []
+
+    def hook(request):
+        seen.append(request.http_request.url.split("api-version=", 1)[1].split("&")[0])
+
+    call(hook)
+    return seen
+
+
+@pytest.mark.parametrize("version", GA_VERSIONS)
+def test_the_sdk_runs_the_quickstart_on_each_ga_version(https, version):
+    client = CommunicationIdentityClient.from_connection_string(https.connection_string, api_version=version)
+
+    def flow(hook):
+        user = client.create_user(raw_request_hook=hook)
+        token = client.get_token(user, [CommunicationTokenScope.CHAT], raw_request_hook=hook)
+        check_token(token, 24 * 3600, user)
+        client.revoke_tokens(user, raw_request_hook=hook)
+        client.delete_user(user, raw_request_hook=hook)
+
+    assert set(sent_api_versions(flow)) == {version}
+
+
+def test_a_retired_preview_is_refused_as_an_unsupported_api_version(https):
+    client = CommunicationIdentityClient.from_connection_string(https.connection_string, api_version=PREVIEW)
+    client.create_user()
+    https.admin("PUT", "api-versions", {"retired": [PREVIEW]})
+    try:
+        with pytest.raises(HttpResponseError) as refused:
+            client.create_user()
+        assert refused.value.status_code == 400
+        assert refused.value.error.code == "UnsupportedApiVersion"
+        assert PREVIEW in refused.value.error.message
+        # The GA versions still serve.
+        CommunicationIdentityClient.from_connection_string(
+            https.connection_string, api_version=GA_VERSIONS[-1]
+        ).create_user()
+    finally:
+        https.admin("PUT", "api-versions", {"retired": []})
+    client.create_user()

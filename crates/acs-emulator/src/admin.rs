@@ -6,8 +6,13 @@
 //! - `GET /_emulator/config`: limits, faults, time scale and the current outage.
 //! - `PATCH /_emulator/config`: a partial object merged into the same (not the outage).
 //! - `POST /_emulator/outage` `{"mode":"unavailable"|"refuse","seconds":N}`; `DELETE` ends it.
+//! - `GET /_emulator/api-versions`: `{"served":[…],"retired":[…]}`; `PUT` `{"retired":[…]}`
+//!   sets which versions are refused as retired.
+//! - `GET /_emulator/entra`: the Entra authority's configuration; `PUT` replaces it.
+//! - `POST /_emulator/entra/outage` `{"seconds":N}`: the token endpoint answers 503 for N
+//!   seconds; `DELETE` ends it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::reply::{ApiError, Reply, json_reply, read_body};
 use crate::store::TokenStatus;
 use crate::tokens::TokenError;
-use crate::{MAX_DURATION_SECONDS, Outage, OutageMode, Settings, Shared};
+use crate::{EntraConfig, MAX_DURATION_SECONDS, Outage, OutageMode, Settings, Shared};
 
 pub(crate) const PREFIX: &str = "/_emulator/";
 
@@ -80,6 +85,21 @@ struct ConfigBody {
     outage: Option<OutageBody>,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiVersionsBody {
+    /// Read-only: what is answered now.
+    #[serde(default, skip_deserializing)]
+    served: Vec<&'static str>,
+    retired: BTreeSet<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntraOutageRequest {
+    seconds: f64,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutageRequest {
@@ -131,6 +151,51 @@ pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
             shared.outage.send_replace(None);
             json_reply(StatusCode::OK, &config(shared))
         }
+        (Method::GET, "api-versions") => json_reply(StatusCode::OK, &api_versions(shared)),
+        (Method::PUT, "api-versions") => match json_body::<ApiVersionsBody>(req).await {
+            Ok(body) => match crate::validate_retired_api_versions(&body.retired) {
+                Ok(()) => {
+                    *shared
+                        .retired_api_versions
+                        .write()
+                        .expect("api versions lock") = body.retired;
+                    json_reply(StatusCode::OK, &api_versions(shared))
+                }
+                Err(e) => bad_request(e),
+            },
+            Err(reply) => reply,
+        },
+        (Method::GET, "entra") => json_reply(StatusCode::OK, &shared.entra()),
+        (Method::PUT, "entra") => match json_body::<EntraConfig>(req).await {
+            Ok(config) => match config.validate() {
+                Ok(()) => {
+                    *shared.entra.write().expect("entra lock") = config;
+                    shared.issuer_keys.clear();
+                    json_reply(StatusCode::OK, &shared.entra())
+                }
+                Err(e) => bad_request(e),
+            },
+            Err(reply) => reply,
+        },
+        (Method::POST, "entra/outage") => match json_body::<EntraOutageRequest>(req).await {
+            Ok(body) => match outage_end(body.seconds) {
+                Some(until) => {
+                    *shared.entra_outage.lock().expect("entra outage lock") = Some(until);
+                    json_reply(
+                        StatusCode::OK,
+                        &serde_json::json!({"seconds": body.seconds}),
+                    )
+                }
+                None => bad_request(format!(
+                    "seconds must be a positive number of at most {MAX_DURATION_SECONDS} (ten years)"
+                )),
+            },
+            Err(reply) => reply,
+        },
+        (Method::DELETE, "entra/outage") => {
+            *shared.entra_outage.lock().expect("entra outage lock") = None;
+            json_reply(StatusCode::OK, &serde_json::json!({"seconds": 0}))
+        }
         _ => json_reply(
             StatusCode::NOT_FOUND,
             &acs::wire::ErrorResponse::new("NotFound", "No such admin endpoint."),
@@ -144,6 +209,22 @@ fn outage_end(seconds: f64) -> Option<Instant> {
         return None;
     }
     Instant::now().checked_add(Duration::try_from_secs_f64(seconds).ok()?)
+}
+
+fn api_versions(shared: &Shared) -> ApiVersionsBody {
+    let retired = shared
+        .retired_api_versions
+        .read()
+        .expect("api versions lock")
+        .clone();
+    ApiVersionsBody {
+        served: acs::wire::API_VERSIONS
+            .iter()
+            .copied()
+            .filter(|v| !retired.contains(*v))
+            .collect(),
+        retired,
+    }
 }
 
 fn stats(shared: &Shared) -> StatsBody {

@@ -1,4 +1,5 @@
-//! The identity API: routing, HMAC authentication, limits and the operations.
+//! The identity API: routing, authentication (an HMAC signature, or a bearer token from the
+//! emulator's Entra authority), api-versions, limits and the operations.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -111,13 +112,7 @@ pub(crate) async fn handle(
     if let Some(id) = request_id {
         reply.headers_mut().insert("x-ms-client-request-id", id);
     }
-    *shared
-        .stats
-        .requests
-        .lock()
-        .expect("stats lock")
-        .entry((name, reply.status().as_u16()))
-        .or_default() += 1;
+    shared.count(name, reply.status());
     if reply.status() == StatusCode::TOO_MANY_REQUESTS {
         shared.stats.throttled.fetch_add(1, Ordering::Relaxed);
     }
@@ -159,7 +154,7 @@ async fn serve(shared: &Shared, route: Route, req: Request<Incoming>) -> (&'stat
         let (parts, body) = req.into_parts();
         let body = read_body(body).await?;
         authenticate(shared, &parts, &body)?;
-        let version = api_version(&parts.uri)?;
+        let version = api_version(shared, &parts.uri)?;
         match route {
             Route::Create => {
                 let request = parse_create(&body)?;
@@ -204,9 +199,38 @@ fn not_found_for(e: StoreError, id: &str) -> ApiError {
     }
 }
 
+/// The service's one answer to credentials it does not accept, HMAC or bearer alike (ACS
+/// answers an Entra token it refuses with the same 401 `Denied`).
+const DENIED: &str = "Denied by the resource provider.";
+
+/// A bearer token from the emulator's Entra authority, or else an HMAC signature.
+fn authenticate(
+    shared: &Shared,
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let authorization = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let bearer = authorization
+        .and_then(|a| a.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
+    match bearer {
+        Some(token) => crate::entra::accepts_bearer(shared, token.trim()).map_err(|e| {
+            // The reason, never the token.
+            tracing::debug!("bearer token refused: {e:?}");
+            ApiError::denied(DENIED)
+        }),
+        None => authenticate_hmac(shared, parts, body),
+    }
+}
+
 /// HMAC-SHA256 verification exactly as the service does it: over the request-target as
 /// received, the `Host` as received, and the signed `x-ms-date` and content hash.
-fn authenticate(
+fn authenticate_hmac(
     shared: &Shared,
     parts: &hyper::http::request::Parts,
     body: &[u8],
@@ -214,7 +238,7 @@ fn authenticate(
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let signature = header("authorization")
         .and_then(acs::signing::parse_authorization)
-        .ok_or_else(|| ApiError::denied("Denied by the resource provider."))?;
+        .ok_or_else(|| ApiError::denied(DENIED))?;
     let date_text =
         header("x-ms-date").ok_or_else(|| ApiError::denied("The x-ms-date header is required."))?;
     let claimed_hash = header("x-ms-content-sha256")
@@ -228,7 +252,7 @@ fn authenticate(
         acs::signing::string_to_sign(parts.method.as_str(), target, date_text, host, claimed_hash);
     let expected = acs::signing::signature(&shared.key, &to_sign);
     if !constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
-        return Err(ApiError::denied("Denied by the resource provider."));
+        return Err(ApiError::denied(DENIED));
     }
     let date = acs::signing::parse_http_date(date_text)
         .ok_or_else(|| ApiError::denied("The x-ms-date header is not an RFC 1123 date."))?;
@@ -248,8 +272,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The api-version a request asks for; one the service does not know is a 400.
-fn api_version(uri: &hyper::Uri) -> Result<&'static str, ApiError> {
+/// The api-version a request asks for; one the service does not know, or has retired, is a
+/// 400 `UnsupportedApiVersion`. That is how ACS answered once it had retired
+/// `2020-07-20-preview2` (Azure/Communication#159,
+/// Azure-Samples/communication-services-web-calling-tutorial#8: 400, code
+/// `UnsupportedApiVersion`, "The HTTP resource that matches the request URI '…/identities'
+/// does not support the API version '2020-07-20-preview2'.").
+fn api_version(shared: &Shared, uri: &hyper::Uri) -> Result<&'static str, ApiError> {
     let asked = uri
         .query()
         .unwrap_or_default()
@@ -265,7 +294,7 @@ fn api_version(uri: &hyper::Uri) -> Result<&'static str, ApiError> {
     };
     wire::API_VERSIONS
         .iter()
-        .find(|v| **v == asked)
+        .find(|v| **v == asked && !shared.is_retired(v))
         .copied()
         .ok_or_else(|| {
             ApiError::new(

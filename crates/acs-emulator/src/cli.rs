@@ -9,8 +9,9 @@ use acs::AccessKey;
 use base64::Engine as _;
 use clap::Parser;
 
+use crate::entra::TOKEN_EXCHANGE_AUDIENCE;
 use crate::limits::MAX_LIMIT;
-use crate::{Config, Faults, MAX_DURATION_SECONDS, Transport};
+use crate::{Config, Faults, FederatedCredential, IssuerKeys, MAX_DURATION_SECONDS, Transport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -81,6 +82,36 @@ struct Args {
         value_parser = clap::value_parser!(u64).range(..=Faults::MAX_LATENCY_MS)
     )]
     latency_ms: u64,
+    /// Refuse this api-version as the service refuses a retired one: 400
+    /// UnsupportedApiVersion (repeatable), e.g. `--retire-api-version 2025-03-02-preview`.
+    #[arg(long = "retire-api-version", value_name = "VERSION")]
+    retired_api_versions: Vec<String>,
+    /// An Entra application's federated credential (repeatable):
+    /// `tenant=GUID,client=GUID,issuer=URL,subject=SUBJECT[,audience=AUD]`; the audience
+    /// defaults to api://AzureADTokenExchange.
+    #[arg(long = "federated-credential", value_name = "FIELDS")]
+    federated_credentials: Vec<String>,
+    /// Take an issuer's keys from a JWKS file (re-read on each use) instead of fetching them
+    /// through the issuer's OIDC discovery (repeatable): `ISSUER_URL=FILE`.
+    #[arg(long = "issuer-jwks-file", value_name = "ISSUER=FILE")]
+    issuer_jwks_files: Vec<String>,
+    /// Fetch an issuer's keys from this JWKS URL instead of through the issuer's discovery
+    /// (repeatable): `ISSUER_URL=JWKS_URL`, e.g. a local kube-apiserver's
+    /// `https://127.0.0.1:6443/openid/v1/jwks` for `https://kubernetes.default.svc.cluster.local`.
+    #[arg(long = "issuer-jwks-url", value_name = "ISSUER=URL")]
+    issuer_jwks_urls: Vec<String>,
+    /// A PEM CA bundle to trust, besides the public roots, when fetching issuers' keys (the
+    /// kube-apiserver's CA).
+    #[arg(long, value_name = "FILE")]
+    issuer_ca: Option<PathBuf>,
+    /// Lifetime of the Entra access tokens issued (1 to 86400).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = crate::entra::DEFAULT_TOKEN_LIFETIME_SECONDS,
+        value_parser = clap::value_parser!(u64).range(1..=crate::entra::MAX_TOKEN_LIFETIME_SECONDS)
+    )]
+    entra_token_lifetime_seconds: u64,
 }
 
 /// What the command line asked for.
@@ -165,7 +196,62 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         lose_answers: 0.0,
     };
     settings.validate()?;
+    config.retired_api_versions = args.retired_api_versions.into_iter().collect();
+    crate::validate_retired_api_versions(&config.retired_api_versions)
+        .map_err(|e| format!("--retire-api-version: {e}"))?;
+    config.entra.token_lifetime_seconds = args.entra_token_lifetime_seconds;
+    config.entra.issuer_ca_file = args.issuer_ca;
+    for spec in &args.federated_credentials {
+        config.entra.federated_credentials.push(
+            parse_federated_credential(spec).map_err(|e| format!("--federated-credential: {e}"))?,
+        );
+    }
+    type Source = fn(&str) -> IssuerKeys;
+    let file: Source = |path| IssuerKeys::JwksFile(path.into());
+    let url: Source = |url| IssuerKeys::JwksUrl(url.to_owned());
+    let sources = (args.issuer_jwks_files.iter())
+        .map(|spec| ("--issuer-jwks-file", "FILE", spec, file))
+        .chain((args.issuer_jwks_urls.iter()).map(|spec| ("--issuer-jwks-url", "URL", spec, url)));
+    for (flag, what, spec, source) in sources {
+        // An issuer URL has no `=`, so the first one ends it.
+        let (issuer, keys) = spec
+            .split_once('=')
+            .filter(|(issuer, keys)| !issuer.is_empty() && !keys.is_empty())
+            .ok_or_else(|| format!("{flag} `{spec}` is not ISSUER={what}"))?;
+        config.entra.issuers.insert(issuer.to_owned(), source(keys));
+    }
+    config.entra.validate()?;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// `tenant=…,client=…,issuer=…,subject=…[,audience=…]`.
+fn parse_federated_credential(spec: &str) -> Result<FederatedCredential, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    for part in spec.split(',') {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not NAME=VALUE"))?;
+        if !["tenant", "client", "issuer", "subject", "audience"].contains(&name) {
+            return Err(format!(
+                "unknown field `{name}` (fields: tenant, client, issuer, subject, audience)"
+            ));
+        }
+        if fields.insert(name, value.to_owned()).is_some() {
+            return Err(format!("`{name}` is given twice"));
+        }
+    }
+    let mut take = |name: &str| {
+        fields
+            .remove(name)
+            .ok_or_else(|| format!("`{name}=` is missing"))
+    };
+    Ok(FederatedCredential {
+        tenant_id: take("tenant")?,
+        client_id: take("client")?,
+        issuer: take("issuer")?,
+        subject: take("subject")?,
+        audience: take("audience").unwrap_or_else(|_| TOKEN_EXCHANGE_AUDIENCE.to_owned()),
+    })
 }
 
 fn is_guid(text: &str) -> bool {
@@ -252,6 +338,63 @@ mod tests {
             let err = run(args).err().unwrap();
             assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
             assert!(!err.contains("not base64!"), "{err}");
+        }
+    }
+
+    #[test]
+    fn entra_and_api_version_flags_parse() {
+        let issuer = "https://127.0.0.1:6443";
+        let config = run(&[
+            "--federated-credential",
+            &format!("tenant=t1,client=c1,issuer={issuer},subject=system:serviceaccount:ns:sa"),
+            "--federated-credential",
+            "tenant=t1,client=c2,issuer=https://other,subject=s,audience=api://custom",
+            "--issuer-jwks-file",
+            &format!("{issuer}=/tmp/jwks.json"),
+            "--issuer-jwks-url",
+            "https://other=https://127.0.0.1:6443/openid/v1/jwks",
+            "--issuer-ca",
+            "/tmp/ca.crt",
+            "--entra-token-lifetime-seconds",
+            "120",
+            "--retire-api-version",
+            "2025-03-02-preview",
+        ])
+        .unwrap();
+        let entra = &config.entra;
+        assert_eq!(entra.federated_credentials.len(), 2);
+        let first = &entra.federated_credentials[0];
+        assert_eq!(first.subject, "system:serviceaccount:ns:sa");
+        assert_eq!(first.audience, TOKEN_EXCHANGE_AUDIENCE);
+        assert_eq!(entra.federated_credentials[1].audience, "api://custom");
+        assert_eq!(
+            entra.issuers[issuer],
+            IssuerKeys::JwksFile("/tmp/jwks.json".into())
+        );
+        assert_eq!(
+            entra.issuers["https://other"],
+            IssuerKeys::JwksUrl("https://127.0.0.1:6443/openid/v1/jwks".into())
+        );
+        assert_eq!(
+            entra.issuer_ca_file.as_deref(),
+            Some(std::path::Path::new("/tmp/ca.crt"))
+        );
+        assert_eq!(entra.token_lifetime_seconds, 120);
+        assert!(config.retired_api_versions.contains("2025-03-02-preview"));
+        for bad in [
+            &["--federated-credential", "tenant=t,client=c,issuer=i"][..],
+            &[
+                "--federated-credential",
+                "tenant=t,client=c,issuer=i,subject=s,colour=red",
+            ],
+            &["--issuer-jwks-file", "/tmp/jwks.json"],
+            &["--issuer-jwks-url", "https://127.0.0.1:6443/openid/v1/jwks"],
+            &["--retire-api-version", "2099-01-01"],
+            &["--entra-token-lifetime-seconds", "0"],
+        ] {
+            let err = run(bad).err().unwrap();
+            assert_eq!(err.lines().count(), 1, "{bad:?}: {err}");
+            assert!(err.contains(bad[0]), "{err}");
         }
     }
 

@@ -10,6 +10,9 @@ mod admin;
 mod api;
 pub mod cli;
 pub mod clock;
+pub mod entra;
+pub mod jwks;
+pub mod jwt;
 pub mod limits;
 pub mod process;
 mod reply;
@@ -18,6 +21,7 @@ pub mod store;
 mod tls;
 pub mod tokens;
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,6 +34,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use entra::{EntraConfig, FederatedCredential};
+/// The key-set types [`IssuerKeys::Jwks`] and [`SigningKey::public_jwk`] speak.
+pub use jsonwebtoken::jwk::{Jwk, JwkSet};
+pub use jwks::IssuerKeys;
 pub use limits::Limits;
 pub use tokens::SigningKey;
 
@@ -170,6 +178,11 @@ pub struct Config {
     /// many emulators pass one key to skip the generation.
     pub signing_key: Option<SigningKey>,
     pub clock: Arc<dyn Clock>,
+    /// The Entra authority's applications and trusted issuers (see [`entra`]).
+    pub entra: EntraConfig,
+    /// API versions refused as the service refuses a retired one (`--retire-api-version`;
+    /// at runtime `PUT /_emulator/api-versions`).
+    pub retired_api_versions: BTreeSet<String>,
 }
 
 impl Config {
@@ -185,7 +198,25 @@ impl Config {
             resource_id: None,
             signing_key: None,
             clock: Arc::new(SystemClock),
+            entra: EntraConfig::default(),
+            retired_api_versions: BTreeSet::new(),
         }
+    }
+}
+
+/// Checks that every version in `versions` is one the service has served.
+pub fn validate_retired_api_versions<'a>(
+    versions: impl IntoIterator<Item = &'a String>,
+) -> Result<(), String> {
+    match versions
+        .into_iter()
+        .find(|v| !acs::wire::API_VERSIONS.contains(&v.as_str()))
+    {
+        Some(unknown) => Err(format!(
+            "api-version '{unknown}' is not one the service serves ({})",
+            acs::wire::API_VERSIONS.join(", ")
+        )),
+        None => Ok(()),
     }
 }
 
@@ -201,6 +232,8 @@ pub(crate) struct Stats {
 /// State shared by every connection.
 pub(crate) struct Shared {
     key: AccessKey,
+    /// `http` or `https`: how clients reach this emulator (for the Entra discovery document).
+    scheme: &'static str,
     resource_id: String,
     signing: SigningKey,
     clock: Arc<dyn Clock>,
@@ -210,11 +243,47 @@ pub(crate) struct Shared {
     settings: RwLock<Settings>,
     outage: watch::Sender<Option<Outage>>,
     stats: Stats,
+    entra: RwLock<EntraConfig>,
+    /// The Entra authority's public keys (those of `signing`).
+    entra_keys: JwkSet,
+    issuer_keys: jwks::KeyCache,
+    retired_api_versions: RwLock<BTreeSet<String>>,
+    /// Until when the Entra token endpoint answers 503.
+    entra_outage: Mutex<Option<Instant>>,
 }
 
 impl Shared {
     fn settings(&self) -> Settings {
         *self.settings.read().expect("settings lock")
+    }
+
+    fn entra(&self) -> EntraConfig {
+        self.entra.read().expect("entra lock").clone()
+    }
+
+    fn entra_outage_now(&self) -> bool {
+        self.entra_outage
+            .lock()
+            .expect("entra outage lock")
+            .is_some_and(|until| until > Instant::now())
+    }
+
+    fn is_retired(&self, api_version: &str) -> bool {
+        self.retired_api_versions
+            .read()
+            .expect("api versions lock")
+            .contains(api_version)
+    }
+
+    /// Counts a request under `operation` and the status it got, for the stats.
+    fn count(&self, operation: &'static str, status: hyper::StatusCode) {
+        *self
+            .stats
+            .requests
+            .lock()
+            .expect("stats lock")
+            .entry((operation, status.as_u16()))
+            .or_default() += 1;
     }
 
     /// The outage in force now, if any.
@@ -281,6 +350,12 @@ impl Emulator {
         self.ca_cert_path.as_deref()
     }
 
+    /// The Entra authority (`authority` / `authority_host` for Microsoft's credentials): the
+    /// emulator's own endpoint, tenants under it as under `https://login.microsoftonline.com`.
+    pub fn entra_authority(&self) -> String {
+        self.endpoint()
+    }
+
     pub fn resource_id(&self) -> &str {
         &self.resource_id
     }
@@ -299,6 +374,11 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
         .settings
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+    config
+        .entra
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid Entra configuration: {e}"))?;
+    validate_retired_api_versions(&config.retired_api_versions).map_err(anyhow::Error::msg)?;
     let loaded = match &config.state_file {
         Some(path) => Some(store::load_state(path)?),
         None => None,
@@ -346,8 +426,11 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let shared = Arc::new(Shared {
         key: config.access_key.clone(),
+        scheme,
+        entra_keys: entra::key_set(&signing),
         resource_id: resource_id.clone(),
         signing,
         clock: config.clock,
@@ -357,6 +440,10 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
         settings: RwLock::new(config.settings),
         outage: watch::Sender::new(None),
         stats: Stats::default(),
+        entra: RwLock::new(config.entra),
+        issuer_keys: jwks::KeyCache::default(),
+        retired_api_versions: RwLock::new(config.retired_api_versions),
+        entra_outage: Mutex::new(None),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let acceptor = tls
@@ -371,7 +458,7 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
     ));
     Ok(Emulator {
         addr,
-        scheme: if tls.is_some() { "https" } else { "http" },
+        scheme,
         key: config.access_key,
         resource_id,
         ca_pem: tls.map(|t| t.ca_pem),

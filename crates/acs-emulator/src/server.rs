@@ -16,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::DropConnection;
 use crate::reply::Reply;
-use crate::{Outage, OutageMode, Shared, admin, api};
+use crate::{Outage, OutageMode, Shared, admin, api, entra};
 
 /// When a connection-refusing outage in force ends.
 fn refusing_until(outage: &Option<Outage>) -> Option<Instant> {
@@ -106,10 +106,14 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, tls: Option<Tl
     }
 }
 
-/// Every request on every connection: the admin endpoints (with `--admin`) or the API.
+/// Every request on every connection: the admin endpoints (with `--admin`), the Entra
+/// authority (a service of its own: the API's faults and 503 outages do not touch it) or the API.
 async fn dispatch(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
     if shared.admin && req.uri().path().starts_with(admin::PREFIX) {
         return Ok(admin::handle(&shared, req).await);
+    }
+    if let Some(route) = entra::route(req.method(), req.uri().path()) {
+        return Ok(entra::handle(&shared, route, req).await);
     }
     api::handle(shared, req).await
 }

@@ -1,4 +1,6 @@
-//! ACS access tokens: RS256 JWTs with the real service's header and claims.
+//! ACS access tokens: RS256 JWTs with the real service's header and claims. The same key
+//! signs the Entra access tokens the emulator's authority issues (see `entra`), and its public
+//! half is served as that authority's JWKS.
 //!
 //! The key is generated once (by the `rsa` crate, since ring cannot generate RSA keys) and
 //! signing and verification use ring, which is several times faster than `rsa` at signing.
@@ -111,12 +113,7 @@ impl SigningKey {
     pub fn from_pkcs8(der: &[u8]) -> anyhow::Result<Self> {
         let pair = RsaKeyPair::from_pkcs8(der)
             .map_err(|e| anyhow::anyhow!("the token-signing key is not a usable RSA key: {e}"))?;
-        // The real `kid` is the signing certificate's SHA-1 thumbprint; without a certificate,
-        // the thumbprint of the public key is as stable and as unique.
-        let thumbprint = ring::digest::digest(
-            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
-            pair.public().as_ref(),
-        );
+        let thumbprint = thumbprint(pair.public().as_ref());
         let kid = thumbprint.as_ref().iter().fold(String::new(), |mut s, b| {
             let _ = write!(s, "{b:02X}");
             s
@@ -144,8 +141,29 @@ impl SigningKey {
         &self.0.kid
     }
 
-    /// Mints `header.payload.signature`.
-    pub fn mint(&self, claims: &Claims) -> String {
+    /// The public half as a JWK (`kid` as in the tokens' header): what the Entra discovery
+    /// serves at its `jwks_uri`, and what the identity API checks bearer tokens against.
+    pub fn public_jwk(&self) -> jsonwebtoken::jwk::Jwk {
+        let components = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(self.0.pair.public());
+        serde_json::from_value(serde_json::json!({
+            "kty": "RSA",
+            "use": "sig",
+            "alg": "RS256",
+            "kid": self.0.kid,
+            "x5t": URL_SAFE_NO_PAD.encode(self.thumbprint()),
+            "n": URL_SAFE_NO_PAD.encode(components.n),
+            "e": URL_SAFE_NO_PAD.encode(components.e),
+        }))
+        .expect("an RSA JWK deserialises")
+    }
+
+    fn thumbprint(&self) -> ring::digest::Digest {
+        thumbprint(self.0.pair.public().as_ref())
+    }
+
+    /// Mints `header.payload.signature` over any claims (ACS's [`Claims`], or an Entra
+    /// token's).
+    pub fn mint(&self, claims: &impl Serialize) -> String {
         let json = serde_json::to_string(claims).expect("claims serialise");
         let mut token = format!("{}.{}", self.0.header, sdk_safe_payload(&json));
         let mut sig = vec![0; self.0.pair.public().modulus_len()];
@@ -181,6 +199,12 @@ impl SigningKey {
             .map_err(|_| TokenError::Malformed)?;
         serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)
     }
+}
+
+/// The real `kid` is the signing certificate's SHA-1 thumbprint; without a certificate, the
+/// thumbprint of the public key is as stable and as unique.
+fn thumbprint(public_key_der: &[u8]) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, public_key_der)
 }
 
 /// Encodes a JSON payload so that its base64url form never contains `-` or `_`.
@@ -222,7 +246,7 @@ pub(crate) fn decode_like_python_sdk(payload: &str) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::OnceLock;
 

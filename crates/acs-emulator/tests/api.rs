@@ -945,3 +945,585 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 fn rand_suffix() -> u64 {
     Timestamp::now().as_nanosecond() as u64
 }
+
+// --- Entra ID: the authority, bearer tokens, and api-versions --------------------------------
+
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const CLIENT_ID: &str = "4a1e0b3f-5c6d-4e7f-8a9b-0c1d2e3f4a5b";
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const SUBJECT: &str = "system:serviceaccount:acs-system:acs-identity-operator";
+const EXCHANGE: &str = "api://AzureADTokenExchange";
+const ACS_SCOPE: &str = "https://communication.azure.com//.default";
+
+/// The ServiceAccount issuer's key (a stand-in for the kube-apiserver's).
+fn issuer_key() -> SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate().unwrap()).clone()
+}
+
+fn federated_credential(issuer: &str) -> acs_emulator::FederatedCredential {
+    acs_emulator::FederatedCredential {
+        tenant_id: TENANT.into(),
+        client_id: CLIENT_ID.into(),
+        issuer: issuer.into(),
+        subject: SUBJECT.into(),
+        audience: EXCHANGE.into(),
+    }
+}
+
+/// An emulator whose Entra authority trusts [`ISSUER`] with [`issuer_key`]'s keys given inline.
+fn entra_config() -> Config {
+    let mut config = config();
+    config
+        .entra
+        .federated_credentials
+        .push(federated_credential(ISSUER));
+    config.entra.issuers.insert(
+        ISSUER.into(),
+        acs_emulator::IssuerKeys::Jwks(acs_emulator::JwkSet {
+            keys: vec![issuer_key().public_jwk()],
+        }),
+    );
+    config
+}
+
+/// A projected ServiceAccount token's claims, valid from `now` for an hour.
+fn assertion_claims(now: Timestamp) -> Value {
+    let now = now.as_second();
+    json!({"iss": ISSUER, "sub": SUBJECT, "aud": [EXCHANGE], "iat": now, "nbf": now, "exp": now + 3600})
+}
+
+impl Client {
+    /// `POST /{tenant}/oauth2/v2.0/token` with these form fields.
+    async fn entra_token(&self, tenant: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        self.http
+            .post(format!("{}/{tenant}/oauth2/v2.0/token", self.endpoint))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The client credentials grant as azure-identity sends it, for `client_id`.
+    async fn exchange(&self, client_id: &str, assertion: &str) -> reqwest::Response {
+        self.entra_token(
+            TENANT,
+            &[
+                ("client_id", client_id),
+                ("grant_type", "client_credentials"),
+                ("scope", ACS_SCOPE),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", assertion),
+            ],
+        )
+        .await
+    }
+
+    /// An access token for a fresh, valid assertion.
+    async fn entra_access_token(&self) -> String {
+        let assertion = issuer_key().mint(&assertion_claims(self.clock.now()));
+        let response = self.exchange(CLIENT_ID, &assertion).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn with_bearer(
+        &self,
+        token: &str,
+        method: &str,
+        target: &str,
+        body: &str,
+    ) -> reqwest::Response {
+        self.http
+            .request(
+                method.parse().unwrap(),
+                format!("{}{target}", self.endpoint),
+            )
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// The AADSTS code and `error` of an Entra refusal with `status`.
+async fn entra_refusal(response: reqwest::Response, status: u16) -> (u64, String) {
+    assert_eq!(response.status(), status);
+    let body: Value = response.json().await.unwrap();
+    let code = body["error_codes"][0].as_u64().unwrap();
+    let description = body["error_description"].as_str().unwrap();
+    assert!(
+        description.starts_with(&format!("AADSTS{code}: ")),
+        "{description}"
+    );
+    (code, body["error"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn a_federated_assertion_buys_an_acs_token_that_runs_the_quickstart() {
+    let mut cfg = entra_config();
+    cfg.entra.token_lifetime_seconds = 1800;
+    let (emulator, client) = start(cfg).await;
+    assert_eq!(emulator.entra_authority(), emulator.endpoint());
+
+    let discovery: Value = client
+        .http
+        .get(format!(
+            "{}/{TENANT}/v2.0/.well-known/openid-configuration",
+            client.endpoint
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        discovery["token_endpoint"],
+        format!("{}/{TENANT}/oauth2/v2.0/token", client.endpoint)
+    );
+    let keys: acs_emulator::JwkSet = client
+        .http
+        .get(discovery["jwks_uri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    let assertion = issuer_key().mint(&assertion_claims(Timestamp::now()));
+    let response = client.exchange(CLIENT_ID, &assertion).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 1800);
+    let token = body["access_token"].as_str().unwrap();
+    let claims = acs_emulator::jwt::verify(
+        token,
+        &keys,
+        &["https://communication.azure.com/"],
+        Timestamp::now().as_second(),
+    )
+    .expect("signed with the key the discovery document names");
+    assert_eq!(claims.iss, format!("https://sts.windows.net/{TENANT}/"));
+    assert_eq!(claims.exp - Timestamp::now().as_second(), 1800);
+
+    // The quickstart with the bearer token in place of the HMAC signature.
+    let created = client
+        .with_bearer(
+            token,
+            "POST",
+            &format!("/identities?{V}"),
+            r#"{"createTokenWithScopes": ["chat"]}"#,
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let id = created
+        .json::<CreateIdentityResponse>()
+        .await
+        .unwrap()
+        .identity
+        .id;
+    let issue = format!("/identities/{}/:issueAccessToken?{V}", encode(&id));
+    let issued = client
+        .with_bearer(token, "POST", &issue, r#"{"scopes": ["voip"]}"#)
+        .await;
+    assert_eq!(issued.status(), 200);
+    let revoke = format!("/identities/{}/:revokeAccessTokens?{V}", encode(&id));
+    assert_eq!(
+        client
+            .with_bearer(token, "POST", &revoke, "")
+            .await
+            .status(),
+        204
+    );
+    let delete = format!("/identities/{}?{V}", encode(&id));
+    assert_eq!(
+        client
+            .with_bearer(token, "DELETE", &delete, "")
+            .await
+            .status(),
+        204
+    );
+
+    let stats = client.admin("GET", "stats", None).await;
+    assert_eq!(stats["requests"]["entraToken"]["200"], 1);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn entra_refuses_with_its_own_codes() {
+    let (emulator, client, clock) = start_manual(entra_config()).await;
+    let now = clock.now();
+    let good = issuer_key().mint(&assertion_claims(now));
+
+    // Unknown tenant, unknown application.
+    let response = client
+        .entra_token("00000000-0000-0000-0000-000000000000", &[])
+        .await;
+    assert_eq!(
+        entra_refusal(response, 400).await,
+        (90002, "invalid_tenant".into())
+    );
+    let response = client
+        .exchange("11111111-1111-1111-1111-111111111111", &good)
+        .await;
+    assert_eq!(
+        entra_refusal(response, 400).await,
+        (700016, "unauthorized_client".into())
+    );
+
+    // No federated credential for this issuer, subject or audience.
+    for (field, value) in [
+        ("iss", "https://evil.example"),
+        ("sub", "system:serviceaccount:default:other"),
+        ("aud", "api://somewhere-else"),
+    ] {
+        let mut claims = assertion_claims(now);
+        claims[field] = json!(value);
+        let response = client
+            .exchange(CLIENT_ID, &issuer_key().mint(&claims))
+            .await;
+        assert_eq!(
+            entra_refusal(response, 400).await,
+            (70021, "invalid_request".into()),
+            "{field}"
+        );
+    }
+
+    // Signed by a key the issuer does not have; expired; not yet valid.
+    let forged = signing_key().mint(&assertion_claims(now));
+    let response = client.exchange(CLIENT_ID, &forged).await;
+    assert_eq!(
+        entra_refusal(response, 401).await,
+        (700027, "invalid_client".into())
+    );
+    let mut expired = assertion_claims(now - jiff::SignedDuration::from_hours(2));
+    expired["exp"] = json!(now.as_second() - 600);
+    let response = client
+        .exchange(CLIENT_ID, &issuer_key().mint(&expired))
+        .await;
+    assert_eq!(
+        entra_refusal(response, 401).await,
+        (700024, "invalid_client".into())
+    );
+    let future = assertion_claims(now + jiff::SignedDuration::from_hours(1));
+    let response = client
+        .exchange(CLIENT_ID, &issuer_key().mint(&future))
+        .await;
+    assert_eq!(
+        entra_refusal(response, 401).await,
+        (700024, "invalid_client".into())
+    );
+    let response = client.exchange(CLIENT_ID, "not.a.jwt").await;
+    assert_eq!(
+        entra_refusal(response, 400).await,
+        (50027, "invalid_request".into())
+    );
+
+    // The request itself.
+    let base = [
+        ("client_id", CLIENT_ID),
+        ("grant_type", "client_credentials"),
+        ("scope", ACS_SCOPE),
+    ];
+    let response = client.entra_token(TENANT, &base).await;
+    assert_eq!(
+        entra_refusal(response, 401).await,
+        (7000218, "invalid_client".into())
+    );
+    let mut wrong_grant = base;
+    wrong_grant[1].1 = "password";
+    let response = client.entra_token(TENANT, &wrong_grant).await;
+    assert_eq!(
+        entra_refusal(response, 400).await,
+        (70003, "unsupported_grant_type".into())
+    );
+    let mut vault = base;
+    vault[2].1 = "https://vault.azure.net/.default";
+    let response = client.entra_token(TENANT, &vault).await;
+    assert_eq!(
+        entra_refusal(response, 400).await,
+        (500011, "invalid_resource".into())
+    );
+
+    // An outage of the authority alone: the identity API still answers.
+    client
+        .admin("POST", "entra/outage", Some(json!({"seconds": 60})))
+        .await;
+    let response = client.exchange(CLIENT_ID, &good).await;
+    assert_eq!(
+        entra_refusal(response, 503).await,
+        (90033, "temporarily_unavailable".into())
+    );
+    assert_eq!(
+        client
+            .send("POST", &format!("/identities?{V}"), "")
+            .await
+            .status(),
+        201
+    );
+    client.admin("DELETE", "entra/outage", None).await;
+    assert_eq!(client.exchange(CLIENT_ID, &good).await.status(), 200);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_refused_401_denied_for_audience_expiry_and_signature() {
+    let (emulator, client, clock) = start_manual(entra_config()).await;
+    let target = format!("/identities?{V}");
+    let denied = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), 401);
+        let error = error_of(response).await.error;
+        assert_eq!(
+            (error.code.as_str(), error.message.as_str()),
+            ("Denied", "Denied by the resource provider.")
+        );
+    };
+    let token = client.entra_access_token().await;
+    assert_eq!(
+        client
+            .with_bearer(&token, "POST", &target, "")
+            .await
+            .status(),
+        201
+    );
+    let lower_case_scheme = client
+        .http
+        .post(format!("{}{target}", client.endpoint))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower_case_scheme.status(), 201);
+
+    // Signed by the authority's key, but for another resource.
+    let now = clock.now().as_second();
+    let vault = signing_key().mint(&json!({"aud": "https://vault.azure.net", "exp": now + 600}));
+    denied(client.with_bearer(&vault, "POST", &target, "").await).await;
+    // For ACS, but signed by someone else.
+    let foreign =
+        issuer_key().mint(&json!({"aud": "https://communication.azure.com", "exp": now + 600}));
+    denied(client.with_bearer(&foreign, "POST", &target, "").await).await;
+    denied(client.with_bearer("garbage", "POST", &target, "").await).await;
+    // Expired: past the lifetime and the five minutes of skew.
+    clock.advance(Duration::from_secs(3600 + 301));
+    denied(client.with_bearer(&token, "POST", &target, "").await).await;
+    // A fresh one works again.
+    let fresh = client.entra_access_token().await;
+    assert_eq!(
+        client
+            .with_bearer(&fresh, "POST", &target, "")
+            .await
+            .status(),
+        201
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn issuer_keys_come_from_a_jwks_file_a_jwks_url_or_the_issuers_discovery() {
+    // The file is read on every exchange, so a rotated key is used at once.
+    let dir = tempdir("jwks");
+    let file = dir.join("jwks.json");
+    std::fs::write(
+        &file,
+        json!({"keys": [signing_key().public_jwk()]}).to_string(),
+    )
+    .unwrap();
+    let mut cfg = entra_config();
+    cfg.entra.issuers.insert(
+        ISSUER.into(),
+        acs_emulator::IssuerKeys::JwksFile(file.clone()),
+    );
+    let (emulator, client) = start(cfg).await;
+    let assertion = issuer_key().mint(&assertion_claims(Timestamp::now()));
+    assert_eq!(client.exchange(CLIENT_ID, &assertion).await.status(), 401);
+    std::fs::write(
+        &file,
+        json!({"keys": [issuer_key().public_jwk()]}).to_string(),
+    )
+    .unwrap();
+    assert_eq!(client.exchange(CLIENT_ID, &assertion).await.status(), 200);
+
+    // Discovery: another emulator's authority plays the OIDC issuer. Its discovery document
+    // names its own issuer and serves its key set; assertions signed with that key verify.
+    let (issuer_emulator, _) = start({
+        let mut cfg = config();
+        cfg.signing_key = Some(issuer_key());
+        cfg.entra
+            .federated_credentials
+            .push(federated_credential(ISSUER));
+        cfg
+    })
+    .await;
+    let discovered_issuer = format!("{}/{TENANT}/v2.0", issuer_emulator.endpoint());
+    client
+        .admin(
+            "PUT",
+            "entra",
+            Some(json!({"federatedCredentials": [{
+                "tenantId": TENANT, "clientId": CLIENT_ID,
+                "issuer": discovered_issuer, "subject": SUBJECT,
+            }]})),
+        )
+        .await;
+    let config = client.admin("GET", "entra", None).await;
+    assert_eq!(config["federatedCredentials"][0]["audience"], EXCHANGE);
+    let mut claims = assertion_claims(Timestamp::now());
+    claims["iss"] = json!(discovered_issuer);
+    let response = client
+        .exchange(CLIENT_ID, &issuer_key().mint(&claims))
+        .await;
+    assert_eq!(response.status(), 200);
+
+    // A JWKS URL: for an issuer whose name is no address (a local kube-apiserver's).
+    let jwks_url = format!(
+        "{}/{TENANT}/discovery/v2.0/keys",
+        issuer_emulator.endpoint()
+    );
+    client
+        .admin(
+            "PUT",
+            "entra",
+            Some(json!({
+                "federatedCredentials": [federated_credential(ISSUER)],
+                "issuers": {ISSUER: {"jwksUrl": jwks_url}},
+            })),
+        )
+        .await;
+    let assertion = issuer_key().mint(&assertion_claims(Timestamp::now()));
+    assert_eq!(client.exchange(CLIENT_ID, &assertion).await.status(), 200);
+
+    // An issuer that cannot be reached is Entra's AADSTS50166.
+    issuer_emulator.shutdown().await;
+    client
+        .admin(
+            "PUT",
+            "entra",
+            Some(json!({"federatedCredentials": [{
+                "tenantId": TENANT, "clientId": CLIENT_ID,
+                "issuer": "http://127.0.0.1:1", "subject": SUBJECT,
+            }]})),
+        )
+        .await;
+    claims["iss"] = json!("http://127.0.0.1:1");
+    let response = client
+        .exchange(CLIENT_ID, &issuer_key().mint(&claims))
+        .await;
+    assert_eq!(entra_refusal(response, 400).await.0, 50166);
+    let refused = client
+        .admin_refused("PUT", "entra", json!({"tokenLifetimeSeconds": 0}))
+        .await;
+    assert!(refused.contains("tokenLifetimeSeconds"), "{refused}");
+    emulator.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn ga_versions_have_no_custom_id_and_no_get_of_an_identity() {
+    let (emulator, client) = start(config()).await;
+    for version in ["2025-06-30", "2026-07-22", "2026-09-23"] {
+        let target = format!("/identities?api-version={version}");
+        let body =
+            r#"{"customId": "alice", "createTokenWithScopes": ["chat"], "expiresInMinutes": 60}"#;
+        let first = client.send("POST", &target, body).await;
+        let again = client.send("POST", &target, body).await;
+        assert_eq!(
+            (first.status().as_u16(), again.status().as_u16()),
+            (201, 201),
+            "{version}"
+        );
+        let first: CreateIdentityResponse = first.json().await.unwrap();
+        let again: CreateIdentityResponse = again.json().await.unwrap();
+        assert_ne!(
+            first.identity, again.identity,
+            "{version}: customId is not in its spec"
+        );
+        let id = encode(&first.identity.id);
+        let get = format!("/identities/{id}?api-version={version}");
+        assert_eq!(
+            client.send("GET", &get, "").await.status(),
+            404,
+            "{version}"
+        );
+        let issue = format!("/identities/{id}/:issueAccessToken?api-version={version}");
+        assert_eq!(client.issue_at(&issue).await, 200, "{version}");
+        let delete = format!("/identities/{id}?api-version={version}");
+        assert_eq!(
+            client.send("DELETE", &delete, "").await.status(),
+            204,
+            "{version}"
+        );
+    }
+    emulator.shutdown().await;
+}
+
+impl Client {
+    async fn issue_at(&self, target: &str) -> u16 {
+        self.send("POST", target, r#"{"scopes": ["chat"]}"#)
+            .await
+            .status()
+            .as_u16()
+    }
+}
+
+#[tokio::test]
+async fn a_retired_preview_is_refused_as_an_unsupported_api_version() {
+    let (emulator, client) = start(config()).await;
+    let preview = format!("/identities?{PREVIEW}");
+    assert_eq!(client.send("POST", &preview, "").await.status(), 201);
+    let versions = client
+        .admin(
+            "PUT",
+            "api-versions",
+            Some(json!({"retired": ["2025-03-02-preview"]})),
+        )
+        .await;
+    assert_eq!(versions["retired"], json!(["2025-03-02-preview"]));
+    assert!(
+        !versions["served"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2025-03-02-preview"))
+    );
+    let refused = client.send("POST", &preview, "").await;
+    assert_eq!(refused.status(), 400);
+    let error = error_of(refused).await.error;
+    assert_eq!(error.code, "UnsupportedApiVersion");
+    assert!(
+        error.message.contains("'2025-03-02-preview'"),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        client
+            .send("POST", "/identities?api-version=2026-09-23", "")
+            .await
+            .status(),
+        201
+    );
+    let unknown = client
+        .admin_refused("PUT", "api-versions", json!({"retired": ["2099-01-01"]}))
+        .await;
+    assert!(unknown.contains("2099-01-01"), "{unknown}");
+    client
+        .admin("PUT", "api-versions", Some(json!({"retired": []})))
+        .await;
+    assert_eq!(client.send("POST", &preview, "").await.status(), 201);
+    emulator.shutdown().await;
+
+    // Retired from the start.
+    let mut cfg = config();
+    cfg.retired_api_versions.insert("2025-03-02-preview".into());
+    let (emulator, client) = start(cfg).await;
+    assert_eq!(client.send("POST", &preview, "").await.status(), 400);
+    emulator.shutdown().await;
+}

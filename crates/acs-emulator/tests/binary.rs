@@ -99,3 +99,97 @@ fn a_bad_flag_is_a_one_line_error() {
     assert!(stderr.starts_with("acs-emulator: "), "{stderr}");
     assert!(output.stdout.is_empty());
 }
+
+/// The Entra flags as the operator's integration tests give them: an exchange succeeds, a
+/// refused bearer token is logged as refused, and neither the assertion nor a token reaches
+/// the log, even at debug level.
+#[tokio::test]
+async fn entra_flags_work_and_no_assertion_or_token_is_logged() {
+    use acs_emulator::SigningKey;
+
+    let dir = std::env::temp_dir().join(format!("acs-emulator-entra-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let issuer_key = SigningKey::generate().unwrap();
+    let jwks = dir.join("jwks.json");
+    let set = acs_emulator::JwkSet {
+        keys: vec![issuer_key.public_jwk()],
+    };
+    std::fs::write(&jwks, serde_json::to_string(&set).unwrap()).unwrap();
+    let (tenant, client_id, issuer) =
+        ("t-1", "c-1", "https://kubernetes.default.svc.cluster.local");
+    let subject = "system:serviceaccount:ns:sa";
+    let mut child = emulator()
+        .args(["--http", "--access-key", KEY, "--federated-credential"])
+        .arg(format!(
+            "tenant={tenant},client={client_id},issuer={issuer},subject={subject}"
+        ))
+        .arg("--issuer-jwks-file")
+        .arg(format!("{issuer}={}", jwks.display()))
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let endpoint = line
+        .trim()
+        .strip_prefix("endpoint=")
+        .and_then(|l| l.split_once("/;"))
+        .unwrap()
+        .0
+        .to_owned();
+
+    let now = jiff::Timestamp::now().as_second();
+    let assertion = issuer_key.mint(&serde_json::json!({
+        "iss": issuer, "sub": subject, "aud": "api://AzureADTokenExchange", "exp": now + 600,
+    }));
+    let http = reqwest::Client::new();
+    let answer: serde_json::Value = http
+        .post(format!("{endpoint}/{tenant}/oauth2/v2.0/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("scope", "https://communication.azure.com//.default"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", &assertion),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = answer["access_token"].as_str().unwrap().to_owned();
+    let created = http
+        .post(format!("{endpoint}/identities?api-version=2026-09-23"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // Refused: the assertion is no access token.
+    let refused = http
+        .post(format!("{endpoint}/identities?api-version=2026-09-23"))
+        .bearer_auth(&assertion)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(stderr.contains("bearer token refused"), "{stderr}");
+    for secret in [&assertion, &token] {
+        let signature = secret.rsplit('.').next().unwrap();
+        assert!(!stderr.contains(signature), "a token leaked to the log");
+    }
+}
