@@ -11,7 +11,15 @@
 //! Written by hand rather than with `governor`: GCRA admits at most `burst + W / interval` per
 //! window, so staying under the service's sliding window forces a small burst and a sustained
 //! rate below the limit, and 10,000 creates took ≈ 312 s against the service's floor of ≈ 270 s
-//! (full windows of 1000 every 30 s). A sliding-window log reaches that floor.
+//! (full windows of 1000 every 30 s). A sliding-window log reaches that floor. Nor with a
+//! priority-queue crate: the order is a class, then tenants in turn, then deadlines
+//! ([`crate::schedule`]), and waiters must keep their place while away, which no general
+//! queue models.
+//!
+//! In front of each budget waits a queue in that order; slots go to its head as reservations
+//! under the request's key, which a waiting caller claims at once, and one that stopped
+//! waiting ([`Queued`]) claims when it comes back after its [`Turn`] was called. The
+//! endpoint's [`Circuit`] decides whether slots go out at all while it fails.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -71,9 +79,11 @@ impl Operation {
 }
 
 /// How long a slot granted to a caller that is not waiting (it was told to come back, see
-/// [`Queued`]) stays reserved for it. Long enough for a reconcile to be scheduled and reach
-/// its ACS call; a slot nobody claims in time goes back to the budget.
-pub const RESERVATION_TTL: Duration = Duration::from_secs(15);
+/// [`Queued`]) stays reserved for it: long enough for a reconcile to be scheduled and reach
+/// its ACS call even when a window's worth of them (1,000) is called back at once and queues
+/// for the controller's workers. A slot nobody claims in time goes back to the budget; only
+/// a resource that no longer needs it (deleted, or decided otherwise) leaves one unclaimed.
+pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
 
 /// How long a caller that can come back when its turn comes ([`Turn`]) waits in
 /// [`RateLimits::acquire`] before it is told to: long enough that a request waiting for the next
@@ -270,11 +280,11 @@ impl Drop for Permit {
             self.limits.serve(&mut state, now)
         };
         self.limits.changed.notify_one();
-        call(turns);
+        call_turns(turns);
     }
 }
 
-fn call(turns: Vec<Turn>) {
+fn call_turns(turns: Vec<Turn>) {
     for turn in turns {
         turn();
     }
@@ -387,7 +397,7 @@ impl RateLimits {
             (since, self.serve(&mut state, start))
         };
         self.changed.notify_one();
-        call(turns);
+        call_turns(turns);
         let granted = async {
             loop {
                 if let Some(permit) = self.claim(&mut self.lock(), operation, &ticket.key, start) {
@@ -529,7 +539,7 @@ impl RateLimits {
                 if !waiting && !reserved {
                     state.driven = false;
                     drop(state);
-                    call(turns);
+                    call_turns(turns);
                     return;
                 }
                 let probe = match state.circuit.gate(now) {
@@ -543,7 +553,7 @@ impl RateLimits {
                     .chain(probe)
                     .min();
                 drop(state);
-                call(turns);
+                call_turns(turns);
                 next
             };
             match next {
