@@ -831,6 +831,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_burst_delays_another_namespaces_refreshes_no_longer_than_the_budgets_pace() {
+        let limits = Arc::new(RateLimits::new());
+        let origin = Instant::now();
+        let spawn = |ticket: Ticket| {
+            let limits = limits.clone();
+            tokio::spawn(async move {
+                let permit = limits.acquire(Operation::IssueToken, &ticket, None).await;
+                let granted = origin.elapsed();
+                drop(permit);
+                granted
+            })
+        };
+        // Namespace a: 3,000 refreshes, all due earlier than b's; the first 1,000 go at once.
+        let a: Vec<_> = (0..3000)
+            .map(|i| spawn(ticket(Class::Refresh, -100, "a", &format!("a/{i}"))))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let b: Vec<_> = (0..100)
+            .map(|i| spawn(ticket(Class::Refresh, 0, "b", &format!("b/{i}"))))
+            .collect();
+        let mut b_granted = Vec::new();
+        for task in b {
+            b_granted.push(task.await.unwrap());
+        }
+        // b's all go with the first slots the window frees (30 s after a's first 1,000), taking
+        // turns with a, although 1,900 of a's wait ahead of them by deadline.
+        assert!(b_granted.iter().all(|at| *at == WINDOW), "{b_granted:?}");
+        let mut a_granted = Vec::new();
+        for task in a {
+            a_granted.push(task.await.unwrap());
+        }
+        let a_in_that_window = a_granted.iter().filter(|at| **at == WINDOW).count();
+        assert_eq!(
+            a_in_that_window, 900,
+            "b's 100 took 100 of a's slots, no more"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_outage_sends_one_probe_at_a_time_then_drains_in_deadline_order() {
         use crate::circuit::{OPEN_AFTER, PROBE_BACKOFF_BASE};
         let limits = Arc::new(RateLimits::new());
