@@ -85,10 +85,10 @@ impl Operation {
 /// a resource that no longer needs it (deleted, or decided otherwise) leaves one unclaimed.
 pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
 
-/// How long a caller that can come back when its turn comes ([`Turn`]) waits in
+/// How long the next in line, if it can come back when its turn comes ([`Turn`]), waits in
 /// [`RateLimits::acquire`] before it is told to: long enough that a request waiting for the next
-/// free slot of a busy budget is sent at once, short enough that callers waiting for a turn
-/// far ahead never hold a reconcile worker that a more urgent request could use.
+/// free slot of a busy budget (or for the circuit's next probe) is sent at once, short enough
+/// that it never holds a reconcile worker for long.
 pub const PATIENCE: Duration = Duration::from_secs(1);
 
 /// Called when a request that stopped waiting ([`Queued`]) is granted its slot: the caller
@@ -372,9 +372,9 @@ impl RateLimits {
     }
 
     /// Waits for a slot of `operation` in `ticket`'s place in the queue. A caller with a `turn`
-    /// waits at most [`PATIENCE`]: then it gets [`Queued`], keeps its place, and `turn` is
-    /// called once the slot is reserved for it; asking again with the same key claims it. A
-    /// caller without one waits as long as it takes.
+    /// waits at most [`PATIENCE`] if it is next in line, else not at all: then it gets
+    /// [`Queued`], keeps its place, and `turn` is called once the slot is reserved for it;
+    /// asking again with the same key claims it. A caller without one waits as long as it takes.
     pub async fn acquire(
         self: &Arc<Self>,
         operation: Operation,
@@ -383,7 +383,7 @@ impl RateLimits {
     ) -> Result<Permit, Queued> {
         let start = Instant::now();
         let notify = Arc::new(Notify::new());
-        let (since, turns) = {
+        let (since, next_in_line, turns) = {
             let mut state = self.lock();
             let waker = Waker {
                 waiting: Some(notify.clone()),
@@ -394,7 +394,8 @@ impl RateLimits {
                 true => ticket.asked_at,
                 false => lane.queue.push(ticket.clone(), waker),
             };
-            (since, self.serve(&mut state, start))
+            let next_in_line = lane.queue.peek().is_none_or(|next| next.key == ticket.key);
+            (since, next_in_line, self.serve(&mut state, start))
         };
         self.changed.notify_one();
         call_turns(turns);
@@ -409,7 +410,14 @@ impl RateLimits {
         let Some(turn) = turn else {
             return Ok(granted.await);
         };
-        if let Ok(permit) = tokio::time::timeout(PATIENCE, granted).await {
+        // Only the next in line waits: one with others ahead would hold its reconcile worker
+        // for nothing (a burst of thousands would hold them all), so it stops waiting at once.
+        let patience = if next_in_line {
+            PATIENCE
+        } else {
+            Duration::ZERO
+        };
+        if let Ok(permit) = tokio::time::timeout(patience, granted).await {
             return Ok(permit);
         }
         let mut state = self.lock();
