@@ -495,14 +495,7 @@ fn principal_id(tenant: &str, client_id: &str) -> String {
     use sha2::Digest as _;
     let hash = sha2::Sha256::digest(format!("{tenant}/{client_id}"));
     let hex: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    crate::hyphenated(&hex)
 }
 
 /// Whether the identity API accepts `token` as `Authorization: Bearer`: issued by this

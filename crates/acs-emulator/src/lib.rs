@@ -472,7 +472,11 @@ pub async fn start(config: Config) -> anyhow::Result<Emulator> {
 /// A random (version 4) GUID, the form ACS uses for resource ids and identity suffixes.
 pub fn random_guid() -> String {
     let bits = rand::random::<u128>() & !(0xf << 76) & !(0b11 << 62) | (0x4 << 76) | (0b10 << 62);
-    let hex = format!("{bits:032x}");
+    hyphenated(&format!("{bits:032x}"))
+}
+
+/// 32 hex digits in the 8-4-4-4-12 form of a GUID.
+pub(crate) fn hyphenated(hex: &str) -> String {
     format!(
         "{}-{}-{}-{}-{}",
         &hex[0..8],

@@ -581,18 +581,8 @@ impl RateLimits {
 mod tests {
     use super::*;
     use crate::schedule::Class;
+    use crate::schedule::tests::ticket;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    fn ticket(class: Class, deadline: i64, tenant: &str, key: &str) -> Ticket {
-        let at = |second| Timestamp::from_second(1_800_000_000 + second).unwrap();
-        Ticket {
-            class,
-            deadline: at(deadline),
-            tenant: tenant.into(),
-            key: key.into(),
-            asked_at: at(0),
-        }
-    }
 
     /// A caller without a turn, new and due now, under a key of its own.
     fn anyone() -> Ticket {

@@ -191,7 +191,7 @@ impl<W> Queue<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const T0: i64 = 1_800_000_000;
@@ -200,7 +200,8 @@ mod tests {
         Timestamp::from_second(T0 + second).unwrap()
     }
 
-    fn ticket(class: Class, deadline: i64, tenant: &str, key: &str) -> Ticket {
+    /// A ticket asked for at T0, due `deadline` seconds after it.
+    pub(crate) fn ticket(class: Class, deadline: i64, tenant: &str, key: &str) -> Ticket {
         Ticket {
             class,
             deadline: at(deadline),
