@@ -11,13 +11,14 @@
 #   scripts/bench.sh crash [--n 200] [--kills 20] [--delete-kills 10]
 #   scripts/bench.sh soak [--n 200] [--sim-hours 24] [--time-scale 60] [--outage-seconds 120]
 #   scripts/bench.sh scale-out [--n 2500] [--resources 4]
+#   scripts/bench.sh refresh-under-burst [--burst 5000] [--due 100]
 #   scripts/bench.sh SCENARIO --help
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 source scripts/lib/toolchain.sh
 [ $# -ge 1 ] || {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 cargo build --release --locked --workspace --bins

@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use acs::{AcsClient, ClientOptions, ConnectionString, EndpointPolicy};
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::crd::{CommunicationIdentity, ConnectionSecretRef};
 use crate::held::HeldTokens;
@@ -46,6 +47,8 @@ pub struct Context {
     /// The controller's cache of CommunicationIdentities.
     pub identities: Store<CommunicationIdentity>,
     pub metrics: Arc<Metrics>,
+    /// Calls a resource back when its turn for an ACS budget comes.
+    pub turns: Turns,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
 
@@ -56,6 +59,7 @@ impl Context {
         settings: AcsSettings,
         metrics: Arc<Metrics>,
         identities: Store<CommunicationIdentity>,
+        turns: Turns,
     ) -> Self {
         Self {
             events: Events::new(client.clone(), reporter),
@@ -67,6 +71,7 @@ impl Context {
             own_writes: OwnWrites::default(),
             identities,
             metrics,
+            turns,
             clock: Box::new(Timestamp::now),
         }
     }
@@ -79,6 +84,32 @@ impl Context {
 
     pub fn now(&self) -> Timestamp {
         (self.clock)()
+    }
+}
+
+/// Calls resources back: a pass that waits for an ACS budget returns instead of holding a
+/// reconcile worker, and its turn ([`acs::Turn`]) sends it here, a stream the controller
+/// reconciles on. Unbounded, yet no larger than the resources whose slot came up meanwhile
+/// (the controller folds repeated triggers of one resource into one pass).
+#[derive(Clone)]
+pub struct Turns {
+    sender: UnboundedSender<ObjectRef<CommunicationIdentity>>,
+}
+
+impl Turns {
+    pub fn new() -> (Self, UnboundedReceiver<ObjectRef<CommunicationIdentity>>) {
+        let (sender, receiver) = unbounded();
+        (Self { sender }, receiver)
+    }
+
+    /// The turn of `resource`: a reconcile of it.
+    pub fn of(&self, resource: &CommunicationIdentity) -> acs::Turn {
+        let sender = self.sender.clone();
+        let reference = ObjectRef::from_obj(resource);
+        Arc::new(move || {
+            // Fails only once the controller stopped, when no pass is wanted any more.
+            let _ = sender.unbounded_send(reference.clone());
+        })
     }
 }
 

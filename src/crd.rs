@@ -102,6 +102,8 @@ pub mod reason {
     // Failures that pass by themselves.
     pub const THROTTLED: &str = "Throttled";
     pub const ACS_UNAVAILABLE: &str = "AcsUnavailable";
+    /// Waiting in the ACS endpoint's queue: for budget, or for the endpoint to recover.
+    pub const WAITING_FOR_ACS: &str = "WaitingForAcs";
 }
 
 /// Shortest token lifetime ACS issues (`expiresInMinutes` 60).

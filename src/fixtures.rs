@@ -27,12 +27,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::context::{AcsSettings, Context};
+use crate::context::{AcsSettings, Context, Turns};
 use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
     FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
 };
 use crate::reconcile::{Error, reconcile};
+use futures::channel::mpsc::UnboundedReceiver;
+use kube::runtime::reflector::ObjectRef;
 
 pub const NAMESPACE: &str = "chat-app";
 pub const NAME: &str = "alice";
@@ -321,6 +323,8 @@ struct Operator {
     ctx: Arc<Context>,
     api: ApiHandle,
     cache: Writer<CommunicationIdentity>,
+    /// The passes the ACS queues called back, as the controller would run them.
+    turn_triggers: UnboundedReceiver<ObjectRef<CommunicationIdentity>>,
 }
 
 impl Operator {
@@ -338,12 +342,14 @@ impl Operator {
             ..AcsSettings::default()
         };
         let clock = clock.clone();
-        let ctx = Context::new(client, reporter, settings, Arc::default(), store)
+        let (turns, turn_triggers) = Turns::new();
+        let ctx = Context::new(client, reporter, settings, Arc::default(), store, turns)
             .with_clock(move || clock.now());
         Self {
             ctx: Arc::new(ctx),
             api,
             cache,
+            turn_triggers,
         }
     }
 }
@@ -511,6 +517,11 @@ impl Harness {
             "connectionString".into(),
             ByteString(text.as_bytes().to_vec()),
         );
+    }
+
+    /// How many passes the ACS queues called back since the last look.
+    pub fn turns_called(&mut self) -> usize {
+        std::iter::from_fn(|| self.operator.turn_triggers.try_recv().ok()).count()
     }
 
     /// Puts `other` into the controller's cache of CommunicationIdentities.

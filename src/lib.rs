@@ -20,6 +20,7 @@ pub mod run;
 pub mod secret;
 pub mod status;
 pub mod tokens;
+pub mod urgency;
 
 #[cfg(test)]
 mod fixtures;

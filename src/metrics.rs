@@ -1,13 +1,16 @@
 //! Prometheus metrics, served by `admin` on `/metrics`. Every label is bounded (operation,
 //! status code, error kind, condition reason) except the per-resource token expiry gauge, which
 //! is keyed by namespace and name like cert-manager's `certificate_expiration_timestamp_seconds`
-//! and removed when its resource goes.
+//! and removed when its resource goes, and the ACS queue gauges, keyed by endpoint: tenants
+//! name endpoints, so those carry the [`MAX_ENDPOINT_SERIES`] longest queues by name and fold
+//! the rest into `endpoint="other"`.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -151,8 +154,103 @@ impl Default for Metrics {
             "1 while this replica runs the controller (holds the Lease, or leader election is off)",
             metrics.leader.clone(),
         );
+        registry.register_collector(Box::new(AcsQueues));
         metrics
     }
+}
+
+/// Endpoints with a series of their own in the ACS queue gauges; the others are summed up
+/// under `endpoint="other"`.
+pub const MAX_ENDPOINT_SERIES: usize = 10;
+/// The longest endpoint label, in bytes.
+const MAX_ENDPOINT_LABEL: usize = 128;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
+}
+
+/// The ACS queues as they are at scrape time (`acs::RateLimits::snapshots`).
+#[derive(Debug)]
+struct AcsQueues;
+
+impl Collector for AcsQueues {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let waiting = Family::<EndpointLabel, Gauge>::default();
+        let oldest = Family::<EndpointLabel, Gauge<f64, AtomicU64>>::default();
+        let open = Family::<EndpointLabel, Gauge>::default();
+        for queue in bounded_series(acs::RateLimits::snapshots()) {
+            let label = EndpointLabel {
+                endpoint: queue.endpoint,
+            };
+            waiting.get_or_create(&label).set(queue.waiting as i64);
+            if let Some(deadline) = queue.oldest_deadline {
+                oldest
+                    .get_or_create(&label)
+                    .set(deadline.as_second() as f64);
+            }
+            open.get_or_create(&label).set(queue.open as i64);
+        }
+        let metric = encoder.encode_descriptor(
+            "acs_queue_length",
+            "Requests waiting for an ACS endpoint's budget or for its circuit to close, by endpoint",
+            None,
+            waiting.metric_type(),
+        )?;
+        waiting.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "acs_queue_oldest_deadline_timestamp_seconds",
+            "The earliest deadline waiting in an ACS endpoint's queue, in Unix seconds, by endpoint",
+            None,
+            oldest.metric_type(),
+        )?;
+        oldest.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "acs_circuit_open",
+            "Endpoints whose circuit is open (failing: one probe at a time), by endpoint",
+            None,
+            open.metric_type(),
+        )?;
+        open.encode(metric)
+    }
+}
+
+/// One series of the ACS queue gauges.
+#[derive(Debug, PartialEq)]
+struct QueueSeries {
+    endpoint: String,
+    waiting: usize,
+    oldest_deadline: Option<jiff::Timestamp>,
+    /// Endpoints with an open circuit.
+    open: usize,
+}
+
+/// The [`MAX_ENDPOINT_SERIES`] longest queues (open circuits first among equals) by endpoint,
+/// and the rest summed up as `other`: however many endpoints tenants name, at most
+/// `MAX_ENDPOINT_SERIES + 1` series.
+fn bounded_series(mut queues: Vec<acs::ratelimit::QueueSnapshot>) -> Vec<QueueSeries> {
+    queues.sort_by(|a, b| {
+        (b.waiting, b.circuit_open, &a.endpoint).cmp(&(a.waiting, a.circuit_open, &b.endpoint))
+    });
+    let rest = queues.split_off(queues.len().min(MAX_ENDPOINT_SERIES));
+    let mut series: Vec<QueueSeries> = queues
+        .into_iter()
+        .map(|queue| QueueSeries {
+            endpoint: crate::status::truncated(queue.endpoint, MAX_ENDPOINT_LABEL),
+            waiting: queue.waiting,
+            oldest_deadline: queue.oldest_deadline,
+            open: usize::from(queue.circuit_open),
+        })
+        .collect();
+    if !rest.is_empty() {
+        series.push(QueueSeries {
+            endpoint: "other".into(),
+            waiting: rest.iter().map(|queue| queue.waiting).sum(),
+            oldest_deadline: rest.iter().filter_map(|queue| queue.oldest_deadline).min(),
+            open: rest.iter().filter(|queue| queue.circuit_open).count(),
+        });
+    }
+    series
 }
 
 impl Metrics {
@@ -289,6 +387,41 @@ mod tests {
         metrics.observe_resource(&resource(Some(1_800_000_000), false));
         metrics.observe_resource(&resource(None, false));
         assert!(!metrics.encode().contains(EXPIRY_SERIES));
+    }
+
+    #[test]
+    fn queue_series_stay_bounded_however_many_endpoints() {
+        let at = |second| jiff::Timestamp::from_second(1_800_000_000 + second).unwrap();
+        let queues: Vec<acs::ratelimit::QueueSnapshot> = (0..25)
+            .map(|i| acs::ratelimit::QueueSnapshot {
+                endpoint: format!("https://r{i:02}.communication.azure.com"),
+                waiting: i,
+                oldest_deadline: Some(at(-(i as i64))),
+                circuit_open: i % 2 == 0,
+            })
+            .collect();
+        let series = bounded_series(queues);
+        assert_eq!(series.len(), MAX_ENDPOINT_SERIES + 1);
+        assert_eq!(series[0].endpoint, "https://r24.communication.azure.com");
+        assert_eq!(series[0].waiting, 24);
+        let other = series.last().unwrap();
+        // r00..=r14 folded: 0 + 1 + … + 14 waiting, r14's deadline the earliest, 8 open.
+        assert_eq!(
+            *other,
+            QueueSeries {
+                endpoint: "other".into(),
+                waiting: 105,
+                oldest_deadline: Some(at(-14)),
+                open: 8,
+            }
+        );
+        let long = acs::ratelimit::QueueSnapshot {
+            endpoint: format!("https://{}.example", "a".repeat(500)),
+            waiting: 1,
+            oldest_deadline: None,
+            circuit_open: false,
+        };
+        assert!(bounded_series(vec![long])[0].endpoint.len() <= MAX_ENDPOINT_LABEL + 4);
     }
 
     #[test]

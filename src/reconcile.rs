@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use acs::{Class, Ticket};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
@@ -38,6 +39,10 @@ use crate::restart::{self, RestartOutcome, after_restart, restart_due, restart_p
 use crate::secret::{Classified, Delivered, SecretOwnership, classify, ownership, render_secret};
 use crate::status::{Failure, bounded};
 use crate::tokens::TokenEntry;
+use crate::urgency::urgency;
+
+/// A pass's place in the ACS queues: its class and deadline (see [`urgency`]).
+type Place = (Class, Timestamp);
 
 /// Failures of the Kubernetes API itself; everything about ACS or user input is a [`Failure`]
 /// recorded in status instead. `call` names the request, a bounded metric label.
@@ -418,13 +423,14 @@ impl Pass {
         classified: Classified,
         seen: &SecretSeen,
     ) -> Result<Action, Halt> {
+        let place = urgency(&decision, &self.status, self.now);
         match decision {
             Decision::CreateIdentity => {
                 let entries = self.resource.spec.entries();
                 let created = match self.held(entries[0].name) {
                     Some(token) => token,
                     None => {
-                        let issued = self.create_identity(&entries[0]).await?;
+                        let issued = self.create_identity(&entries[0], place).await?;
                         self.hold(&entries[0], issued, Issuance::Created)
                     }
                 };
@@ -435,7 +441,7 @@ impl Pass {
                     .collect();
                 let identity_id = created.issued.identity_id.clone();
                 let mut tokens = vec![created];
-                let more = self.issue_tokens(&identity_id, &others, false, true);
+                let more = self.issue_tokens(&identity_id, &others, false, true, place);
                 tokens.extend(more.await?);
                 self.record_issued(tokens, &classified, seen).await
             }
@@ -445,7 +451,7 @@ impl Pass {
                 revoke_first,
             } => {
                 let tokens = self
-                    .issue_tokens(&identity_id, &tokens, revoke_first, false)
+                    .issue_tokens(&identity_id, &tokens, revoke_first, false, place)
                     .await?;
                 self.record_issued(tokens, &classified, seen).await
             }
@@ -488,8 +494,8 @@ impl Pass {
     /// Creates the identity with the first token of `entry`. The resource's UID is the
     /// identity's customId, so a create retried after a crash, or after a lost answer, returns
     /// the same identity.
-    async fn create_identity(&self, entry: &TokenEntry<'_>) -> Result<Issued, Halt> {
-        let (acs, endpoint, connection) = self.acs_client().await?;
+    async fn create_identity(&self, entry: &TokenEntry<'_>, place: Place) -> Result<Issued, Halt> {
+        let (acs, endpoint, connection) = self.acs_client(place).await?;
         self.prepare_for_acs(true, connection).await?;
         let created = self.create_in_acs(&acs, entry).await?;
         info!(identity = %created.id, existing = !created.created, "identity created");
@@ -517,12 +523,13 @@ impl Pass {
         wanted: &[(String, IssueReason)],
         revoke_first: bool,
         just_created: bool,
+        place: Place,
     ) -> Result<Vec<HeldToken>, Halt> {
         let held: Vec<Option<HeldToken>> = wanted.iter().map(|(name, _)| self.held(name)).collect();
         if held.iter().all(Option::is_some) {
             return Ok(held.into_iter().flatten().collect());
         }
-        let (acs, endpoint, connection) = self.acs_client().await?;
+        let (acs, endpoint, connection) = self.acs_client(place).await?;
         if !just_created {
             if self.status.identity_id.is_none() {
                 self.check_adoption(&acs, identity_id).await?;
@@ -591,9 +598,13 @@ impl Pass {
             .map_err(|error| self.failure_from_acs(&error, Some(identity_id)))
     }
 
-    /// The ACS client for the connection Secret's connection string, its endpoint, and the
+    /// The ACS client for the connection Secret's connection string, its requests queued in
+    /// `place` (and this resource called back when its turn comes), its endpoint, and the
     /// connection Secret when it was read afresh (to hold before the first ACS call).
-    async fn acs_client(&self) -> Result<(acs::AcsClient, String, Option<Arc<Secret>>), Halt> {
+    async fn acs_client(
+        &self,
+        (class, deadline): Place,
+    ) -> Result<(acs::AcsClient, String, Option<Arc<Secret>>), Halt> {
         let reference = &self.resource.spec.connection_secret_ref;
         let recent = self
             .ctx
@@ -624,6 +635,14 @@ impl Pass {
                     return Err(failure.into());
                 }
             };
+        let ticket = Ticket {
+            class,
+            deadline,
+            tenant: self.namespace.clone(),
+            key: self.uid.clone(),
+            asked_at: self.now,
+        };
+        let client = client.with_ticket(ticket, self.ctx.turns.of(&self.resource));
         Ok((client, endpoint, secret.filter(|_| read_afresh)))
     }
 
@@ -845,7 +864,8 @@ impl Pass {
         }
     }
 
-    /// Records a failure: status (with the backoff), a Warning event and a metric.
+    /// Records a failure: status (with the backoff), a Warning event and a metric; a wait in
+    /// the ACS queue only in the condition.
     async fn record_failure(
         &self,
         failure: Failure,
@@ -853,6 +873,20 @@ impl Pass {
     ) -> Result<Action, Error> {
         let (status, delay) =
             after_failure(&self.status, &self.resource, &failure, during, self.now);
+        if let Failure::WaitingForAcs {
+            since,
+            circuit_open: false,
+        } = failure
+        {
+            // Waiting for budget is no failure: said once in the condition (the time it waits
+            // since does not change while it waits), without an Event, as a burst queues
+            // thousands.
+            if status != self.status {
+                self.patch_status(&status).await?;
+            }
+            debug!(%since, "waiting in the ACS queue");
+            return Ok(requeue(delay));
+        }
         self.patch_status(&status).await?;
         let message = failure.message();
         warn!(reason = failure.reason(), %message, retry_in = ?delay, "reconcile failed");
@@ -925,7 +959,7 @@ impl Pass {
                 identity_id,
             } => (delete, identity_id),
         };
-        let (acs, _, _) = self.acs_client().await?;
+        let (acs, _, _) = self.acs_client((Class::New, self.now)).await?;
         let identity_id = match recorded {
             Some(identity_id) => identity_id,
             None => {

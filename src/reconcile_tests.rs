@@ -1281,3 +1281,58 @@ async fn switching_from_scopes_to_tokens_issues_the_new_tokens_and_takes_the_old
     assert_eq!(status.tokens.len(), 2);
     assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
 }
+
+#[tokio::test]
+async fn a_refresh_without_budget_waits_in_the_queue_and_says_since_when_without_an_event() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let created = first_pass(&mut h).await;
+    h.acs.calls().await;
+    // Everything else this endpoint's budget allows in the window went out just now.
+    let limits = acs::RateLimits::for_endpoint(&h.acs.endpoint(), acs::Quota::default());
+    let budget = acs::Operation::IssueToken.published_limit();
+    for number in 0..budget {
+        let ticket = acs::Ticket {
+            class: acs::Class::New,
+            deadline: h.now(),
+            tenant: "elsewhere".into(),
+            key: format!("other-{number}"),
+            asked_at: h.now(),
+        };
+        let permit = limits.acquire(acs::Operation::IssueToken, &ticket, None);
+        drop(permit.await.expect("within the budget"));
+    }
+
+    h.restart();
+    h.cluster
+        .annotate(crate::crd::REFRESH_REQUESTED_ANNOTATION, "r1");
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_identity_get().await;
+    h.expect_connection_secret_get().await;
+    // No ACS call and no Event: the condition says it waits, and since when.
+    let status = h.expect_status_apply().await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(ready(&status), ("True", reason::WAITING_FOR_ACS));
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY_CONDITION);
+    let message = &condition.expect("a Ready condition").message;
+    assert!(
+        message.starts_with(&format!("waiting for ACS budget since {}", h.now())),
+        "{message}"
+    );
+    assert!(
+        message.contains("the token in the Secret stays valid until"),
+        "{message}"
+    );
+    assert_eq!(status.failed_attempts, 0, "waiting is no failure");
+    assert_eq!(status.next_refresh_time, created.status.next_refresh_time);
+    assert_eq!(status.handled_refresh_request, None, "still to do");
+    // It is called back when its slot frees (a window from now), and looks again in 5 min
+    // should that call be missed.
+    assert_eq!(action, Action::requeue(Duration::from_secs(5 * 60)));
+    assert_eq!(h.turns_called(), 0, "not before its slot is granted");
+}

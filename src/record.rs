@@ -13,7 +13,7 @@ use crate::crd::{
 };
 use crate::decide::IssueReason;
 use crate::held::{HeldToken, Issuance};
-use crate::refresh::{RefreshPlan, later, refresh_at, retry_delay};
+use crate::refresh::{FailureKind, RefreshPlan, later, refresh_at, retry_delay};
 use crate::restart::after_tokens_changed;
 use crate::status::{Failure, Outcome, ready_condition, with_condition};
 use crate::tokens::{TokenEntry, token_state, token_states, with_token_states};
@@ -304,12 +304,17 @@ pub fn after_failure(
     during: FailedDuring,
     now: Timestamp,
 ) -> (CommunicationIdentityStatus, Duration) {
-    let attempts = previous.failed_attempts.saturating_add(1);
-    let mut status = CommunicationIdentityStatus {
-        failed_attempts: attempts,
-        last_failure_time: Some(Time(now)),
-        ..previous.clone()
+    let queued = failure.kind() == FailureKind::Queued;
+    let mut status = match queued {
+        // Waiting is no failure: the count and the time of the last one stay.
+        true => previous.clone(),
+        false => CommunicationIdentityStatus {
+            failed_attempts: previous.failed_attempts.saturating_add(1),
+            last_failure_time: Some(Time(now)),
+            ..previous.clone()
+        },
     };
+    let attempts = status.failed_attempts;
     let (outcome, expires_on) = match during {
         FailedDuring::Apply {
             tokens_revoked,
@@ -359,7 +364,12 @@ pub fn after_failure(
     };
     let delay = retry_delay(attempts, failure.kind(), now, expires_on, uid(resource));
     if let FailedDuring::Apply { .. } = during {
-        status.next_refresh_time = Some(Time(later(now, delay)));
+        // A resource in the queue tries again when its turn calls it back: a backoff still
+        // running from an earlier failure ends, or that pass would find nothing to do.
+        let next_attempt = if queued { now } else { later(now, delay) };
+        if !queued || status.failed_attempts > 0 {
+            status.next_refresh_time = Some(Time(next_attempt));
+        }
         status.observed_generation = resource.metadata.generation;
     }
     status.conditions = conditions(previous, resource, outcome, now);

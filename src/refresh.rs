@@ -112,12 +112,20 @@ pub enum FailureKind {
     /// 400, 401, missing or malformed connection Secret, Secret conflict: the user must fix
     /// something; retried slowly, yet often enough that a fix takes effect within a minute.
     UserError,
+    /// Not a failure: waiting in the endpoint's queue, which calls the resource back when its
+    /// turn comes; the delay is only a fallback should that call be missed.
+    Queued,
 }
 
 const TRANSIENT_BASE: Duration = Duration::from_secs(5);
 const TRANSIENT_CAP: Duration = Duration::from_secs(5 * 60);
 const USER_ERROR_BASE: Duration = Duration::from_secs(15);
 const USER_ERROR_CAP: Duration = Duration::from_secs(60);
+/// How soon a resource waiting in the queue looks again if its turn never called it back (a
+/// reserved slot it did not claim in time goes back to the budget and the place is lost).
+/// Long: its turn calls it back, and each look of thousands waiting costs API reads (a
+/// 30-s recheck of 4,000 queued creates kept every worker busy in scenario 8).
+const QUEUED_RECHECK: Duration = Duration::from_secs(5 * 60);
 /// Transient delays are shortened by up to this share, so failed resources spread out.
 const RETRY_JITTER_PERCENT: u32 = 20;
 /// The shortest retry while a token is about to run out, so a nearly expired token does not
@@ -142,6 +150,7 @@ pub fn retry_delay(
     // The first failure waits the base delay.
     let exponent = failed_attempts.clamp(1, 32) as u32 - 1;
     let mut delay = match kind {
+        FailureKind::Queued => return QUEUED_RECHECK,
         FailureKind::UserError => backoff(USER_ERROR_BASE, exponent, USER_ERROR_CAP),
         FailureKind::Transient | FailureKind::Throttled { .. } => {
             let full = backoff(TRANSIENT_BASE, exponent, TRANSIENT_CAP);

@@ -21,7 +21,7 @@ use tracing::{Instrument, info, info_span, warn};
 const RECONCILE_CONCURRENCY: u16 = 64;
 
 use crate::admin::{self, Health, Phase};
-use crate::context::{AcsSettings, Context};
+use crate::context::{AcsSettings, Context, Turns};
 use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     OPERATOR_ANNOTATION_PREFIX,
@@ -111,12 +111,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             None => (Api::all(watch_client.clone()), Api::all(watch_client)),
         };
     let (store, writer) = reflector::store();
+    let (turns, turn_triggers) = Turns::new();
     let context = Arc::new(Context::new(
         client,
         reporter,
         config.acs,
         metrics,
         store.clone(),
+        turns,
     ));
     info!(
         namespace = config.watch_namespace.as_deref().unwrap_or("(all)"),
@@ -155,6 +157,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let controller = Controller::for_stream(identity_events, store)
         .owns_stream(secret_events)
+        // A pass that waits for an ACS budget longer than a moment returns, and comes back
+        // through here when its slot is granted (see `context::Turns`).
+        .reconcile_on(turn_triggers)
         // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
         // cheap scheduler entries instead of thousands of live reconcile futures.
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));

@@ -72,6 +72,12 @@ pub enum Failure {
         identity_id: String,
         holder: String,
     },
+    /// The pass waits in the endpoint's queue since `since`, and is called back when its turn
+    /// comes: for budget (nothing failed), or, `circuit_open`, for the endpoint to recover.
+    WaitingForAcs {
+        since: Timestamp,
+        circuit_open: bool,
+    },
 }
 
 impl Failure {
@@ -91,6 +97,12 @@ impl Failure {
             Failure::EndpointNotAllowed { .. } => reason::ENDPOINT_NOT_ALLOWED,
             Failure::SecretWriteFailed { .. } => reason::SECRET_WRITE_FAILED,
             Failure::IdentityInUse { .. } => reason::IDENTITY_IN_USE,
+            // An endpoint that fails is unavailable, whether or not this resource's own request
+            // went out: the reason (and the failures metric, and its alert) say so.
+            Failure::WaitingForAcs {
+                circuit_open: true, ..
+            } => reason::ACS_UNAVAILABLE,
+            Failure::WaitingForAcs { .. } => reason::WAITING_FOR_ACS,
         }
     }
 
@@ -112,6 +124,13 @@ impl Failure {
             acs::Error::Throttled { retry_after, .. } => Failure::Throttled {
                 retry_after: *retry_after,
             },
+            acs::Error::Queued {
+                since,
+                circuit_open,
+            } => Failure::WaitingForAcs {
+                since: *since,
+                circuit_open: *circuit_open,
+            },
             // The service's own words; the error's Display would say "unavailable" twice.
             acs::Error::Unavailable(service) => Failure::AcsUnavailable {
                 detail: service.to_string(),
@@ -129,6 +148,7 @@ impl Failure {
                 retry_after: *retry_after,
             },
             Failure::AcsUnavailable { .. } => FailureKind::Transient,
+            Failure::WaitingForAcs { .. } => FailureKind::Queued,
             _ => FailureKind::UserError,
         }
     }
@@ -202,6 +222,15 @@ impl Failure {
                  names (spec.secretTemplate, a ResourceQuota on Secrets, the namespace); the \
                  token already issued is written as soon as it can be"
             ),
+            // The queue's own words: they name only the time and the endpoint's state.
+            Failure::WaitingForAcs {
+                since,
+                circuit_open,
+            } => acs::Error::Queued {
+                since: *since,
+                circuit_open: *circuit_open,
+            }
+            .to_string(),
             Failure::IdentityInUse {
                 identity_id,
                 holder,
@@ -219,12 +248,17 @@ impl Failure {
 pub const MAX_MESSAGE_CHARS: usize = 1000;
 
 /// `text` cut to [`MAX_MESSAGE_CHARS`] bytes on a character boundary, marked when cut.
-pub fn bounded(mut text: String) -> String {
+pub fn bounded(text: String) -> String {
+    truncated(text, MAX_MESSAGE_CHARS)
+}
+
+/// `text` cut to `max` bytes on a character boundary, marked when cut.
+pub fn truncated(mut text: String, max: usize) -> String {
     const MARK: &str = " […]";
-    if text.len() <= MAX_MESSAGE_CHARS {
+    if text.len() <= max {
         return text;
     }
-    let mut end = MAX_MESSAGE_CHARS - MARK.len();
+    let mut end = max.saturating_sub(MARK.len());
     while !text.is_char_boundary(end) {
         end -= 1;
     }

@@ -2,6 +2,7 @@
 //! operator, the acs-emulator. One test binary, so the control plane starts once per run.
 
 mod chart;
+mod circuit;
 mod controlplane;
 mod hostile;
 mod leader;

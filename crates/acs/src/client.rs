@@ -11,13 +11,15 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use crate::circuit::Answer;
 use crate::endpoint::{EndpointPolicy, is_azure_host};
 use crate::error::{
     Error, MAX_ANSWER_BYTES, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError,
     bounded_echo, root_cause,
 };
-use crate::ratelimit::{Operation, Quota, RateLimits};
+use crate::ratelimit::{Operation, Quota, RateLimits, Turn};
 use crate::retry::{self, RetryPolicy};
+use crate::schedule::{Class, Ticket};
 use crate::wire::{
     API_VERSION_WITH_CUSTOM_ID, AccessToken, CreateIdentityRequest, CreateIdentityResponse,
     ErrorResponse, IdentityDetails, IssueTokenRequest,
@@ -152,6 +154,9 @@ pub struct CreatedIdentity {
 pub struct AcsClient {
     inner: Arc<Inner>,
     retry: RetryPolicy,
+    /// The place its requests take in the endpoint's queues; without one, each request waits
+    /// as a new one (class [`Class::New`]) for as long as it takes.
+    place: Option<Arc<(Ticket, Turn)>>,
 }
 
 struct Inner {
@@ -262,14 +267,25 @@ impl AcsClient {
                 observer: options.observer,
             }),
             retry: options.retry,
+            place: None,
         })
     }
 
     /// The same client (connections, limits) with another retry policy.
     pub fn with_retry_policy(&self, retry: RetryPolicy) -> Self {
         Self {
-            inner: self.inner.clone(),
             retry,
+            ..self.clone()
+        }
+    }
+
+    /// The same client, its requests queued in `ticket`'s place: each waits at most
+    /// [`crate::ratelimit::PATIENCE`] and then fails with [`Error::Queued`], `turn` being called
+    /// when the slot is reserved for the key (the caller then sends the request again).
+    pub fn with_ticket(&self, ticket: Ticket, turn: Turn) -> Self {
+        Self {
+            place: Some(Arc::new((ticket, turn))),
+            ..self.clone()
         }
     }
 
@@ -409,8 +425,24 @@ impl AcsClient {
         let mut first_attempt = None;
         let mut last_error = None;
         let mut retry = 0;
+        let anonymous;
+        let (ticket, turn) = match self.place.as_deref() {
+            Some((ticket, turn)) => (ticket, Some(turn)),
+            None => {
+                anonymous = anonymous_ticket();
+                (&anonymous, None)
+            }
+        };
         loop {
-            let permit = self.inner.limits.acquire(operation).await;
+            let mut permit = self
+                .inner
+                .limits
+                .acquire(operation, ticket, turn)
+                .await
+                .map_err(|queued| Error::Queued {
+                    since: queued.since,
+                    circuit_open: queued.circuit_open,
+                })?;
             self.inner
                 .observer
                 .on_rate_limit_wait(operation, permit.waited);
@@ -424,6 +456,7 @@ impl AcsClient {
                 }));
             };
             let outcome = self.attempt(call, timeout).await;
+            permit.answered(circuit_answer(&outcome));
             // Answered (or given up on): from now on it counts in the window's log.
             drop(permit);
             let error = match outcome {
@@ -443,7 +476,11 @@ impl AcsClient {
                 delay_ms = delay.as_millis() as u64,
                 "retrying ACS request"
             );
-            tokio::time::sleep(delay).await;
+            // With the circuit open, a caller that can be called back waits for the probe in the
+            // queue instead: the queue paces its retry.
+            if turn.is_none() || !self.inner.limits.circuit_open() {
+                tokio::time::sleep(delay).await;
+            }
             last_error = Some(error);
             retry += 1;
         }
@@ -531,6 +568,35 @@ impl AcsClient {
             inner.observer.on_throttled(call.operation);
         }
         Err(classify(call, status, &headers, &bytes))
+    }
+}
+
+/// A place for a request that came without one: new, due now, a key of its own.
+fn anonymous_ticket() -> Ticket {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = jiff::Timestamp::now();
+    Ticket {
+        class: Class::New,
+        deadline: now,
+        tenant: String::new(),
+        key: format!("#anonymous-{number}"),
+        asked_at: now,
+    }
+}
+
+/// What an exchange tells the endpoint's circuit: an answer that is no answer (nothing came
+/// back, a 5xx, a body far too large) is an outage; any other answer shows the endpoint up.
+fn circuit_answer<T>(outcome: &Result<T, Error>) -> Answer {
+    match outcome {
+        Ok(_) => Answer::Success,
+        Err(
+            Error::Timeout { .. }
+            | Error::Connection { .. }
+            | Error::Unavailable(_)
+            | Error::AnswerTooLarge { .. },
+        ) => Answer::Outage,
+        Err(_) => Answer::Refused,
     }
 }
 

@@ -63,12 +63,30 @@ pub enum Error {
         MAX_ANSWER_BYTES / 1024
     )]
     AnswerTooLarge { operation: Operation, status: u16 },
+    /// Not sent: the request waits its turn for the endpoint's budget (or, `circuit_open`, for
+    /// the endpoint to answer a probe); it is called back when its turn comes.
+    #[error("{}", queued_text(.since, *.circuit_open))]
+    Queued {
+        since: jiff::Timestamp,
+        circuit_open: bool,
+    },
     #[error("ACS answered {} with an unexpected response (HTTP {status}): {detail}", .operation.as_str())]
     UnexpectedResponse {
         operation: Operation,
         status: u16,
         detail: String,
     },
+}
+
+fn queued_text(since: &jiff::Timestamp, circuit_open: bool) -> String {
+    match circuit_open {
+        true => format!(
+            "ACS is unavailable: waiting for the endpoint to recover since {since}; it failed repeatedly, so one probe at a time goes out, and this request follows in deadline order once one succeeds"
+        ),
+        false => format!(
+            "waiting for ACS budget since {since}: the endpoint's rate limit is shared, and more urgent requests go first"
+        ),
+    }
 }
 
 fn retry_after_text(retry_after: &Option<Duration>) -> String {
@@ -90,6 +108,7 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Connection { .. } => "connection",
             Error::AnswerTooLarge { .. } => "answer_too_large",
+            Error::Queued { .. } => "queued",
             Error::UnexpectedResponse { .. } => "unexpected_response",
         }
     }
@@ -129,6 +148,7 @@ impl Error {
             Error::Timeout { .. }
             | Error::Connection { .. }
             | Error::AnswerTooLarge { .. }
+            | Error::Queued { .. }
             | Error::UnexpectedResponse { .. } => None,
         }
     }

@@ -1,14 +1,17 @@
 //! The Azure Communication Services identity API as the operator and the emulator speak it.
 //!
 //! This crate knows nothing of Kubernetes: connection strings, HMAC request signing, the JSON
-//! wire types, and (in [`client`]) an async HTTPS client with retries and rate limiting.
+//! wire types, and (in [`client`]) an async HTTPS client with retries, rate limiting in deadline
+//! order ([`schedule`]) and a circuit per endpoint ([`circuit`]).
 
+pub mod circuit;
 pub mod client;
 pub mod connection;
 pub mod endpoint;
 pub mod error;
 pub mod ratelimit;
 pub mod retry;
+pub mod schedule;
 pub mod signing;
 pub mod wire;
 
@@ -16,5 +19,6 @@ pub use client::{AcsClient, BuildError, ClientOptions, CreatedIdentity, Observer
 pub use connection::{AccessKey, ConnectionString, ConnectionStringError};
 pub use endpoint::{EndpointListError, EndpointPolicy, is_azure_host};
 pub use error::{Error, MAX_ANSWER_BYTES, ServiceError};
-pub use ratelimit::{Operation, Quota, RateLimits};
+pub use ratelimit::{Operation, Queued, Quota, RateLimits, Turn};
 pub use retry::{MAX_RETRY_AFTER, RetryPolicy};
+pub use schedule::{Class, Ticket};

@@ -11,14 +11,26 @@
 //! Written by hand rather than with `governor`: GCRA admits at most `burst + W / interval` per
 //! window, so staying under the service's sliding window forces a small burst and a sustained
 //! rate below the limit, and 10,000 creates took ≈ 312 s against the service's floor of ≈ 270 s
-//! (full windows of 1000 every 30 s). A sliding-window log reaches that floor.
+//! (full windows of 1000 every 30 s). A sliding-window log reaches that floor. Nor with a
+//! priority-queue crate: the order is a class, then tenants in turn, then deadlines
+//! ([`crate::schedule`]), and waiters must keep their place while away, which no general
+//! queue models.
+//!
+//! In front of each budget waits a queue in that order; slots go to its head as reservations
+//! under the request's key, which a waiting caller claims at once, and one that stopped
+//! waiting ([`Queued`]) claims when it comes back after its [`Turn`] was called. The
+//! endpoint's [`Circuit`] decides whether slots go out at all while it fails.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use jiff::Timestamp;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::circuit::{Answer, Circuit, Gate};
+use crate::schedule::{Queue, Ticket};
 
 /// The window in which the service counts requests.
 pub const WINDOW: Duration = Duration::from_secs(30);
@@ -66,25 +78,60 @@ impl Operation {
     }
 }
 
-/// One operation's budget: answers within the last [`WINDOW`] plus requests in flight.
-#[derive(Debug, Default)]
-struct Lane {
-    /// Callers wait their turn here (tokio's mutex is FIFO): first come, first served, and only
-    /// the head of the queue watches the budget.
-    queue: tokio::sync::Mutex<()>,
-    state: Mutex<LaneState>,
-    /// Woken when a request in flight is answered.
-    answered: Notify,
-}
+/// How long a slot granted to a caller that is not waiting (it was told to come back, see
+/// [`Queued`]) stays reserved for it: long enough for a reconcile to be scheduled and reach
+/// its ACS call even when a window's worth of them (1,000) is called back at once and queues
+/// for the controller's workers. A slot nobody claims in time goes back to the budget; only
+/// a resource that no longer needs it (deleted, or decided otherwise) leaves one unclaimed.
+pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Default)]
-struct LaneState {
+/// How long the next in line, if it can come back when its turn comes ([`Turn`]), waits in
+/// [`RateLimits::acquire`] before it is told to: long enough that a request waiting for the next
+/// free slot of a busy budget (or for the circuit's next probe) is sent at once, short enough
+/// that it never holds a reconcile worker for long.
+pub const PATIENCE: Duration = Duration::from_secs(1);
+
+/// Called when a request that stopped waiting ([`Queued`]) is granted its slot: the caller
+/// should come back (its slot is reserved for [`RESERVATION_TTL`]).
+pub type Turn = Arc<dyn Fn() + Send + Sync>;
+
+/// One operation's budget: answers within the last [`WINDOW`], requests in flight and slots
+/// reserved for callers coming back.
+#[derive(Default)]
+struct Lane {
     /// When requests were answered, oldest first.
     answered_at: VecDeque<Instant>,
     in_flight: u32,
+    /// Slots granted and not yet claimed, by ticket key.
+    reserved: HashMap<String, Reservation>,
+    queue: Queue<Waker>,
 }
 
-impl LaneState {
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    granted_at: Instant,
+    /// The circuit's probe.
+    probe: bool,
+}
+
+/// How a waiting request learns that it was granted a slot.
+struct Waker {
+    /// The caller waits in [`RateLimits::acquire`].
+    waiting: Option<Arc<Notify>>,
+    /// The caller stopped waiting and is to be called back.
+    turn: Option<Turn>,
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker")
+            .field("waiting", &self.waiting.is_some())
+            .field("turn", &self.turn.is_some())
+            .finish()
+    }
+}
+
+impl Lane {
     fn forget_before(&mut self, now: Instant) {
         while self
             .answered_at
@@ -96,8 +143,47 @@ impl LaneState {
     }
 
     fn used(&self) -> u32 {
-        self.in_flight + self.answered_at.len() as u32
+        self.in_flight + self.answered_at.len() as u32 + self.reserved.len() as u32
     }
+
+    /// When counting next changes by itself: the oldest answer leaves the window, or the
+    /// oldest reservation lapses.
+    fn next_change(&self) -> Option<Instant> {
+        let answer = self.answered_at.front().map(|at| *at + WINDOW);
+        let lapse = self
+            .reserved
+            .values()
+            .map(|reservation| reservation.granted_at + RESERVATION_TTL)
+            .min();
+        answer.into_iter().chain(lapse).min()
+    }
+}
+
+/// Everything about one endpoint that changes, under one lock.
+#[derive(Default)]
+struct State {
+    /// Indexed by `operation as usize`: [`Operation::ALL`] is in declaration order.
+    lanes: [Lane; Operation::ALL.len()],
+    circuit: Circuit,
+    /// A task is serving the queues as time frees budget (see [`RateLimits::drive`]).
+    driven: bool,
+}
+
+/// A request that stopped waiting: its place is kept, and its turn is called when its slot is
+/// granted. `circuit_open`: it waits for the endpoint to recover rather than for budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queued {
+    pub since: Timestamp,
+    pub circuit_open: bool,
+}
+
+/// What the queues of one endpoint hold, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    pub endpoint: String,
+    pub waiting: usize,
+    pub oldest_deadline: Option<Timestamp>,
+    pub circuit_open: bool,
 }
 
 /// How many requests per window the limiter admits.
@@ -129,32 +215,78 @@ impl Quota {
     }
 }
 
-/// The limiters of one ACS resource, one per operation. Share one per endpoint: every client
-/// built for the same endpoint uses [`RateLimits::for_endpoint`] unless given its own.
-#[derive(Debug, Default)]
+/// The limiters of one ACS resource, one per operation, and its circuit. Share one per
+/// endpoint: every client built for the same endpoint uses [`RateLimits::for_endpoint`] unless
+/// given its own.
+///
+/// Requests wait in a queue per operation served in [`crate::schedule`] order; a slot is
+/// granted as a reservation under the request's key, which the caller claims at once (if it
+/// still waits) or when it comes back after its [`Turn`] was called.
+#[derive(Default)]
 pub struct RateLimits {
     quota: Quota,
-    /// Indexed by `operation as usize`: [`Operation::ALL`] is in declaration order.
-    lanes: [Lane; Operation::ALL.len()],
+    state: Mutex<State>,
+    /// Wakes the driving task when something changed earlier than it planned to look.
+    changed: Notify,
 }
 
-/// Leave to send one request; dropping it (when the answer, an error or a timeout came back)
-/// counts the request as answered.
-#[derive(Debug)]
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("quota", &self.quota)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Leave to send one request. Say how it ended with [`Permit::answered`] (the circuit takes a
+/// permit dropped without an answer as abandoned); dropping it counts the request as answered.
 #[must_use = "the request counts as answered when the permit is dropped"]
-pub struct Permit<'a> {
-    lane: &'a Lane,
+pub struct Permit {
+    limits: Arc<RateLimits>,
+    operation: Operation,
+    probe: bool,
+    answer: Answer,
     /// How long the caller waited for it.
     pub waited: Duration,
 }
 
-impl Drop for Permit<'_> {
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("operation", &self.operation)
+            .field("probe", &self.probe)
+            .field("waited", &self.waited)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit {
+    /// How the exchange ended, for the endpoint's circuit.
+    pub fn answered(&mut self, answer: Answer) {
+        self.answer = answer;
+    }
+}
+
+impl Drop for Permit {
     fn drop(&mut self) {
-        let mut state = self.lane.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.in_flight -= 1;
-        state.answered_at.push_back(Instant::now());
-        drop(state);
-        self.lane.answered.notify_waiters();
+        let now = Instant::now();
+        let turns = {
+            let mut state = self.limits.lock();
+            let lane = &mut state.lanes[self.operation as usize];
+            lane.in_flight -= 1;
+            // Counted even if never sent: the budget errs on the side of the service.
+            lane.answered_at.push_back(now);
+            state.circuit.answered(self.answer, self.probe, now);
+            self.limits.serve(&mut state, now)
+        };
+        self.limits.changed.notify_one();
+        call_turns(turns);
+    }
+}
+
+fn call_turns(turns: Vec<Turn>) {
+    for turn in turns {
+        turn();
     }
 }
 
@@ -172,16 +304,19 @@ impl RateLimits {
         }
     }
 
+    fn registry() -> &'static Mutex<HashMap<String, Arc<RateLimits>>> {
+        static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<RateLimits>>>> = OnceLock::new();
+        REGISTRY.get_or_init(Default::default)
+    }
+
     /// The process-wide limiters of the resource at `endpoint`, created with `quota` by the
     /// first caller (a process uses one quota). An entry outlives its clients while its window
     /// still counts requests (a fresh limiter would forget what the service still counts), and
     /// is dropped, when the next endpoint is added, once no client holds it and its window is
     /// empty: tenants name endpoints, so the registry must not grow with every one ever named.
     pub fn for_endpoint(endpoint: &str, quota: Quota) -> Arc<Self> {
-        static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<RateLimits>>>> = OnceLock::new();
         let key = endpoint.trim_end_matches('/').to_ascii_lowercase();
-        let mut registry = REGISTRY
-            .get_or_init(Default::default)
+        let mut registry = Self::registry()
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(limits) = registry.get(&key) {
@@ -195,42 +330,248 @@ impl RateLimits {
         limits
     }
 
-    /// Nothing answered within the last [`WINDOW`] and nothing in flight, in any lane.
+    /// The queues of every endpoint in the registry that has one waiting or an open circuit.
+    pub fn snapshots() -> Vec<QueueSnapshot> {
+        let registry = Self::registry()
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        registry
+            .iter()
+            .filter_map(|(endpoint, limits)| {
+                let state = limits.lock();
+                let queues = state.lanes.iter().map(|lane| &lane.queue);
+                let snapshot = QueueSnapshot {
+                    endpoint: endpoint.clone(),
+                    waiting: queues.clone().map(Queue::len).sum(),
+                    oldest_deadline: queues.filter_map(Queue::oldest_deadline).min(),
+                    circuit_open: state.circuit.is_open(),
+                };
+                (snapshot.waiting > 0 || snapshot.circuit_open).then_some(snapshot)
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Nothing answered within the last [`WINDOW`], nothing in flight, reserved or waiting, in
+    /// any lane.
     fn is_idle(&self) -> bool {
         let now = Instant::now();
-        self.lanes.iter().all(|lane| {
-            let mut state = lane.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.forget_before(now);
-            state.used() == 0
+        let mut state = self.lock();
+        state.lanes.iter_mut().all(|lane| {
+            lane.forget_before(now);
+            lane.used() == 0 && lane.queue.is_empty()
         })
     }
 
-    /// Waits until `operation` may be sent without the service counting more than its limit.
-    pub async fn acquire(&self, operation: Operation) -> Permit<'_> {
-        let lane = &self.lanes[operation as usize];
-        let limit = self.quota.limit(operation);
+    /// Whether the endpoint's circuit is open (see [`crate::circuit`]).
+    pub fn circuit_open(&self) -> bool {
+        self.lock().circuit.is_open()
+    }
+
+    /// Waits for a slot of `operation` in `ticket`'s place in the queue. A caller with a `turn`
+    /// waits at most [`PATIENCE`] if it is next in line, else not at all: then it gets
+    /// [`Queued`], keeps its place, and `turn` is called once the slot is reserved for it;
+    /// asking again with the same key claims it. A caller without one waits as long as it takes.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        operation: Operation,
+        ticket: &Ticket,
+        turn: Option<&Turn>,
+    ) -> Result<Permit, Queued> {
         let start = Instant::now();
-        let _turn = lane.queue.lock().await;
-        loop {
-            // Registered before the budget is read, so an answer in between is not missed.
-            let answered = lane.answered.notified();
-            let oldest = {
-                let mut state = lane.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.forget_before(Instant::now());
-                if state.used() < limit {
-                    state.in_flight += 1;
-                    return Permit {
-                        lane,
-                        waited: start.elapsed(),
-                    };
-                }
-                state.answered_at.front().copied()
+        let notify = Arc::new(Notify::new());
+        let (since, next_in_line, turns) = {
+            let mut state = self.lock();
+            let waker = Waker {
+                waiting: Some(notify.clone()),
+                turn: turn.cloned(),
             };
-            match oldest {
-                // The oldest answer leaves the window then (or an answer frees nothing sooner).
-                Some(at) => tokio::time::sleep_until(at + WINDOW).await,
-                // Everything counted is still in flight: wait for an answer first.
-                None => answered.await,
+            let lane = &mut state.lanes[operation as usize];
+            let since = match lane.reserved.contains_key(&ticket.key) {
+                true => ticket.asked_at,
+                false => lane.queue.push(ticket.clone(), waker),
+            };
+            let next_in_line = lane.queue.peek().is_none_or(|next| next.key == ticket.key);
+            (since, next_in_line, self.serve(&mut state, start))
+        };
+        self.changed.notify_one();
+        call_turns(turns);
+        let granted = async {
+            loop {
+                if let Some(permit) = self.claim(&mut self.lock(), operation, &ticket.key, start) {
+                    return permit;
+                }
+                notify.notified().await;
+            }
+        };
+        let Some(turn) = turn else {
+            return Ok(granted.await);
+        };
+        // Only the next in line waits: one with others ahead would hold its reconcile worker
+        // for nothing (a burst of thousands would hold them all), so it stops waiting at once.
+        let patience = if next_in_line {
+            PATIENCE
+        } else {
+            Duration::ZERO
+        };
+        if let Ok(permit) = tokio::time::timeout(patience, granted).await {
+            return Ok(permit);
+        }
+        let mut state = self.lock();
+        if let Some(permit) = self.claim(&mut state, operation, &ticket.key, start) {
+            return Ok(permit);
+        }
+        if let Some(waiting) = state.lanes[operation as usize].queue.get_mut(&ticket.key) {
+            waiting.waker.waiting = None;
+            waiting.waker.turn = Some(turn.clone());
+        }
+        Err(Queued {
+            since,
+            circuit_open: state.circuit.is_open(),
+        })
+    }
+
+    /// Turns the slot reserved under `key`, if there is one, into a permit.
+    fn claim(
+        self: &Arc<Self>,
+        state: &mut State,
+        operation: Operation,
+        key: &str,
+        start: Instant,
+    ) -> Option<Permit> {
+        let lane = &mut state.lanes[operation as usize];
+        let reservation = lane.reserved.remove(key)?;
+        lane.in_flight += 1;
+        Some(Permit {
+            limits: self.clone(),
+            operation,
+            probe: reservation.probe,
+            answer: Answer::Abandoned,
+            waited: start.elapsed(),
+        })
+    }
+
+    /// Grants what the budgets and the circuit allow, in queue order, and makes sure a task
+    /// keeps doing so while requests wait. While the circuit is open the one probe is the most
+    /// urgent request of any lane with budget. Returns the turns to call (after the lock is
+    /// released: a turn may do anything).
+    fn serve(self: &Arc<Self>, state: &mut State, now: Instant) -> Vec<Turn> {
+        let mut turns = Vec::new();
+        for lane in &mut state.lanes {
+            lane.forget_before(now);
+            let mut lapsed_probe = false;
+            lane.reserved.retain(|_, reservation| {
+                let live = reservation.granted_at + RESERVATION_TTL > now;
+                lapsed_probe |= !live && reservation.probe;
+                live
+            });
+            if lapsed_probe {
+                state.circuit.answered(Answer::Abandoned, true, now);
+            }
+        }
+        let open = |state: &State, operation: Operation| {
+            let lane = &state.lanes[operation as usize];
+            !lane.queue.is_empty() && lane.used() < self.quota.limit(operation)
+        };
+        match state.circuit.gate(now) {
+            Gate::Open => {
+                for operation in Operation::ALL {
+                    while open(state, operation) {
+                        self.grant(state, operation, false, now, &mut turns);
+                    }
+                }
+            }
+            Gate::Probe => {
+                let most_urgent = Operation::ALL
+                    .into_iter()
+                    .filter(|operation| open(state, *operation))
+                    .min_by_key(|operation| {
+                        let ticket = state.lanes[*operation as usize].queue.peek();
+                        ticket.map(|ticket| (ticket.class, ticket.deadline))
+                    });
+                if let Some(operation) = most_urgent {
+                    state.circuit.probe_sent();
+                    self.grant(state, operation, true, now, &mut turns);
+                }
+            }
+            Gate::AwaitProbe | Gate::Until(_) => {}
+        }
+        let waiting = state.lanes.iter().any(|lane| !lane.queue.is_empty());
+        let reserved = state.lanes.iter().any(|lane| !lane.reserved.is_empty());
+        if (waiting || reserved) && !state.driven {
+            state.driven = true;
+            tokio::spawn(self.clone().drive());
+        }
+        turns
+    }
+
+    /// Reserves a slot of `operation` for the head of its queue and wakes it: at once if it
+    /// waits, through its turn if it stopped waiting.
+    fn grant(
+        &self,
+        state: &mut State,
+        operation: Operation,
+        probe: bool,
+        now: Instant,
+        turns: &mut Vec<Turn>,
+    ) {
+        let lane = &mut state.lanes[operation as usize];
+        let Some(waiting) = lane.queue.pop() else {
+            return;
+        };
+        let reservation = Reservation {
+            granted_at: now,
+            probe,
+        };
+        lane.reserved.insert(waiting.ticket.key, reservation);
+        match (waiting.waker.waiting, waiting.waker.turn) {
+            (Some(notify), _) => notify.notify_one(),
+            (None, Some(turn)) => turns.push(turn),
+            (None, None) => {}
+        }
+    }
+
+    /// Serves the queues whenever time frees budget (an answer leaves the window, a reservation
+    /// lapses, a probe is due), until nothing waits or is reserved.
+    async fn drive(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut state = self.lock();
+                let now = Instant::now();
+                let turns = self.serve(&mut state, now);
+                let waiting = state.lanes.iter().any(|lane| !lane.queue.is_empty());
+                let reserved = state.lanes.iter().any(|lane| !lane.reserved.is_empty());
+                if !waiting && !reserved {
+                    state.driven = false;
+                    drop(state);
+                    call_turns(turns);
+                    return;
+                }
+                let probe = match state.circuit.gate(now) {
+                    Gate::Until(at) => Some(at),
+                    _ => None,
+                };
+                let next = state
+                    .lanes
+                    .iter()
+                    .filter_map(Lane::next_change)
+                    .chain(probe)
+                    .min();
+                drop(state);
+                call_turns(turns);
+                next
+            };
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = self.changed.notified() => {}
+                    }
+                }
+                None => self.changed.notified().await,
             }
         }
     }
@@ -239,6 +580,24 @@ impl RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::Class;
+    use crate::schedule::tests::ticket;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A caller without a turn, new and due now, under a key of its own.
+    fn anyone() -> Ticket {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let key = format!("caller-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        ticket(Class::New, 0, "", &key)
+    }
+
+    /// Waits as long as it takes, as a caller without a turn does.
+    async fn wait_for(limits: &Arc<RateLimits>, operation: Operation) -> Permit {
+        limits
+            .acquire(operation, &anyone(), None)
+            .await
+            .expect("a caller without a turn is never told to come back")
+    }
 
     /// The most admissions in any half-open window `[t, t + width)`.
     fn busiest_window(admitted: &[Duration], width: Duration) -> usize {
@@ -255,15 +614,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn greedy_callers_fill_each_window_and_never_exceed_it() {
-        let limits = RateLimits::new();
+        let limits = Arc::new(RateLimits::new());
         for operation in [Operation::CreateIdentity, Operation::DeleteIdentity] {
             let limit = operation.published_limit() as usize;
             let origin = Instant::now();
             let mut answered = Vec::new();
             for _ in 0..3 * limit {
-                let permit = limits.acquire(operation).await;
+                let mut permit = wait_for(&limits, operation).await;
                 // Each request is answered 1 ms after it was sent.
                 tokio::time::sleep(Duration::from_millis(1)).await;
+                permit.answered(Answer::Success);
                 drop(permit);
                 answered.push(origin.elapsed());
             }
@@ -285,13 +645,12 @@ mod tests {
         let limit = Operation::DeleteIdentity.published_limit();
         let mut held = Vec::new();
         for _ in 0..limit {
-            held.push(limits.acquire(Operation::DeleteIdentity).await);
+            held.push(wait_for(&limits, Operation::DeleteIdentity).await);
         }
         assert!(held.iter().all(|permit| permit.waited.is_zero()));
         // Other operations have budgets of their own.
         assert!(
-            limits
-                .acquire(Operation::CreateIdentity)
+            wait_for(&limits, Operation::CreateIdentity)
                 .await
                 .waited
                 .is_zero()
@@ -299,10 +658,12 @@ mod tests {
         // The next delete waits for the answers (5 s from now), then a full window after them.
         let next = tokio::spawn({
             let limits = limits.clone();
-            async move { limits.acquire(Operation::DeleteIdentity).await.waited }
+            async move { wait_for(&limits, Operation::DeleteIdentity).await.waited }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
-        drop(held);
+        for mut permit in held {
+            permit.answered(Answer::Success);
+        }
         assert_eq!(next.await.unwrap(), Duration::from_secs(5) + WINDOW);
     }
 
@@ -314,7 +675,7 @@ mod tests {
             .map(|_| {
                 let limits = limits.clone();
                 tokio::spawn(async move {
-                    let permit = limits.acquire(Operation::IssueToken).await;
+                    let permit = wait_for(&limits, Operation::IssueToken).await;
                     let sent = origin.elapsed();
                     drop(permit);
                     sent
@@ -335,17 +696,237 @@ mod tests {
         );
     }
 
+    /// A turn that records, in `log`, that `key`'s slot was granted.
+    fn recording(log: &Arc<Mutex<Vec<String>>>, key: &str) -> Turn {
+        let (log, key) = (log.clone(), key.to_owned());
+        Arc::new(move || log.lock().unwrap().push(key.clone()))
+    }
+
+    /// Asks for a slot for each ticket at once, in one task each.
+    fn ask_all(
+        limits: &Arc<RateLimits>,
+        tickets: &[Ticket],
+        log: &Arc<Mutex<Vec<String>>>,
+    ) -> Vec<tokio::task::JoinHandle<Result<Permit, Queued>>> {
+        tickets
+            .iter()
+            .map(|ticket| {
+                let (limits, ticket) = (limits.clone(), ticket.clone());
+                let turn = recording(log, &ticket.key);
+                tokio::spawn(async move {
+                    limits
+                        .acquire(Operation::IssueToken, &ticket, Some(&turn))
+                        .await
+                })
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_with_a_turn_stops_waiting_keeps_its_place_and_claims_its_slot() {
+        let limits = Arc::new(RateLimits::with_quota(Quota::Scaled(0.0001)));
+        let mut first = wait_for(&limits, Operation::IssueToken).await;
+        first.answered(Answer::Success);
+        drop(first);
+        let log = Arc::default();
+        let waiter = ticket(Class::Refresh, 0, "b", "b/due");
+        let turn = recording(&log, &waiter.key);
+        let started = Instant::now();
+        let queued = limits
+            .acquire(Operation::IssueToken, &waiter, Some(&turn))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            started.elapsed(),
+            PATIENCE,
+            "held no longer than its patience"
+        );
+        assert_eq!(
+            queued,
+            Queued {
+                since: waiter.asked_at,
+                circuit_open: false
+            }
+        );
+        assert!(log.lock().unwrap().is_empty());
+        // Asking again before its turn keeps the place and the time it first asked.
+        let mut later = waiter.clone();
+        later.asked_at += jiff::SignedDuration::from_secs(5);
+        let again = limits
+            .acquire(Operation::IssueToken, &later, Some(&turn))
+            .await;
+        assert_eq!(again.unwrap_err().since, waiter.asked_at);
+        // The slot frees a window after the first answer: the turn is called, and the slot
+        // waits for its claim.
+        tokio::time::sleep_until(started + WINDOW + Duration::from_millis(1)).await;
+        assert_eq!(*log.lock().unwrap(), ["b/due"]);
+        let permit = limits
+            .acquire(Operation::IssueToken, &waiter, Some(&turn))
+            .await;
+        assert!(permit.unwrap().waited.is_zero());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unclaimed_slot_goes_back_to_the_budget() {
+        let limits = Arc::new(RateLimits::with_quota(Quota::Scaled(0.0001)));
+        drop(wait_for(&limits, Operation::IssueToken).await);
+        let log = Arc::default();
+        let gone = ticket(Class::New, 0, "a", "a/gone");
+        let turn = recording(&log, &gone.key);
+        assert!(
+            limits
+                .acquire(Operation::IssueToken, &gone, Some(&turn))
+                .await
+                .is_err()
+        );
+        let next = tokio::spawn({
+            let limits = limits.clone();
+            async move { wait_for(&limits, Operation::IssueToken).await.waited }
+        });
+        // a/gone is granted a window after the first answer, never claims, and its slot lapses.
+        assert_eq!(next.await.unwrap(), WINDOW + RESERVATION_TTL - PATIENCE);
+        assert_eq!(*log.lock().unwrap(), ["a/gone"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freed_slots_go_by_class_deadline_and_tenant_turns() {
+        let limits = Arc::new(RateLimits::with_quota(Quota::Scaled(0.0001)));
+        drop(wait_for(&limits, Operation::IssueToken).await);
+        let log = Arc::default();
+        let tickets = [
+            ticket(Class::New, -90, "a", "a/new-1"),
+            ticket(Class::New, -80, "a", "a/new-2"),
+            ticket(Class::Refresh, 0, "a", "a/refresh-1"),
+            ticket(Class::Refresh, 5, "a", "a/refresh-2"),
+            ticket(Class::Refresh, 60, "b", "b/refresh"),
+            ticket(Class::Expiring, 100, "c", "c/expiring"),
+        ];
+        for task in ask_all(&limits, &tickets, &log) {
+            assert!(task.await.unwrap().is_err());
+        }
+        // One slot per window; each claim is answered at once.
+        for _ in 0..tickets.len() {
+            tokio::time::sleep(WINDOW + Duration::from_secs(1)).await;
+            let granted = log.lock().unwrap().last().cloned().unwrap();
+            let ticket = tickets.iter().find(|t| t.key == granted).unwrap();
+            let turn = recording(&log, &ticket.key);
+            let permit = limits
+                .acquire(Operation::IssueToken, ticket, Some(&turn))
+                .await;
+            drop(permit.expect("its slot is reserved"));
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "c/expiring",
+                "a/refresh-1",
+                "b/refresh",
+                "a/refresh-2",
+                "a/new-1",
+                "a/new-2"
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_delays_another_namespaces_refreshes_no_longer_than_the_budgets_pace() {
+        let limits = Arc::new(RateLimits::new());
+        let origin = Instant::now();
+        let spawn = |ticket: Ticket| {
+            let limits = limits.clone();
+            tokio::spawn(async move {
+                let permit = limits.acquire(Operation::IssueToken, &ticket, None).await;
+                let granted = origin.elapsed();
+                drop(permit);
+                granted
+            })
+        };
+        // Namespace a: 3,000 refreshes, all due earlier than b's; the first 1,000 go at once.
+        let a: Vec<_> = (0..3000)
+            .map(|i| spawn(ticket(Class::Refresh, -100, "a", &format!("a/{i}"))))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let b: Vec<_> = (0..100)
+            .map(|i| spawn(ticket(Class::Refresh, 0, "b", &format!("b/{i}"))))
+            .collect();
+        let mut b_granted = Vec::new();
+        for task in b {
+            b_granted.push(task.await.unwrap());
+        }
+        // b's all go with the first slots the window frees (30 s after a's first 1,000), taking
+        // turns with a, although 1,900 of a's wait ahead of them by deadline.
+        assert!(b_granted.iter().all(|at| *at == WINDOW), "{b_granted:?}");
+        let mut a_granted = Vec::new();
+        for task in a {
+            a_granted.push(task.await.unwrap());
+        }
+        let a_in_that_window = a_granted.iter().filter(|at| **at == WINDOW).count();
+        assert_eq!(
+            a_in_that_window, 900,
+            "b's 100 took 100 of a's slots, no more"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_sends_one_probe_at_a_time_then_drains_in_deadline_order() {
+        use crate::circuit::{OPEN_AFTER, PROBE_BACKOFF_BASE};
+        let limits = Arc::new(RateLimits::new());
+        for _ in 0..OPEN_AFTER {
+            wait_for(&limits, Operation::IssueToken)
+                .await
+                .answered(Answer::Outage);
+        }
+        assert!(limits.circuit_open());
+        let log = Arc::default();
+        let tickets = [
+            ticket(Class::New, 0, "a", "a/new"),
+            ticket(Class::Refresh, -10, "a", "a/refresh"),
+            ticket(Class::Expiring, -5, "b", "b/expiring"),
+            ticket(Class::Refresh, -20, "b", "b/refresh"),
+        ];
+        let mut probes = Vec::new();
+        for task in ask_all(&limits, &tickets, &log) {
+            match task.await.unwrap() {
+                Ok(permit) => probes.push(permit),
+                Err(queued) => assert!(queued.circuit_open),
+            }
+        }
+        // The most urgent request went out as the probe, after the first probe delay; the
+        // others wait for its answer, however long it takes.
+        assert_eq!(probes.len(), 1);
+        let mut probe = probes.pop().unwrap();
+        assert_eq!(probe.waited, PROBE_BACKOFF_BASE);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(log.lock().unwrap().is_empty());
+        // It fails and its caller asks again at once: the next probe, a backoff later, is the
+        // same request again, still the most urgent.
+        probe.answered(Answer::Outage);
+        drop(probe);
+        let turn = recording(&log, "b/expiring");
+        let mut probe = limits
+            .acquire(Operation::IssueToken, &tickets[2], Some(&turn))
+            .await
+            .expect("the next probe, within its patience");
+        assert_eq!(probe.waited, 2 * PROBE_BACKOFF_BASE);
+        assert!(log.lock().unwrap().is_empty());
+        // It succeeds: everything waiting is granted at once (the budget allows it), in order.
+        probe.answered(Answer::Success);
+        drop(probe);
+        assert!(!limits.circuit_open());
+        assert_eq!(*log.lock().unwrap(), ["b/refresh", "a/refresh", "a/new"]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_quota_scales_or_lifts_the_published_limits() {
         assert_eq!(Quota::Scaled(2.5).limit(Operation::CreateIdentity), 2500);
         assert_eq!(Quota::Scaled(0.0001).limit(Operation::RevokeTokens), 1);
         for (quota, admitted_at_once) in [(Quota::Scaled(2.0), 1000), (Quota::Unlimited, 5000)] {
-            let limits = RateLimits::with_quota(quota);
+            let limits = Arc::new(RateLimits::with_quota(quota));
             let mut held = Vec::new();
             for _ in 0..5000 {
                 let permit = tokio::time::timeout(
                     Duration::from_millis(1),
-                    limits.acquire(Operation::DeleteIdentity),
+                    wait_for(&limits, Operation::DeleteIdentity),
                 )
                 .await;
                 match permit {
@@ -372,7 +953,9 @@ mod tests {
         let quota = Quota::default();
         let endpoint = "https://evicted.communication.azure.com";
         let limits = RateLimits::for_endpoint(endpoint, quota);
-        drop(limits.acquire(Operation::IssueToken).await);
+        let mut permit = wait_for(&limits, Operation::IssueToken).await;
+        permit.answered(Answer::Success);
+        drop(permit);
         let unused = Arc::downgrade(&limits);
         drop(limits);
         // Another endpoint arrives while the answer still counts: the entry stays.

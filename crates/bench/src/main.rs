@@ -1,4 +1,4 @@
-//! `acs-bench SCENARIO`: the performance and chaos harness of issue 7. Each scenario starts its
+//! `acs-bench SCENARIO`: the performance and chaos harness of issue 7 (and 12). Each scenario starts its
 //! own local control plane (scripts/local-cluster.sh, state under .dev/bench-SCENARIO),
 //! emulator(s) and operator(s), prints progress and a table, writes JSON under bench-results/,
 //! and stops everything it started. Never part of the test command; run it through
@@ -103,6 +103,14 @@ enum Scenario {
         #[arg(long)]
         skip_raw: bool,
     },
+    /// 8: one namespace applies --burst identities while another, on the same ACS resource,
+    /// has --due tokens due; the second's refresh delays.
+    RefreshUnderBurst {
+        #[arg(long, default_value_t = 5_000)]
+        burst: usize,
+        #[arg(long, default_value_t = 100)]
+        due: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,6 +162,9 @@ fn main() -> anyhow::Result<()> {
                 resources,
                 skip_raw,
             } => scenarios::scale_out(common, n, resources, !skip_raw).await,
+            Scenario::RefreshUnderBurst { burst, due } => {
+                scenarios::refresh_under_burst(common, burst, due).await
+            }
         };
         procs::kill_everything();
         result

@@ -1063,6 +1063,8 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
     let mut burst_until: Option<Instant> = None;
     let mut last_print = started;
     let mut min_left = f64::INFINITY;
+    // Outage end → the first second every Secret holds an unexpired token again.
+    let mut fresh_after_outage: Option<f64> = None;
     while started.elapsed() < run {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now_instant = Instant::now();
@@ -1107,6 +1109,7 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
         }
         let secrets = k::managed_secrets(&env.client, "bench").await?;
         let now = jiff::Timestamp::now();
+        let mut expired_now = 0;
         for (_, expires_on, _) in secrets.values() {
             let Ok(expires) = expires_on.parse::<jiff::Timestamp>() else {
                 continue;
@@ -1114,6 +1117,7 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
             let left = expires.duration_since(now).as_secs_f64();
             min_left = min_left.min(left);
             if left <= 0.0 {
+                expired_now += 1;
                 if reachable {
                     expired_reachable += dt;
                     if outage_started {
@@ -1128,6 +1132,12 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
                 if reachable {
                     low_reachable += dt;
                 }
+            }
+        }
+        if outage_started && t >= outage_at + outage && fresh_after_outage.is_none() {
+            let fresh = expired_now == 0 && secrets.len() == o.n;
+            if fresh {
+                fresh_after_outage = Some((t - (outage_at + outage)).as_secs_f64());
             }
         }
         if last_print.elapsed() >= Duration::from_secs(30) {
@@ -1183,6 +1193,19 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
         "report",
     );
     results.data("minimumSecondsLeftReal", json!(round(min_left, 2)));
+    // The issue's bound: N re-issues at the issue rate, of which the 5xx share fails again.
+    let issue_rate = CREATE_LIMIT as f64 / WINDOW_SECONDS as f64;
+    let bound = 1.2 * o.n as f64 / (issue_rate * (1.0 - o.fail_5xx));
+    results.figure(
+        "freshAfterOutageSeconds",
+        "outage end → every Secret fresh (1-s ticks)",
+        json!({"seconds": fresh_after_outage.map(|s| round(s, 1)), "bound": round(bound, 1)}),
+        match fresh_after_outage {
+            Some(seconds) => format!("{seconds:.0} s"),
+            None => "never within the run".to_owned(),
+        },
+        &format!("≤ {bound:.1} s"),
+    );
     let stats = admin.stats().await?;
     let secrets = k::managed_secrets(&env.client, "bench").await?;
     let mut verdicts: BTreeMap<String, usize> = BTreeMap::new();
@@ -1215,6 +1238,128 @@ pub async fn soak(common: &Common, o: Soak) -> anyhow::Result<()> {
             stats.with_status("429")
         ),
         "",
+    );
+    drop(operator);
+    results.finish(&env.repo)?;
+    Ok(())
+}
+
+/// 8 (issue 12): namespace `burst-a` applies `burst` new identities while namespace `burst-b`,
+/// on the same ACS resource, has `due` tokens due at once (the refresh annotation, once A's
+/// creates are queued); B's refresh delays: annotation written → new token in its Secret.
+pub async fn refresh_under_burst(common: &Common, burst: usize, due: usize) -> anyhow::Result<()> {
+    const A: &str = "burst-a";
+    const B: &str = "burst-b";
+    let env = Env::up("refresh-under-burst", common).await?;
+    let (emulator, admin) = env.emulator("emulator", &[])?;
+    for namespace in [A, B] {
+        k::namespace(&env.client, namespace, Some(&emulator.connection_string)).await?;
+    }
+    let tracker = Tracker::start(&env.client).await?;
+    let operator = env.operator(&[])?;
+    let b_keys = k::identity_keys(&[B.to_owned()], due);
+    say(format!("provisioning {due} identities in {B}"));
+    provision(&env, &tracker, &b_keys, "1h", provision_timeout(due, 1)).await?;
+    let before = k::managed_secrets(&env.client, B).await?;
+
+    let a_keys = k::identity_keys(&[A.to_owned()], burst);
+    say(format!("{A} applies {burst} identities"));
+    let applying = {
+        let (client, concurrency, keys) = (env.client.clone(), env.concurrency, a_keys.clone());
+        tokio::spawn(async move {
+            k::apply_all(
+                &client,
+                "burst applied",
+                &keys,
+                concurrency,
+                k::identity_resource(),
+                |key| k::identity_body(key, "1h"),
+            )
+            .await
+        })
+    };
+    // B's refreshes come due once A's creates exceed a window's budget: the rest queue.
+    let a_ready = |t: &k::Tracked| t.first_ready().keys().filter(|k| k.namespace == A).count();
+    tracker
+        .wait(
+            "burst past one window",
+            CREATE_LIMIT.min(burst),
+            Duration::from_secs(120),
+            move |t| a_ready(t),
+        )
+        .await?;
+    let value = format!("bench-{}", jiff::Timestamp::now().as_second());
+    let annotated = k::apply_all(
+        &env.client,
+        "refreshes requested",
+        &b_keys,
+        env.concurrency,
+        k::identity_resource(),
+        |key| {
+            let mut body = k::identity_body(key, "1h");
+            body["metadata"]["annotations"] =
+                json!({ "acs-operator.io/refresh-requested-at": value });
+            body
+        },
+    )
+    .await?;
+    let queued_a = burst - a_ready(&tracker);
+    let mut refreshed: HashMap<String, Instant> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while refreshed.len() < due {
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {due} refreshed within 600 s",
+            refreshed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = Instant::now();
+        for (name, (token, _, _)) in k::managed_secrets(&env.client, B).await? {
+            let changed = before.get(&name).is_some_and(|(old, _, _)| *old != *token);
+            if changed {
+                refreshed.entry(name).or_insert(now);
+            }
+        }
+    }
+    let mut delays: Vec<f64> = b_keys
+        .iter()
+        .map(|key| {
+            let secret = format!("{}-acs-token", key.name);
+            refreshed[&secret]
+                .saturating_duration_since(annotated[key])
+                .as_secs_f64()
+        })
+        .collect();
+    let a_ready_at_end = a_ready(&tracker);
+    applying.await??;
+
+    let mut results = Results::new("refresh-under-burst");
+    results.data("burst", json!(burst));
+    results.data("due", json!(due));
+    results.data("burstStillQueuedWhenDue", json!(queued_a));
+    results.data("burstReadyWhenBDone", json!(a_ready_at_end));
+    let (p50, p99, max) = (
+        quantile(&mut delays, 0.5),
+        quantile(&mut delays, 0.99),
+        quantile(&mut delays, 1.0),
+    );
+    // B's share of the issue budget: its own refreshes at the issue rate (A's creates spend
+    // the create budget, a budget of their own).
+    let share = due as f64 / (CREATE_LIMIT as f64 / WINDOW_SECONDS as f64);
+    results.figure(
+        "refreshDelaySeconds",
+        "B's refresh delay (annotated → new token in its Secret)",
+        json!({"p50": round(p50, 2), "p99": round(p99, 2), "max": round(max, 2)}),
+        format!("p50 {p50:.2} s, p99 {p99:.2} s, max {max:.2} s"),
+        &format!("≤ ~1 s + B's share of the budget ({share:.1} s)"),
+    );
+    let stats = admin.stats().await?;
+    results.figure(
+        "throttled",
+        "429 answers",
+        json!(stats.with_status("429")),
+        stats.with_status("429").to_string(),
+        "0",
     );
     drop(operator);
     results.finish(&env.repo)?;
