@@ -151,6 +151,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .reflect(writer)
             .map_ok(move |event| {
                 context.own_writes.observe(&event);
+                if let watcher::Event::Delete(gone) = &event {
+                    // Its places in the ACS queues would be granted to nobody.
+                    if let Some(uid) = gone.uid() {
+                        acs::RateLimits::withdraw_everywhere(&uid);
+                    }
+                }
                 event
             })
             .applied_objects()

@@ -85,11 +85,23 @@ impl Operation {
 /// a resource that no longer needs it (deleted, or decided otherwise) leaves one unclaimed.
 pub const RESERVATION_TTL: Duration = Duration::from_secs(60);
 
+/// How long the circuit's probe stays reserved for a caller that is not waiting: shorter,
+/// since every other request of the endpoint waits for its answer, and a caller that was
+/// called back and decided it needs no ACS call after all never claims it.
+pub const PROBE_RESERVATION_TTL: Duration = Duration::from_secs(10);
+
 /// How long the next in line, if it can come back when its turn comes ([`Turn`]), waits in
 /// [`RateLimits::acquire`] before it is told to: long enough that a request waiting for the next
 /// free slot of a busy budget (or for the circuit's next probe) is sent at once, short enough
 /// that it never holds a reconcile worker for long.
 pub const PATIENCE: Duration = Duration::from_secs(1);
+
+/// Slots reserved at once, per endpoint, for callers that were called back and have not
+/// claimed them yet; further slots wait until one is claimed. About an operator's reconcile
+/// workers: a caller called back is a reconcile scheduled, and a window's worth (1,000)
+/// called back at once would queue for the workers ahead of anything more urgent that comes
+/// due meanwhile (a refresh waited 13 s that way), while this many keep every worker busy.
+pub const MAX_CALLED_BACK: usize = 64;
 
 /// Called when a request that stopped waiting ([`Queued`]) is granted its slot: the caller
 /// should come back (its slot is reserved for [`RESERVATION_TTL`]).
@@ -112,6 +124,18 @@ struct Reservation {
     granted_at: Instant,
     /// The circuit's probe.
     probe: bool,
+    /// Granted to a caller that was not waiting: it is being called back.
+    called_back: bool,
+}
+
+impl Reservation {
+    fn lapses_at(&self) -> Instant {
+        let ttl = match self.probe {
+            true => PROBE_RESERVATION_TTL,
+            false => RESERVATION_TTL,
+        };
+        self.granted_at + ttl
+    }
 }
 
 /// How a waiting request learns that it was granted a slot.
@@ -142,6 +166,15 @@ impl Lane {
         }
     }
 
+    /// Whether the head of the queue waits in [`RateLimits::acquire`] (it claims its slot at
+    /// once) rather than to be called back.
+    fn head_waits(&self) -> bool {
+        self.queue
+            .peek()
+            .and_then(|head| self.queue.get(&head.key))
+            .is_some_and(|head| head.waker.waiting.is_some())
+    }
+
     fn used(&self) -> u32 {
         self.in_flight + self.answered_at.len() as u32 + self.reserved.len() as u32
     }
@@ -150,11 +183,7 @@ impl Lane {
     /// oldest reservation lapses.
     fn next_change(&self) -> Option<Instant> {
         let answer = self.answered_at.front().map(|at| *at + WINDOW);
-        let lapse = self
-            .reserved
-            .values()
-            .map(|reservation| reservation.granted_at + RESERVATION_TTL)
-            .min();
+        let lapse = self.reserved.values().map(Reservation::lapses_at).min();
         answer.into_iter().chain(lapse).min()
     }
 }
@@ -165,6 +194,8 @@ struct State {
     /// Indexed by `operation as usize`: [`Operation::ALL`] is in declaration order.
     lanes: [Lane; Operation::ALL.len()],
     circuit: Circuit,
+    /// Reservations of every lane for callers being called back (see [`MAX_CALLED_BACK`]).
+    called_back: usize,
     /// A task is serving the queues as time frees budget (see [`RateLimits::drive`]).
     driven: bool,
 }
@@ -366,6 +397,44 @@ impl RateLimits {
         })
     }
 
+    /// Gives up every place and unclaimed slot of `key` (its resource is gone): a place left
+    /// behind would be granted to nobody and hold its slot, or the circuit's only probe, for
+    /// [`RESERVATION_TTL`] while the others wait.
+    pub fn withdraw(self: &Arc<Self>, key: &str) {
+        let now = Instant::now();
+        let turns = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let mut held_probe = false;
+            for lane in &mut state.lanes {
+                lane.queue.remove(key);
+                if let Some(slot) = lane.reserved.remove(key) {
+                    held_probe |= slot.probe;
+                    state.called_back -= usize::from(slot.called_back);
+                }
+            }
+            if held_probe {
+                state.circuit.answered(Answer::Abandoned, true, now);
+            }
+            self.serve(state, now)
+        };
+        self.changed.notify_one();
+        call_turns(turns);
+    }
+
+    /// [`RateLimits::withdraw`] at every endpoint in the registry.
+    pub fn withdraw_everywhere(key: &str) {
+        let endpoints: Vec<Arc<RateLimits>> = Self::registry()
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for limits in endpoints {
+            limits.withdraw(key);
+        }
+    }
+
     /// Whether the endpoint's circuit is open (see [`crate::circuit`]).
     pub fn circuit_open(&self) -> bool {
         self.lock().circuit.is_open()
@@ -445,6 +514,11 @@ impl RateLimits {
         let lane = &mut state.lanes[operation as usize];
         let reservation = lane.reserved.remove(key)?;
         lane.in_flight += 1;
+        if reservation.called_back {
+            state.called_back -= 1;
+            // The next one may be called back.
+            self.changed.notify_one();
+        }
         Some(Permit {
             limits: self.clone(),
             operation,
@@ -464,35 +538,42 @@ impl RateLimits {
             lane.forget_before(now);
             let mut lapsed_probe = false;
             lane.reserved.retain(|_, reservation| {
-                let live = reservation.granted_at + RESERVATION_TTL > now;
+                let live = reservation.lapses_at() > now;
                 lapsed_probe |= !live && reservation.probe;
+                if !live && reservation.called_back {
+                    state.called_back -= 1;
+                }
                 live
             });
             if lapsed_probe {
                 state.circuit.answered(Answer::Abandoned, true, now);
             }
         }
-        let open = |state: &State, operation: Operation| {
-            let lane = &state.lanes[operation as usize];
-            !lane.queue.is_empty() && lane.used() < self.quota.limit(operation)
+        // The lane whose head is the most urgent of those with budget (and, for a caller to be
+        // called back, room among those being called back): every lane's head competes, so a
+        // due refresh's token issue goes ahead of a burst's creates.
+        let most_urgent = |state: &State| {
+            Operation::ALL
+                .into_iter()
+                .filter(|operation| {
+                    let lane = &state.lanes[*operation as usize];
+                    !lane.queue.is_empty()
+                        && lane.used() < self.quota.limit(*operation)
+                        && (lane.head_waits() || state.called_back < MAX_CALLED_BACK)
+                })
+                .min_by_key(|operation| {
+                    let ticket = state.lanes[*operation as usize].queue.peek();
+                    ticket.map(|ticket| (ticket.class, ticket.deadline))
+                })
         };
         match state.circuit.gate(now) {
             Gate::Open => {
-                for operation in Operation::ALL {
-                    while open(state, operation) {
-                        self.grant(state, operation, false, now, &mut turns);
-                    }
+                while let Some(operation) = most_urgent(state) {
+                    self.grant(state, operation, false, now, &mut turns);
                 }
             }
             Gate::Probe => {
-                let most_urgent = Operation::ALL
-                    .into_iter()
-                    .filter(|operation| open(state, *operation))
-                    .min_by_key(|operation| {
-                        let ticket = state.lanes[*operation as usize].queue.peek();
-                        ticket.map(|ticket| (ticket.class, ticket.deadline))
-                    });
-                if let Some(operation) = most_urgent {
+                if let Some(operation) = most_urgent(state) {
                     state.circuit.probe_sent();
                     self.grant(state, operation, true, now, &mut turns);
                 }
@@ -525,7 +606,9 @@ impl RateLimits {
         let reservation = Reservation {
             granted_at: now,
             probe,
+            called_back: waiting.waker.waiting.is_none(),
         };
+        state.called_back += usize::from(reservation.called_back);
         lane.reserved.insert(waiting.ticket.key, reservation);
         match (waiting.waker.waiting, waiting.waker.turn) {
             (Some(notify), _) => notify.notify_one(),
@@ -914,6 +997,100 @@ mod tests {
         drop(probe);
         assert!(!limits.circuit_open());
         assert_eq!(*log.lock().unwrap(), ["b/refresh", "a/refresh", "a/new"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_are_called_back_no_more_than_max_called_back_at_a_time() {
+        let limits = Arc::new(RateLimits::new());
+        for _ in 0..Operation::IssueToken.published_limit() {
+            wait_for(&limits, Operation::IssueToken)
+                .await
+                .answered(Answer::Success);
+        }
+        let log = Arc::default();
+        let tickets: Vec<_> = (0..3 * MAX_CALLED_BACK as i64)
+            .map(|i| ticket(Class::New, i, "a", &format!("a/{i}")))
+            .collect();
+        for task in ask_all(&limits, &tickets, &log) {
+            assert!(task.await.unwrap().is_err(), "queued: the window is full");
+        }
+        // The window frees a full budget, yet only so many are called back, in order.
+        tokio::time::sleep(WINDOW).await;
+        let called = |log: &Arc<Mutex<Vec<String>>>| log.lock().unwrap().clone();
+        let expected: Vec<_> = tickets.iter().map(|ticket| ticket.key.clone()).collect();
+        assert_eq!(called(&log), expected[..MAX_CALLED_BACK]);
+        // Each one that comes back and claims its slot lets the next be called.
+        for ticket in &tickets[..2] {
+            let turn = recording(&log, &ticket.key);
+            let permit = limits
+                .acquire(Operation::IssueToken, ticket, Some(&turn))
+                .await
+                .expect("its slot, reserved");
+            drop(permit);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(called(&log), expected[..MAX_CALLED_BACK + 2]);
+        // Those that never come back lose their slots after the reservation's time.
+        tokio::time::sleep(RESERVATION_TTL).await;
+        assert_eq!(called(&log), expected[..2 * MAX_CALLED_BACK + 2]);
+    }
+
+    /// An endpoint whose circuit is open, its next probe 2 s away (beyond any patience), and
+    /// two resources queued: the probe is granted to the more urgent one, which is not waiting.
+    async fn probe_granted_to_one_of_two(
+        log: &Arc<Mutex<Vec<String>>>,
+    ) -> (Arc<RateLimits>, Ticket) {
+        use crate::circuit::OPEN_AFTER;
+        let limits = Arc::new(RateLimits::new());
+        // Opened, then three failed probes.
+        for _ in 0..OPEN_AFTER + 3 {
+            wait_for(&limits, Operation::IssueToken)
+                .await
+                .answered(Answer::Outage);
+        }
+        let tickets = [
+            ticket(Class::Expiring, -5, "a", "a/gone"),
+            ticket(Class::Refresh, 0, "b", "b/stays"),
+        ];
+        for task in ask_all(&limits, &tickets, log) {
+            assert!(task.await.unwrap().unwrap_err().circuit_open);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["a/gone"],
+            "the probe, to the most urgent"
+        );
+        (limits, tickets[1].clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_nobody_claims_passes_on_when_its_resource_withdraws_or_after_its_ttl() {
+        for withdrawn in [true, false] {
+            let log = Arc::default();
+            let (limits, stays) = probe_granted_to_one_of_two(&log).await;
+            // a/gone was deleted (or decided it needs no call) and never claims it: the other
+            // waits for an answer that never comes.
+            tokio::time::sleep(PROBE_RESERVATION_TTL / 2).await;
+            assert_eq!(log.lock().unwrap().len(), 1);
+            match withdrawn {
+                true => limits.withdraw("a/gone"),
+                false => {
+                    tokio::time::sleep(PROBE_RESERVATION_TTL / 2 + Duration::from_millis(1)).await
+                }
+            }
+            assert_eq!(
+                *log.lock().unwrap(),
+                ["a/gone", "b/stays"],
+                "withdrawn: {withdrawn}"
+            );
+            let turn = recording(&log, "b/stays");
+            let probe = limits
+                .acquire(Operation::IssueToken, &stays, Some(&turn))
+                .await
+                .expect("its slot, reserved");
+            assert!(probe.waited.is_zero());
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -104,6 +104,11 @@ impl<W> Queue<W> {
     }
 
     /// The waiting request of `key`, if it waits.
+    pub fn get(&self, key: &str) -> Option<&Waiting<W>> {
+        self.by_key.get(key)
+    }
+
+    /// The waiting request of `key`, if it waits.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Waiting<W>> {
         self.by_key.get_mut(key)
     }
@@ -173,6 +178,13 @@ impl<W> Queue<W> {
         if self.lines.contains_key(&line_key) {
             self.served_at.insert(line_key, self.serves);
         }
+        Some(waiting)
+    }
+
+    /// Takes `key`'s request out of the queue, if it waits.
+    pub fn remove(&mut self, key: &str) -> Option<Waiting<W>> {
+        let waiting = self.by_key.remove(key)?;
+        self.unlink(&waiting.ticket, waiting.arrival);
         Some(waiting)
     }
 
