@@ -473,9 +473,11 @@ async fn chart_runs_the_operator_on_the_node() {
         .await
         .unwrap();
     let ip = service.spec.unwrap().cluster_ip.unwrap();
-    // (busybox's wget crashes without a libc in the image; nc speaks the HTTP request.)
+    // (busybox's wget crashes without a libc in the image; nc speaks the HTTP request.) Tried
+    // for up to 30 s: kube-proxy programs a new Service's rules asynchronously, and a first
+    // connection can come before them.
     let scrape = format!(
-        "printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080 | grep -q '^acs_identity_operator_reconciles_total'"
+        "for i in $(seq 30); do printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080 | grep -q '^acs_identity_operator_reconciles_total' && exit 0; sleep 1; done; exit 1"
     );
     let scraper = busybox_pod("scraper", &scrape, "Never");
     app_pods
