@@ -33,6 +33,7 @@ pub struct Metrics {
     acs_request_duration: Family<OperationLabel, Histogram>,
     acs_throttled: Family<OperationLabel, Counter>,
     acs_rate_limit_wait: Family<OperationLabel, Histogram>,
+    acs_called_back_claim: Family<OperationLabel, Histogram>,
     kube_requests: Family<KubeRequestLabels, Counter>,
     leader: Gauge,
 }
@@ -88,6 +89,7 @@ impl Default for Metrics {
             acs_request_duration: Family::new_with_constructor(seconds_histogram),
             acs_throttled: Family::default(),
             acs_rate_limit_wait: Family::new_with_constructor(seconds_histogram),
+            acs_called_back_claim: Family::new_with_constructor(seconds_histogram),
             kube_requests: Family::default(),
             leader: Gauge::default(),
             registry: Registry::with_prefix(PREFIX),
@@ -143,6 +145,11 @@ impl Default for Metrics {
             "acs_rate_limit_wait_seconds",
             "Time a request waited in the client-side rate limiter before it was sent, by operation",
             metrics.acs_rate_limit_wait.clone(),
+        );
+        registry.register(
+            "acs_called_back_claim_seconds",
+            "Time from a slot reserved for a queued resource until its pass, called back, claimed it and sent the request, by operation",
+            metrics.acs_called_back_claim.clone(),
         );
         registry.register(
             "kube_requests",
@@ -342,6 +349,14 @@ impl acs::Observer for Metrics {
                 operation: operation.as_str(),
             })
             .observe(waited.as_secs_f64());
+    }
+
+    fn on_called_back(&self, operation: acs::Operation, claimed_after: Duration) {
+        self.acs_called_back_claim
+            .get_or_create(&OperationLabel {
+                operation: operation.as_str(),
+            })
+            .observe(claimed_after.as_secs_f64());
     }
 }
 

@@ -34,6 +34,8 @@ pub trait Observer: Send + Sync {
     fn on_throttled(&self, _operation: Operation) {}
     /// Time spent waiting for the client-side rate limiter before one attempt (often zero).
     fn on_rate_limit_wait(&self, _operation: Operation, _waited: Duration) {}
+    /// A caller called back claimed the slot reserved for it this long after it was reserved.
+    fn on_called_back(&self, _operation: Operation, _claimed_after: Duration) {}
 }
 
 struct NoObserver;
@@ -443,9 +445,11 @@ impl AcsClient {
                     since: queued.since,
                     circuit_open: queued.circuit_open,
                 })?;
-            self.inner
-                .observer
-                .on_rate_limit_wait(operation, permit.waited);
+            let observer = &self.inner.observer;
+            observer.on_rate_limit_wait(operation, permit.waited);
+            if let Some(claimed_after) = permit.claimed_after {
+                observer.on_called_back(operation, claimed_after);
+            }
             let started = *first_attempt.get_or_insert_with(Instant::now);
             let Some(timeout) = self
                 .retry

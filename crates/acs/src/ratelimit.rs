@@ -279,6 +279,9 @@ pub struct Permit {
     answer: Answer,
     /// How long the caller waited for it.
     pub waited: Duration,
+    /// For a caller that was called back: how long its reserved slot waited for it to come
+    /// back and claim it (budget the service could have spent meanwhile).
+    pub claimed_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -287,6 +290,7 @@ impl std::fmt::Debug for Permit {
             .field("operation", &self.operation)
             .field("probe", &self.probe)
             .field("waited", &self.waited)
+            .field("claimed_after", &self.claimed_after)
             .finish_non_exhaustive()
     }
 }
@@ -525,6 +529,9 @@ impl RateLimits {
             probe: reservation.probe,
             answer: Answer::Abandoned,
             waited: start.elapsed(),
+            claimed_after: reservation
+                .called_back
+                .then(|| reservation.granted_at.elapsed()),
         })
     }
 
@@ -730,7 +737,8 @@ mod tests {
         for _ in 0..limit {
             held.push(wait_for(&limits, Operation::DeleteIdentity).await);
         }
-        assert!(held.iter().all(|permit| permit.waited.is_zero()));
+        let at_once = |permit: &Permit| permit.waited.is_zero() && permit.claimed_after.is_none();
+        assert!(held.iter().all(at_once));
         // Other operations have budgets of their own.
         assert!(
             wait_for(&limits, Operation::CreateIdentity)
@@ -843,10 +851,15 @@ mod tests {
         // waits for its claim.
         tokio::time::sleep_until(started + WINDOW + Duration::from_millis(1)).await;
         assert_eq!(*log.lock().unwrap(), ["b/due"]);
+        // It comes back 2 s later: the slot was held that long unsent.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let permit = limits
             .acquire(Operation::IssueToken, &waiter, Some(&turn))
-            .await;
-        assert!(permit.unwrap().waited.is_zero());
+            .await
+            .unwrap();
+        assert!(permit.waited.is_zero());
+        let held = Duration::from_secs(2) + Duration::from_millis(1);
+        assert_eq!(permit.claimed_after, Some(held));
     }
 
     #[tokio::test(start_paused = true)]
