@@ -19,6 +19,7 @@ use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
 use crate::own_writes::OwnWrites;
 use crate::status::Failure;
+use crate::wakeups::Wakeups;
 
 /// Settings from the command line that shape how ACS is reached.
 #[derive(Clone, Default)]
@@ -49,6 +50,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Calls a resource back when its turn for an ACS budget comes.
     pub turns: Turns,
+    /// When each resource's next refresh is due.
+    pub wakeups: Wakeups,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
 
@@ -72,6 +75,7 @@ impl Context {
             identities,
             metrics,
             turns,
+            wakeups: Wakeups::default(),
             clock: Box::new(Timestamp::now),
         }
     }
@@ -102,14 +106,17 @@ impl Turns {
         (Self { sender }, receiver)
     }
 
+    /// A reconcile of `resource` now.
+    pub fn send(&self, resource: ObjectRef<CommunicationIdentity>) {
+        // Fails only once the controller stopped, when no pass is wanted any more.
+        let _ = self.sender.unbounded_send(resource);
+    }
+
     /// The turn of `resource`: a reconcile of it.
     pub fn of(&self, resource: &CommunicationIdentity) -> acs::Turn {
-        let sender = self.sender.clone();
+        let turns = self.clone();
         let reference = ObjectRef::from_obj(resource);
-        Arc::new(move || {
-            // Fails only once the controller stopped, when no pass is wanted any more.
-            let _ = sender.unbounded_send(reference.clone());
-        })
+        Arc::new(move || turns.send(reference.clone()))
     }
 }
 

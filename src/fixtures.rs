@@ -555,6 +555,11 @@ impl Harness {
         writes.observe(&watcher::Event::Init);
     }
 
+    /// When the resource's next pass is due, as its last pass set it.
+    pub fn wakeup(&self) -> Option<Timestamp> {
+        self.operator.ctx.wakeups.due(UID)
+    }
+
     /// Starts a pass on the resource as the API server has it now (as the watch delivered it).
     pub fn start_pass(&mut self) {
         self.start_pass_from(self.cluster.identity.clone());

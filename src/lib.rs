@@ -21,6 +21,7 @@ pub mod secret;
 pub mod status;
 pub mod tokens;
 pub mod urgency;
+pub mod wakeups;
 
 #[cfg(test)]
 mod fixtures;

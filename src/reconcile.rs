@@ -791,15 +791,23 @@ impl Pass {
         self.restart_due_at(status).is_some_and(|at| at <= self.now)
     }
 
-    /// The requeue for the next refresh, or the pending restart if that comes first.
+    /// The next pass: at the next refresh, or the pending restart if that comes first.
     fn requeue_for(&self, status: &CommunicationIdentityStatus) -> Action {
         let restart = self.restart_due_at(status);
-        let wait = [status.next_refresh_time.as_ref().map(|t| t.0), restart]
+        let next = [status.next_refresh_time.as_ref().map(|t| t.0), restart]
             .into_iter()
             .flatten()
-            .min()
-            .map_or(KUBE_ERROR_RETRY, |at| wait_until(self.now, at));
-        requeue(wait)
+            .min();
+        let Some(at) = next else {
+            return requeue(KUBE_ERROR_RETRY);
+        };
+        let wait = wait_until(self.now, at).clamp(MIN_REQUEUE, MAX_REQUEUE);
+        let at = self.now + wait;
+        if self.ctx.wakeups.set(&self.resource, at) {
+            Action::await_change()
+        } else {
+            requeue(wait)
+        }
     }
 
     /// Restarts spec.rolloutRestartTargets once a restart they are owed is due, then records it

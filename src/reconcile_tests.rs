@@ -144,9 +144,11 @@ fn next_refresh(status: &CommunicationIdentityStatus) -> Timestamp {
         .0
 }
 
-/// The requeue of a pass that waits until `at`.
-fn requeue_until(now: Timestamp, at: Timestamp) -> Action {
-    Action::requeue(Duration::try_from(at.duration_since(now)).expect("in the future"))
+/// Asserts that the pass ended waiting until `at`: nothing requeued, the resource's wake-up
+/// set for that second.
+fn assert_waits_until(h: &Harness, action: &Action, at: Timestamp) {
+    assert_eq!(*action, Action::await_change());
+    assert_eq!(h.wakeup(), Some(whole_second(at)), "the next pass");
 }
 
 /// Asserts a failure recorded by the first pass: one failed attempt, Ready=False with
@@ -201,7 +203,7 @@ async fn a_new_resource_gets_an_identity_its_token_secret_and_ready_in_one_pass(
     assert_eq!(status.failed_attempts, 0);
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(ready(status), ("True", reason::TOKEN_ISSUED));
-    assert_eq!(created.action, requeue_until(now, next));
+    assert_waits_until(&h, &created.action, next);
 }
 
 /// The resource as the first pass's finalizer patch left it, before its status writes.
@@ -245,10 +247,7 @@ async fn a_pass_from_a_stale_cache_decides_again_from_a_fresh_read_and_issues_no
         Vec::<String>::new(),
         "no second create"
     );
-    assert_eq!(
-        action,
-        requeue_until(h.now(), next_refresh(&created.status))
-    );
+    assert_waits_until(&h, &action, next_refresh(&created.status));
 }
 
 #[tokio::test]
@@ -293,7 +292,7 @@ async fn a_due_refresh_issues_one_token_and_applies_the_secret_at_the_version_re
     assert_eq!(status.token_expires_on, Some(Time(due + HOUR)));
     assert_eq!(status.identity_id, created.status.identity_id);
     assert_eq!(ready(&status), ("True", reason::TOKEN_ISSUED));
-    assert_eq!(action, requeue_until(due, next_refresh(&status)));
+    assert_waits_until(&h, &action, next_refresh(&status));
 }
 
 #[tokio::test]
@@ -320,10 +319,7 @@ async fn an_edited_secret_with_its_token_intact_is_restored_without_acs() {
 
     assert_eq!(h.acs.calls().await, Vec::<String>::new());
     assert_eq!(applied.data, created.secret.data, "written back as it was");
-    assert_eq!(
-        action,
-        requeue_until(h.now(), next_refresh(&created.status))
-    );
+    assert_waits_until(&h, &action, next_refresh(&created.status));
 }
 
 #[tokio::test]
@@ -524,10 +520,7 @@ async fn a_restart_with_valid_tokens_reads_the_secret_and_writes_nothing() {
     let action = h.finish_pass().await;
 
     assert_eq!(h.acs.calls().await, Vec::<String>::new());
-    assert_eq!(
-        action,
-        requeue_until(h.now(), next_refresh(&created.status))
-    );
+    assert_waits_until(&h, &action, next_refresh(&created.status));
 }
 
 #[tokio::test]
@@ -619,10 +612,7 @@ async fn passes_its_own_writes_trigger_read_nothing_once_the_secrets_are_listed(
     h.watch_delivers_token_secret();
     h.start_pass();
     let action = h.finish_pass().await;
-    assert_eq!(
-        action,
-        requeue_until(h.now(), next_refresh(&created.status))
-    );
+    assert_waits_until(&h, &action, next_refresh(&created.status));
     h.start_pass();
     h.finish_pass().await;
     assert_eq!(h.acs.calls().await, Vec::<String>::new());
@@ -706,10 +696,7 @@ async fn an_existing_identity_is_adopted_once_acs_confirms_it_exists() {
         "nothing was created"
     );
     assert_eq!(ready(&adopted.status), ("True", reason::TOKEN_ISSUED));
-    assert_eq!(
-        adopted.action,
-        requeue_until(h.now(), next_refresh(&adopted.status))
-    );
+    assert_waits_until(&h, &adopted.action, next_refresh(&adopted.status));
 }
 
 #[tokio::test]
@@ -935,7 +922,7 @@ async fn two_named_tokens_are_issued_for_one_identity_in_one_pass() {
     assert_eq!(status.next_refresh_time, status.tokens[0].next_refresh_time);
     assert!(status.token_scopes.is_empty());
     assert_eq!(ready(status), ("True", reason::TOKEN_ISSUED));
-    assert_eq!(created.action, requeue_until(now, next_refresh(status)));
+    assert_waits_until(&h, &created.action, next_refresh(status));
 
     // A restart with both tokens in place writes nothing and calls nothing.
     h.restart();
@@ -1122,11 +1109,8 @@ async fn a_token_change_restarts_the_targets_once_and_changes_close_together_fol
         pending.rollout_restart.as_ref().unwrap().pending_since,
         Some(Time(first_restart + MINUTE))
     );
-    assert_eq!(
-        action,
-        requeue_until(h.now(), due),
-        "back when the restart is due"
-    );
+    // Back when the restart is due.
+    assert_waits_until(&h, &action, due);
     h.set_clock(first_restart + 2 * MINUTE);
     requested_refresh(&mut h, "r3").await;
     h.finish_pass().await;
