@@ -14,18 +14,11 @@ use kube::{Api, Client, ResourceExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinError;
 use tokio::time::Instant;
-use tower::limit::ConcurrencyLimitLayer;
 use tracing::{Instrument, info, info_span, warn};
 
 /// Reconciles running at once. ACS allows ~33 creates or issues per second per resource, so 64
 /// in flight keep that pace with room to spare.
 const RECONCILE_CONCURRENCY: u16 = 64;
-
-/// API requests the reconciles have in flight at once, and so the pooled connections to the API
-/// server: each holds ~70 KiB of TLS and HTTP buffers, and a restart's 64 Secret reads at once
-/// would otherwise keep ~60 of them open. At ~10 ms a request, 16 carry ~1,600 requests per
-/// second, several times what provisioning at ACS's pace asks (~5 per identity at ~33/s).
-const KUBE_CALL_CONCURRENCY: usize = 16;
 
 use crate::admin::{self, Health, Phase};
 use crate::context::{AcsSettings, Context, Turns};
@@ -62,15 +55,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     call_config.read_timeout = Some(KUBE_CALL_TIMEOUT);
     call_config.write_timeout = Some(KUBE_CALL_TIMEOUT);
     call_config.connect_timeout = Some(KUBE_CALL_TIMEOUT);
-    // The Lease has a client of its own, so that its renewals never queue behind reconciles.
-    let lease_client = Client::try_from(call_config.clone())?;
-    let client = kube::client::ClientBuilder::try_from(call_config)?
-        .with_layer(&ConcurrencyLimitLayer::new(KUBE_CALL_CONCURRENCY))
-        .build();
+    let client = Client::try_from(call_config)?;
     let metrics = Arc::new(Metrics::default());
     let election = config
         .leader_election
-        .map(|settings| LeaderElection::new(lease_client, settings));
+        .map(|settings| LeaderElection::new(client.clone(), settings));
     let health = Arc::new(Health::new(
         metrics.clone(),
         match election {
