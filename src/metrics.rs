@@ -148,7 +148,7 @@ impl Default for Metrics {
         );
         registry.register(
             "acs_called_back_claim_seconds",
-            "Time from a slot reserved for a queued resource until its pass, called back, claimed it and sent the request, by operation",
+            "Time from a slot reserved for a queued resource until its pass, called back, came back for it, by operation",
             metrics.acs_called_back_claim.clone(),
         );
         registry.register(
@@ -351,12 +351,12 @@ impl acs::Observer for Metrics {
             .observe(waited.as_secs_f64());
     }
 
-    fn on_called_back(&self, operation: acs::Operation, claimed_after: Duration) {
+    fn on_called_back(&self, operation: acs::Operation, came_back_after: Duration) {
         self.acs_called_back_claim
             .get_or_create(&OperationLabel {
                 operation: operation.as_str(),
             })
-            .observe(claimed_after.as_secs_f64());
+            .observe(came_back_after.as_secs_f64());
     }
 }
 

@@ -115,6 +115,16 @@ async fn kube_call<T>(
     result
 }
 
+/// Whether `secret` carries the finalizer that holds it as a connection Secret, and is not
+/// being deleted.
+fn holds_connection(secret: &Secret) -> bool {
+    secret.metadata.deletion_timestamp.is_none()
+        && secret
+            .finalizers()
+            .iter()
+            .any(|f| f == CONNECTION_SECRET_FINALIZER)
+}
+
 fn requeue(wait: Duration) -> Action {
     Action::requeue(wait.clamp(MIN_REQUEUE, MAX_REQUEUE))
 }
@@ -496,6 +506,12 @@ impl Pass {
     /// the same identity.
     async fn create_identity(&self, entry: &TokenEntry<'_>, place: Place) -> Result<Issued, Halt> {
         let (acs, endpoint, connection) = self.acs_client(place).await?;
+        // The finalizer and the create mark wait for the budget too: behind a burst a resource
+        // writes only its place in the queue, and the rest once its create can go out (that
+        // write also proves its cache current, which would otherwise take a read).
+        acs.reserve(acs::Operation::CreateIdentity)
+            .await
+            .map_err(|error| self.failure_from_acs(&error, None))?;
         self.prepare_for_acs(true, connection).await?;
         let created = self.create_in_acs(&acs, entry).await?;
         info!(identity = %created.id, existing = !created.created, "identity created");
@@ -613,13 +629,22 @@ impl Pass {
         let read_afresh = recent.is_none();
         let secret = match recent {
             Some(secret) => Some(secret),
-            None => self
-                .kube(
-                    "connection_secret_get",
-                    self.secrets.get_opt(&reference.name),
-                )
-                .await?
-                .map(Arc::new),
+            None => {
+                let read = self
+                    .kube(
+                        "connection_secret_get",
+                        self.secrets.get_opt(&reference.name),
+                    )
+                    .await?
+                    .map(Arc::new);
+                // Held already, it serves the next passes too: a burst waiting in the queue
+                // never gets as far as holding it, and would read it once each.
+                if let Some(secret) = read.as_ref().filter(|secret| holds_connection(secret)) {
+                    let recent = &self.ctx.connection_secrets;
+                    recent.remember(&self.namespace, secret.clone());
+                }
+                read
+            }
         };
         let (client, endpoint) =
             match self
@@ -690,11 +715,7 @@ impl Pass {
         if secret.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
-        let held = secret
-            .finalizers()
-            .iter()
-            .any(|f| f == CONNECTION_SECRET_FINALIZER);
-        let secret = match held {
+        let secret = match holds_connection(&secret) {
             true => secret,
             false => Arc::new(
                 self.add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER)

@@ -1320,3 +1320,82 @@ async fn a_refresh_without_budget_waits_in_the_queue_and_says_since_when_without
     assert_eq!(action, Action::requeue(Duration::from_secs(5 * 60)));
     assert_eq!(h.turns_called(), 0, "not before its slot is granted");
 }
+
+/// Reserves every create slot of the harness's endpoint for a burst elsewhere; returns the
+/// limits and the burst's keys.
+async fn fill_create_budget(h: &Harness) -> (std::sync::Arc<acs::RateLimits>, Vec<String>) {
+    let limits = acs::RateLimits::for_endpoint(&h.acs.endpoint(), acs::Quota::default());
+    let burst: Vec<String> = (0..acs::Operation::CreateIdentity.published_limit())
+        .map(|number| format!("burst-{number}"))
+        .collect();
+    for key in &burst {
+        let ticket = acs::Ticket {
+            class: acs::Class::New,
+            deadline: h.now(),
+            tenant: "elsewhere".into(),
+            key: key.clone(),
+            asked_at: h.now(),
+        };
+        let reserved = limits.reserve(acs::Operation::CreateIdentity, &ticket, None);
+        reserved.await.expect("within the budget");
+    }
+    (limits, burst)
+}
+
+#[tokio::test]
+async fn a_new_resource_behind_a_burst_writes_only_its_condition_until_its_create_can_go_out() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let (limits, burst) = fill_create_budget(&h).await;
+
+    // Its first pass writes its place in the queue and nothing else: no finalizer, no create
+    // mark, no read of the resource, no ACS call, no Event.
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_connection_secret_get().await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(ready(&status), ("False", reason::WAITING_FOR_ACS));
+    assert!(h.cluster.identity.finalizers().is_empty());
+    assert!(!h.cluster.identity.create_attempted());
+    assert_eq!(h.turns_called(), 0, "not before its slot is granted");
+
+    // One slot of the burst comes free: it is granted to this resource, which is called back.
+    limits.withdraw(&burst[0]);
+    assert_eq!(h.turns_called(), 1);
+    // The pass called back takes the slot and makes the requests of a first pass: the
+    // finalizer with the create mark proves its cache current, so the resource is not read.
+    let created = first_pass(&mut h).await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+    assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
+    for key in &burst[1..] {
+        limits.withdraw(key);
+    }
+}
+
+#[tokio::test]
+async fn resources_waiting_in_the_queue_share_one_read_of_their_held_connection_secret() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let connection = h
+        .cluster
+        .connection_secret
+        .as_mut()
+        .expect("a connection Secret");
+    connection.metadata.finalizers = Some(vec![CONNECTION_SECRET_FINALIZER.into()]);
+    let (limits, burst) = fill_create_budget(&h).await;
+    h.watch_lists_secrets();
+
+    h.start_pass();
+    h.expect_connection_secret_get().await;
+    let status = h.expect_status_apply().await;
+    h.finish_pass().await;
+    assert_eq!(ready(&status), ("False", reason::WAITING_FOR_ACS));
+    // The next pass (any resource of the namespace waiting behind the burst) reads nothing:
+    // the Secret it needs was read a moment ago, and is held; the condition is written already.
+    h.start_pass();
+    h.finish_pass().await;
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    for key in &burst {
+        limits.withdraw(key);
+    }
+}

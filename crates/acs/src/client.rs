@@ -35,7 +35,7 @@ pub trait Observer: Send + Sync {
     /// Time spent waiting for the client-side rate limiter before one attempt (often zero).
     fn on_rate_limit_wait(&self, _operation: Operation, _waited: Duration) {}
     /// A caller called back claimed the slot reserved for it this long after it was reserved.
-    fn on_called_back(&self, _operation: Operation, _claimed_after: Duration) {}
+    fn on_called_back(&self, _operation: Operation, _came_back_after: Duration) {}
 }
 
 struct NoObserver;
@@ -300,6 +300,21 @@ impl AcsClient {
         &self.inner.limits
     }
 
+    /// Waits, in this client's place (see [`AcsClient::with_ticket`]), until a request of
+    /// `operation` may go out, and keeps that slot reserved for the request that follows: so a
+    /// caller writes what must precede the request only once it can be sent. Fails with
+    /// [`Error::Queued`] as the request would; without a place there is nothing to hold.
+    pub async fn reserve(&self, operation: Operation) -> Result<(), Error> {
+        let Some((ticket, turn)) = self.place.as_deref() else {
+            return Ok(());
+        };
+        Ok(self
+            .inner
+            .limits
+            .reserve(operation, ticket, Some(turn))
+            .await?)
+    }
+
     /// `POST /identities` with a `customId`: creates the identity (201) or finds the one that
     /// customId already has (200), and issues a token either way.
     pub async fn create_identity_with_token(
@@ -436,19 +451,11 @@ impl AcsClient {
             }
         };
         loop {
-            let mut permit = self
-                .inner
-                .limits
-                .acquire(operation, ticket, turn)
-                .await
-                .map_err(|queued| Error::Queued {
-                    since: queued.since,
-                    circuit_open: queued.circuit_open,
-                })?;
+            let mut permit = self.inner.limits.acquire(operation, ticket, turn).await?;
             let observer = &self.inner.observer;
             observer.on_rate_limit_wait(operation, permit.waited);
-            if let Some(claimed_after) = permit.claimed_after {
-                observer.on_called_back(operation, claimed_after);
+            if let Some(came_back_after) = permit.came_back_after {
+                observer.on_called_back(operation, came_back_after);
             }
             let started = *first_attempt.get_or_insert_with(Instant::now);
             let Some(timeout) = self

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::ratelimit::Operation;
+use crate::ratelimit::{Operation, Queued};
 
 /// The largest answer the client reads. Identity answers are well under 2 KiB; anything near
 /// this is not ACS talking, and reading it whole would let the endpoint fill memory.
@@ -93,6 +93,15 @@ fn retry_after_text(retry_after: &Option<Duration>) -> String {
     match retry_after {
         Some(after) => format!("; it asked to retry after {}s", after.as_secs()),
         None => String::new(),
+    }
+}
+
+impl From<Queued> for Error {
+    fn from(queued: Queued) -> Self {
+        Error::Queued {
+            since: queued.since,
+            circuit_open: queued.circuit_open,
+        }
     }
 }
 

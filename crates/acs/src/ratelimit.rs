@@ -124,8 +124,11 @@ struct Reservation {
     granted_at: Instant,
     /// The circuit's probe.
     probe: bool,
-    /// Granted to a caller that was not waiting: it is being called back.
+    /// Granted to a caller that was not waiting: it is being called back, until it comes back
+    /// ([`RateLimits::came_back`]).
     called_back: bool,
+    /// How long a caller called back took to come back.
+    came_back_after: Option<Duration>,
 }
 
 impl Reservation {
@@ -280,8 +283,8 @@ pub struct Permit {
     /// How long the caller waited for it.
     pub waited: Duration,
     /// For a caller that was called back: how long its reserved slot waited for it to come
-    /// back and claim it (budget the service could have spent meanwhile).
-    pub claimed_after: Option<Duration>,
+    /// back (budget the service could have spent meanwhile).
+    pub came_back_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -290,7 +293,7 @@ impl std::fmt::Debug for Permit {
             .field("operation", &self.operation)
             .field("probe", &self.probe)
             .field("waited", &self.waited)
-            .field("claimed_after", &self.claimed_after)
+            .field("came_back_after", &self.came_back_after)
             .finish_non_exhaustive()
     }
 }
@@ -455,6 +458,24 @@ impl RateLimits {
         turn: Option<&Turn>,
     ) -> Result<Permit, Queued> {
         let start = Instant::now();
+        loop {
+            self.reserve(operation, ticket, turn).await?;
+            // Only a lapse or a withdrawal takes the slot away in between: then it queues again.
+            if let Some(permit) = self.claim(&mut self.lock(), operation, &ticket.key, start) {
+                return Ok(permit);
+            }
+        }
+    }
+
+    /// As [`RateLimits::acquire`], but the slot stays reserved under `ticket`'s key (for
+    /// [`RESERVATION_TTL`]) instead of being claimed: for a caller that must write something
+    /// before it sends, and should write it only once the request can go out.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        operation: Operation,
+        ticket: &Ticket,
+        turn: Option<&Turn>,
+    ) -> Result<(), Queued> {
         let notify = Arc::new(Notify::new());
         let (since, next_in_line, turns) = {
             let mut state = self.lock();
@@ -462,26 +483,30 @@ impl RateLimits {
                 waiting: Some(notify.clone()),
                 turn: turn.cloned(),
             };
-            let lane = &mut state.lanes[operation as usize];
-            let since = match lane.reserved.contains_key(&ticket.key) {
+            let since = match self.came_back(&mut state, operation, &ticket.key) {
                 true => ticket.asked_at,
-                false => lane.queue.push(ticket.clone(), waker),
+                false => state.lanes[operation as usize]
+                    .queue
+                    .push(ticket.clone(), waker),
             };
-            let next_in_line = lane.queue.peek().is_none_or(|next| next.key == ticket.key);
-            (since, next_in_line, self.serve(&mut state, start))
+            let queue = &state.lanes[operation as usize].queue;
+            let next_in_line = queue.peek().is_none_or(|next| next.key == ticket.key);
+            (since, next_in_line, self.serve(&mut state, Instant::now()))
         };
         self.changed.notify_one();
         call_turns(turns);
+        let reserved = |state: &State| {
+            let lane = &state.lanes[operation as usize];
+            lane.reserved.contains_key(&ticket.key)
+        };
         let granted = async {
-            loop {
-                if let Some(permit) = self.claim(&mut self.lock(), operation, &ticket.key, start) {
-                    return permit;
-                }
+            while !reserved(&self.lock()) {
                 notify.notified().await;
             }
         };
         let Some(turn) = turn else {
-            return Ok(granted.await);
+            granted.await;
+            return Ok(());
         };
         // Only the next in line waits: one with others ahead would hold its reconcile worker
         // for nothing (a burst of thousands would hold them all), so it stops waiting at once.
@@ -490,12 +515,12 @@ impl RateLimits {
         } else {
             Duration::ZERO
         };
-        if let Ok(permit) = tokio::time::timeout(patience, granted).await {
-            return Ok(permit);
+        if tokio::time::timeout(patience, granted).await.is_ok() {
+            return Ok(());
         }
         let mut state = self.lock();
-        if let Some(permit) = self.claim(&mut state, operation, &ticket.key, start) {
-            return Ok(permit);
+        if reserved(&state) {
+            return Ok(());
         }
         if let Some(waiting) = state.lanes[operation as usize].queue.get_mut(&ticket.key) {
             waiting.waker.waiting = None;
@@ -507,6 +532,23 @@ impl RateLimits {
         })
     }
 
+    /// Whether a slot is reserved under `key`. If it was granted to a caller being called back,
+    /// that caller is back: it no longer counts among those (see [`MAX_CALLED_BACK`]), even if
+    /// it writes something before it claims the slot, and the next may be called back.
+    fn came_back(&self, state: &mut State, operation: Operation, key: &str) -> bool {
+        let lane = &mut state.lanes[operation as usize];
+        let Some(reservation) = lane.reserved.get_mut(key) else {
+            return false;
+        };
+        if reservation.called_back {
+            reservation.called_back = false;
+            reservation.came_back_after = Some(reservation.granted_at.elapsed());
+            state.called_back -= 1;
+            self.changed.notify_one();
+        }
+        true
+    }
+
     /// Turns the slot reserved under `key`, if there is one, into a permit.
     fn claim(
         self: &Arc<Self>,
@@ -515,23 +557,17 @@ impl RateLimits {
         key: &str,
         start: Instant,
     ) -> Option<Permit> {
+        self.came_back(state, operation, key);
         let lane = &mut state.lanes[operation as usize];
         let reservation = lane.reserved.remove(key)?;
         lane.in_flight += 1;
-        if reservation.called_back {
-            state.called_back -= 1;
-            // The next one may be called back.
-            self.changed.notify_one();
-        }
         Some(Permit {
             limits: self.clone(),
             operation,
             probe: reservation.probe,
             answer: Answer::Abandoned,
             waited: start.elapsed(),
-            claimed_after: reservation
-                .called_back
-                .then(|| reservation.granted_at.elapsed()),
+            came_back_after: reservation.came_back_after,
         })
     }
 
@@ -614,6 +650,7 @@ impl RateLimits {
             granted_at: now,
             probe,
             called_back: waiting.waker.waiting.is_none(),
+            came_back_after: None,
         };
         state.called_back += usize::from(reservation.called_back);
         lane.reserved.insert(waiting.ticket.key, reservation);
@@ -737,7 +774,7 @@ mod tests {
         for _ in 0..limit {
             held.push(wait_for(&limits, Operation::DeleteIdentity).await);
         }
-        let at_once = |permit: &Permit| permit.waited.is_zero() && permit.claimed_after.is_none();
+        let at_once = |permit: &Permit| permit.waited.is_zero() && permit.came_back_after.is_none();
         assert!(held.iter().all(at_once));
         // Other operations have budgets of their own.
         assert!(
@@ -859,7 +896,7 @@ mod tests {
             .unwrap();
         assert!(permit.waited.is_zero());
         let held = Duration::from_secs(2) + Duration::from_millis(1);
-        assert_eq!(permit.claimed_after, Some(held));
+        assert_eq!(permit.came_back_after, Some(held));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1013,6 +1050,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reserved_slot_counts_in_the_budget_until_the_same_key_claims_it_at_once() {
+        // A budget of one create per window.
+        let limits = Arc::new(RateLimits::with_quota(Quota::Scaled(0.001)));
+        let operation = Operation::CreateIdentity;
+        let holder = anyone();
+        limits.reserve(operation, &holder, None).await.unwrap();
+
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let other = anyone();
+        let turn = recording(&log, &other.key);
+        let queued = limits.acquire(operation, &other, Some(&turn)).await;
+        assert!(queued.is_err(), "the reserved slot is spent");
+
+        let started = Instant::now();
+        let permit = limits.acquire(operation, &holder, None).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(
+            permit.came_back_after, None,
+            "it was waiting, not called back"
+        );
+        drop(permit);
+        assert!(log.lock().unwrap().is_empty(), "one slot, counted once");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn callers_are_called_back_no_more_than_max_called_back_at_a_time() {
         let limits = Arc::new(RateLimits::new());
         for _ in 0..Operation::IssueToken.published_limit() {
@@ -1043,9 +1105,15 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(called(&log), expected[..MAX_CALLED_BACK + 2]);
+        // So does one that comes back to hold its slot while it writes before sending.
+        let turn = recording(&log, &tickets[2].key);
+        let held = limits.reserve(Operation::IssueToken, &tickets[2], Some(&turn));
+        held.await.expect("its slot, reserved");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(called(&log), expected[..MAX_CALLED_BACK + 3]);
         // Those that never come back lose their slots after the reservation's time.
         tokio::time::sleep(RESERVATION_TTL).await;
-        assert_eq!(called(&log), expected[..2 * MAX_CALLED_BACK + 2]);
+        assert_eq!(called(&log), expected[..2 * MAX_CALLED_BACK + 3]);
     }
 
     /// An endpoint whose circuit is open, its next probe 2 s away (beyond any patience), and
