@@ -8,7 +8,7 @@
 #      ENTRYPOINT of the binary with `run`, no shell used in the runtime stage;
 #   3. runs the Dockerfile's own `cargo build` line verbatim (same target, same flags), and checks
 #      that the binary it builds only needs what the runtime image has (glibc <= Debian 12's
-#      2.36, libgcc) and works: `--version`, and `crd` prints the checked-in CRD.
+#      2.36, libgcc) and works: `--version`, and `crd` prints the checked-in CRDs.
 #
 # Usage: scripts/check-dockerfile.sh          (exits non-zero on any finding)
 set -euo pipefail
@@ -81,6 +81,6 @@ newest=$(objdump -T "$binary" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sor
   fail "the binary needs glibc $newest, the runtime image has $RUNTIME_GLIBC"
 echo "needs: $(echo $needed); newest glibc symbol: $newest (runtime: $RUNTIME_GLIBC)"
 "$binary" --version
-"$binary" crd | cmp -s - crds/communicationidentity.yaml ||
-  fail "the release binary's CRD differs from crds/communicationidentity.yaml"
+"$binary" crd | cmp -s - crds/acs-operator.io.yaml ||
+  fail "the release binary's CRDs differ from crds/acs-operator.io.yaml"
 echo "check-dockerfile: ok"

@@ -13,7 +13,8 @@ use kube::Client;
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::crd::{CommunicationIdentity, ConnectionSecretRef};
+use crate::connection::ConnectionSource;
+use crate::crd::CommunicationIdentity;
 use crate::held::HeldTokens;
 use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
@@ -32,6 +33,9 @@ pub struct AcsSettings {
     pub endpoint_policy: EndpointPolicy,
     /// Requests per ACS resource the client-side rate limiter admits.
     pub quota: acs::Quota,
+    /// The operator's own namespace: a ClusterAcsConnection's Secret is there unless it names
+    /// another.
+    pub operator_namespace: String,
 }
 
 pub struct Context {
@@ -227,17 +231,18 @@ impl AcsClients {
         }
     }
 
-    /// The client for the connection string in `secret` (already read by the caller) under
-    /// `reference.key`. Failures name the Secret and key, never the key's value.
+    /// The client for the connection string in `secret` (already read by the caller from
+    /// `source`). Failures name the Secret and key, never the key's value.
     pub fn client_for(
         &self,
-        namespace: &str,
-        reference: &ConnectionSecretRef,
+        source: &ConnectionSource,
         secret: Option<&Secret>,
     ) -> Result<(AcsClient, String), Failure> {
+        let (namespace, reference) = (&source.namespace, &source.secret);
         let not_found = || Failure::ConnectionSecretNotFound {
             secret: reference.name.clone(),
             key: reference.key.clone(),
+            via: source.via.clone(),
         };
         let secret = secret.ok_or_else(not_found)?;
         let text = secret
@@ -248,6 +253,7 @@ impl AcsClients {
             .ok_or_else(|| Failure::ConnectionSecretKeyMissing {
                 secret: reference.name.clone(),
                 key: reference.key.clone(),
+                via: source.via.clone(),
             })?;
         let cache_key = (
             namespace.to_owned(),
@@ -302,6 +308,11 @@ impl AcsClients {
             },
         );
         Ok((client, endpoint))
+    }
+
+    /// Where a ClusterAcsConnection's Secret is unless it names a namespace.
+    pub fn operator_namespace(&self) -> &str {
+        &self.settings.operator_namespace
     }
 
     /// Drops the clients of a connection Secret no resource uses any more.

@@ -98,6 +98,12 @@ pub mod reason {
     pub const ENDPOINT_NOT_ALLOWED: &str = "EndpointNotAllowed";
     pub const SECRET_WRITE_FAILED: &str = "SecretWriteFailed";
     pub const IDENTITY_IN_USE: &str = "IdentityInUse";
+    /// `spec.connectionRef` names a connection that does not exist.
+    pub const CONNECTION_NOT_FOUND: &str = "ConnectionNotFound";
+    /// The ClusterAcsConnection named does not allow this namespace.
+    pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+    /// The connection named has no way to authenticate that this operator supports.
+    pub const CONNECTION_UNUSABLE: &str = "ConnectionUnusable";
 
     // Failures that pass by themselves.
     pub const THROTTLED: &str = "Throttled";
@@ -247,13 +253,25 @@ const RESERVED_KEY_PREFIX: &str = OPERATOR_ANNOTATION_PREFIX;
         "message": ONE_FORM_MESSAGE,
     },
     {
+        "rule": "has(self.connectionSecretRef) != has(self.connectionRef)",
+        "message": ONE_CONNECTION_MESSAGE,
+    },
+    {
         "rule": "!has(self.tokens) || !has(self.refreshBefore) && self.tokenLifetime == '24h'",
         "message": "with spec.tokens, set tokenLifetime and refreshBefore on each entry of spec.tokens, not on the spec",
     },
 ]))]
 pub struct CommunicationIdentitySpec {
-    /// The Secret, in this resource's namespace, that holds the ACS connection string.
-    pub connection_secret_ref: ConnectionSecretRef,
+    /// The Secret, in this resource's namespace, that holds the ACS connection string. Exactly one of connectionSecretRef and connectionRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // `with` keeps the schema free of `nullable` (see refreshBefore).
+    #[schemars(with = "ConnectionSecretRef")]
+    pub connection_secret_ref: Option<ConnectionSecretRef>,
+
+    /// An AcsConnection of this namespace, or a ClusterAcsConnection that allows it. Exactly one of connectionSecretRef and connectionRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "ConnectionRef")]
+    pub connection_ref: Option<ConnectionRef>,
 
     /// Scopes of the one token (Secret keys token, expiresOn, scopes): 1 to 5 distinct values. Exactly one of scopes and tokens.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -391,6 +409,7 @@ pub const MAX_TOKENS: usize = 8;
 const MAX_TOKEN_NAME_LENGTH: usize = 63;
 /// DNS-1123 label, as an entry's name: it prefixes its keys in the Secret.
 const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+const ONE_CONNECTION_MESSAGE: &str = "set exactly one of spec.connectionSecretRef (a Secret of this namespace holding the connection string) and spec.connectionRef (an AcsConnection of this namespace, or a ClusterAcsConnection)";
 const ONE_FORM_MESSAGE: &str = "set exactly one of spec.scopes (one token, under the Secret keys token, expiresOn and scopes) and spec.tokens (named tokens, under <name>.token, <name>.expiresOn and <name>.scopes)";
 
 /// One named token of `spec.tokens`: its own scopes, lifetime and refresh schedule, under
@@ -494,6 +513,31 @@ pub struct ConnectionSecretRef {
 
 fn default_connection_key() -> String {
     "connectionString".to_owned()
+}
+
+/// A connection resource: `AcsConnection` (in this namespace) or `ClusterAcsConnection`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionRef {
+    pub kind: ConnectionKind,
+    /// Name of the connection.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConnectionKind {
+    AcsConnection,
+    ClusterAcsConnection,
+}
+
+impl ConnectionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionKind::AcsConnection => "AcsConnection",
+            ConnectionKind::ClusterAcsConnection => "ClusterAcsConnection",
+        }
+    }
 }
 
 /// A token scope as ACS names it.
@@ -865,6 +909,8 @@ pub enum InvalidSpec {
          128 KiB allowed: shorten or remove some"
     )]
     AnnotationsTooLarge { size: usize },
+    #[error("{ONE_CONNECTION_MESSAGE}")]
+    Connection,
     #[error("{ONE_FORM_MESSAGE}")]
     TokenForm,
     #[error("minRestartInterval must be between 1m and 24h")]
@@ -898,9 +944,13 @@ impl CommunicationIdentitySpec {
     /// Every check the schema makes on fields the operator uses, in Rust.
     pub fn validate(&self) -> Result<(), InvalidSpec> {
         self.validate_tokens()?;
-        let key = &self.connection_secret_ref.key;
-        if !is_secret_data_key(key) {
-            return Err(InvalidSpec::ConnectionSecretKey { value: key.clone() });
+        match (&self.connection_secret_ref, &self.connection_ref) {
+            (Some(reference), None) if !is_secret_data_key(&reference.key) => {
+                let value = reference.key.clone();
+                return Err(InvalidSpec::ConnectionSecretKey { value });
+            }
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err(InvalidSpec::Connection),
         }
         if let Some(name) = &self.secret_name
             && !is_dns_subdomain(name)
@@ -1187,12 +1237,20 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs(total_minutes.checked_mul(60)?))
 }
 
-/// The CRD as checked in under `crds/`, printed by `acs-identity-operator crd`.
+/// All the CRDs as checked in under `crds/acs-operator.io.yaml`, printed by
+/// `acs-identity-operator crd`: one YAML document each (CommunicationIdentity, AcsConnection,
+/// ClusterAcsConnection), separated by `---` lines.
 pub fn crd_yaml() -> String {
+    use crate::connection::{AcsConnection, ClusterAcsConnection};
     // Long one-line strings stay on one line (only multi-line ones become `|` blocks): folded,
     // a CEL rule would be split wherever it has a space, and a diff would no longer show it whole.
     let options = serde_saphyr::ser_options! { folded_wrap_chars: usize::MAX };
-    let yaml = serde_saphyr::to_string_with_options(&CommunicationIdentity::crd(), options)
+    let crds = [
+        CommunicationIdentity::crd(),
+        AcsConnection::crd(),
+        ClusterAcsConnection::crd(),
+    ];
+    let yaml = serde_saphyr::to_string_multiple_with_options(&crds, options)
         .expect("a CustomResourceDefinition always serialises");
     format!("# Generated by `acs-identity-operator crd`; do not edit.\n{yaml}")
 }
@@ -1245,7 +1303,11 @@ mod tests {
             "scopes": ["voip", "chat.join.limited"],
         }))
         .unwrap();
-        assert_eq!(spec.connection_secret_ref.key, "connectionString");
+        let reference = spec
+            .connection_secret_ref
+            .as_ref()
+            .expect("connectionSecretRef");
+        assert_eq!(reference.key, "connectionString");
         let token = spec.entries()[0];
         assert_eq!(token.token_lifetime(), Ok(24 * HOUR));
         assert_eq!(token.token_lifetime_minutes(), Ok(1440));
@@ -1264,6 +1326,35 @@ mod tests {
                 "tokenLifetime": "24h",
             })
         );
+    }
+
+    #[test]
+    fn exactly_one_connection_is_named() {
+        let secret = json!({ "name": "acs-connection" });
+        let connection = json!({ "kind": "ClusterAcsConnection", "name": "shared" });
+        let cases = [
+            ("a Secret", json!({ "connectionSecretRef": secret }), Ok(())),
+            (
+                "a connection",
+                json!({ "connectionRef": connection }),
+                Ok(()),
+            ),
+            (
+                "both",
+                json!({ "connectionSecretRef": secret, "connectionRef": connection }),
+                Err(InvalidSpec::Connection),
+            ),
+            ("neither", json!({}), Err(InvalidSpec::Connection)),
+        ];
+        for (name, connection, expected) in cases {
+            let mut value = json!({ "scopes": ["chat"] });
+            value
+                .as_object_mut()
+                .unwrap()
+                .extend(connection.as_object().unwrap().clone());
+            let spec: CommunicationIdentitySpec = serde_json::from_value(value).unwrap();
+            assert_eq!(spec.validate(), expected, "{name}");
+        }
     }
 
     #[test]
@@ -2123,6 +2214,7 @@ mod tests {
                 "refreshBefore must be less than tokenLifetime minus 15m",
                 "identityId can only be set when the resource is created, and cannot be removed",
                 "set exactly one of spec.scopes (one token, under the Secret keys token, expiresOn and scopes) and spec.tokens (named tokens, under <name>.token, <name>.expiresOn and <name>.scopes)",
+                ONE_CONNECTION_MESSAGE,
                 "with spec.tokens, set tokenLifetime and refreshBefore on each entry of spec.tokens, not on the spec",
             ]
         );

@@ -41,6 +41,8 @@ pub const NAME: &str = "alice";
 /// The resource's UID, which is also its identity's customId in ACS.
 pub const UID: &str = "7f9c2a4e-0000-4000-8000-000000000001";
 pub const CONNECTION_SECRET: &str = "acs-connection";
+/// The operator's own namespace, where a ClusterAcsConnection's Secret is by default.
+pub const OPERATOR_NAMESPACE: &str = "acs-system";
 /// The default Secret name, `<metadata.name>-acs-token`.
 pub const TOKEN_SECRET: &str = "alice-acs-token";
 pub const NORMAL: &str = "Normal";
@@ -77,6 +79,16 @@ pub fn identity(spec: Value) -> CommunicationIdentity {
         "spec": full,
     }))
     .expect("a valid CommunicationIdentity")
+}
+
+/// As [`identity`], naming the connection `kind` `name` (spec.connectionRef) instead of the
+/// connection Secret.
+pub fn identity_via(kind: &str, name: &str) -> CommunicationIdentity {
+    let mut identity = identity(json!({}));
+    identity.spec.connection_secret_ref = None;
+    let reference = json!({ "kind": kind, "name": name });
+    identity.spec.connection_ref = Some(serde_json::from_value(reference).expect("a kind"));
+    identity
 }
 
 /// As [`identity`], with named `tokens` (spec.tokens) instead of spec.scopes.
@@ -339,6 +351,7 @@ impl Operator {
         let settings = AcsSettings {
             allow_http: true,
             endpoint_policy: loopback_only(),
+            operator_namespace: OPERATOR_NAMESPACE.into(),
             ..AcsSettings::default()
         };
         let clock = clock.clone();
@@ -689,6 +702,20 @@ impl Harness {
                 StatusCode::NOT_FOUND,
                 "NotFound",
                 &format!("secrets \"{name}\" not found"),
+            ),
+        }
+    }
+
+    /// A GET of `path` (the `what` of a message), answered with `answer`, or 404 without one.
+    pub async fn expect_get(&mut self, what: &str, path: &str, answer: Option<Value>) {
+        let call = self.next(&format!("GET of {what}")).await;
+        call.assert_is(what, Method::GET, path, &[]);
+        match answer {
+            Some(object) => call.reply(StatusCode::OK, &object),
+            None => call.refuse(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{what} not found"),
             ),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod adoption;
+pub mod connection;
 pub mod context;
 pub mod crd;
 pub mod decide;

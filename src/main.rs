@@ -30,7 +30,7 @@ struct Args {
 enum Command {
     /// Run the controller (kubeconfig from KUBECONFIG or ~/.kube/config, or in-cluster).
     Run(RunArgs),
-    /// Print the CommunicationIdentity CustomResourceDefinition (as checked in under crds/).
+    /// Print the CustomResourceDefinitions (as checked in under crds/).
     Crd,
 }
 
@@ -66,7 +66,8 @@ struct RunArgs {
     /// one acting and the others standing by.
     #[arg(long)]
     leader_elect: bool,
-    /// Namespace of the leader election Lease.
+    /// The operator's own namespace: its leader election Lease, and where a ClusterAcsConnection's
+    /// Secret is unless the connection names a namespace.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     leader_election_namespace: String,
     /// Name of the leader election Lease.
@@ -106,6 +107,7 @@ fn main() -> anyhow::Result<()> {
                         .acs_endpoint_suffixes
                         .unwrap_or_else(acs::EndpointPolicy::azure_default),
                     quota: args.acs_rate_limit,
+                    operator_namespace: args.leader_election_namespace.clone(),
                 },
                 metrics_addr: args.metrics_addr,
                 leader_election: args.leader_elect.then(|| LeaseSettings {

@@ -3,6 +3,7 @@
 //! after each outcome (`record`), refresh times and conditions are pure functions in their own
 //! modules; this file only does the I/O around them.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use acs::{Class, Ticket};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
@@ -19,11 +20,12 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::adoption::claimed_by;
+use crate::connection::{self, AcsConnection, ClusterAcsConnection, ConnectionSource};
 use crate::context::Context;
 use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
-    CommunicationIdentityStatus, DEFAULT_MIN_RESTART_INTERVAL, FIELD_MANAGER, FINALIZER,
-    RestartTarget, WorkloadKind, reason,
+    CommunicationIdentityStatus, ConnectionKind, DEFAULT_MIN_RESTART_INTERVAL, FIELD_MANAGER,
+    FINALIZER, InvalidSpec, RestartTarget, WorkloadKind, reason,
 };
 use crate::decide::{
     Cleanup, Decision, Deletion, IssueReason, Observed, SecretState, TokenSeen, decide, tokens_seen,
@@ -614,52 +616,44 @@ impl Pass {
             .map_err(|error| self.failure_from_acs(&error, Some(identity_id)))
     }
 
-    /// The ACS client for the connection Secret's connection string, its requests queued in
-    /// `place` (and this resource called back when its turn comes), its endpoint, and the
-    /// connection Secret when it was read afresh (to hold before the first ACS call).
+    /// The ACS client for the connection string, its requests queued in `place` (and this
+    /// resource called back when its turn comes), its endpoint, and its own connection Secret
+    /// (spec.connectionSecretRef) when it was read afresh (to hold before the first ACS call).
     async fn acs_client(
         &self,
         (class, deadline): Place,
     ) -> Result<(acs::AcsClient, String, Option<Arc<Secret>>), Halt> {
-        let reference = &self.resource.spec.connection_secret_ref;
-        let recent = self
-            .ctx
-            .connection_secrets
-            .get(&self.namespace, &reference.name);
-        let read_afresh = recent.is_none();
-        let secret = match recent {
+        let source = self.connection_source().await?;
+        let (namespace, name) = (&source.namespace, &source.secret.name);
+        let recent = &self.ctx.connection_secrets;
+        let remembered = recent.get(namespace, name);
+        let read_afresh = remembered.is_none();
+        let secret = match remembered {
             Some(secret) => Some(secret),
             None => {
+                let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), namespace);
                 let read = self
-                    .kube(
-                        "connection_secret_get",
-                        self.secrets.get_opt(&reference.name),
-                    )
+                    .kube("connection_secret_get", secrets.get_opt(name))
                     .await?
                     .map(Arc::new);
-                // Held already, it serves the next passes too: a burst waiting in the queue
-                // never gets as far as holding it, and would read it once each.
-                if let Some(secret) = read.as_ref().filter(|secret| holds_connection(secret)) {
-                    let recent = &self.ctx.connection_secrets;
-                    recent.remember(&self.namespace, secret.clone());
+                // Held already (or a connection's, which is never held), it serves the next
+                // passes too: a burst waiting in the queue never gets as far as holding it,
+                // and would read it once each.
+                let shared =
+                    |secret: &&Arc<Secret>| source.via.is_some() || holds_connection(secret);
+                if let Some(secret) = read.as_ref().filter(shared) {
+                    recent.remember(namespace, secret.clone());
                 }
                 read
             }
         };
-        let (client, endpoint) =
-            match self
-                .ctx
-                .acs
-                .client_for(&self.namespace, reference, secret.as_deref())
-            {
-                Ok(client) => client,
-                Err(failure) => {
-                    self.ctx
-                        .connection_secrets
-                        .forget(&self.namespace, &reference.name);
-                    return Err(failure.into());
-                }
-            };
+        let (client, endpoint) = match self.ctx.acs.client_for(&source, secret.as_deref()) {
+            Ok(client) => client,
+            Err(failure) => {
+                recent.forget(namespace, name);
+                return Err(failure.into());
+            }
+        };
         let ticket = Ticket {
             class,
             deadline,
@@ -668,7 +662,51 @@ impl Pass {
             asked_at: self.now,
         };
         let client = client.with_ticket(ticket, self.ctx.turns.of(&self.resource));
-        Ok((client, endpoint, secret.filter(|_| read_afresh)))
+        let own = source.via.is_none() && read_afresh;
+        Ok((client, endpoint, secret.filter(|_| own)))
+    }
+
+    /// Where the connection string is: the resource's own Secret, or the one its connection
+    /// names (read afresh: a connection changed or deleted takes effect on the next ACS call).
+    async fn connection_source(&self) -> Result<ConnectionSource, Halt> {
+        let spec = &self.resource.spec;
+        let reference = match (&spec.connection_secret_ref, &spec.connection_ref) {
+            (Some(secret), None) => {
+                return Ok(ConnectionSource {
+                    namespace: self.namespace.clone(),
+                    secret: secret.clone(),
+                    via: None,
+                });
+            }
+            (None, Some(reference)) => reference,
+            _ => return Err(Failure::InvalidSpec(InvalidSpec::Connection).into()),
+        };
+        let client = self.ctx.client.clone();
+        let not_found = || Failure::ConnectionNotFound {
+            connection: connection::label(reference.kind, &reference.name),
+        };
+        match reference.kind {
+            ConnectionKind::AcsConnection => {
+                let api: Api<AcsConnection> = Api::namespaced(client, &self.namespace);
+                let found = self.kube("connection_get", api.get_opt(&reference.name));
+                Ok(found.await?.ok_or_else(not_found)?.source()?)
+            }
+            ConnectionKind::ClusterAcsConnection => {
+                let api: Api<ClusterAcsConnection> = Api::all(client.clone());
+                let found = self.kube("connection_get", api.get_opt(&reference.name));
+                let connection = found.await?.ok_or_else(not_found)?;
+                let labels = match connection.selects_by_labels() {
+                    true => {
+                        let namespaces: Api<Namespace> = Api::all(client);
+                        let read = self.kube("namespace_get", namespaces.get(&self.namespace));
+                        read.await?.metadata.labels.unwrap_or_default()
+                    }
+                    false => BTreeMap::new(),
+                };
+                let operator_namespace = self.ctx.acs.operator_namespace();
+                Ok(connection.source_for(&self.namespace, &labels, operator_namespace)?)
+            }
+        }
     }
 
     /// Before an ACS call that leaves something in ACS: this resource's finalizer (so that
@@ -954,7 +992,10 @@ impl Pass {
         self.ctx.held_tokens.release(&self.uid);
         self.remove_finalizer(&self.api, &self.resource, FINALIZER)
             .await?;
-        self.release_connection_secret().await?;
+        // A Secret a connection names is that connection's to manage.
+        if let Some(reference) = &self.resource.spec.connection_secret_ref {
+            self.release_connection_secret(&reference.name).await?;
+        }
         Ok(Action::await_change())
     }
 
@@ -1028,11 +1069,11 @@ impl Pass {
     /// The cache answers while another user lives on; otherwise the API server is asked
     /// (filtered by the Secret's name), so of two resources finishing at once the later one
     /// always sees the other gone.
-    async fn release_connection_secret(&self) -> Result<(), Error> {
-        let secret_name = &self.resource.spec.connection_secret_ref.name;
+    async fn release_connection_secret(&self, secret_name: &str) -> Result<(), Error> {
         let uses_it = |other: &CommunicationIdentity| {
+            let reference = other.spec.connection_secret_ref.as_ref();
             other.uid().as_deref() != Some(self.uid.as_str())
-                && other.spec.connection_secret_ref.name == *secret_name
+                && reference.is_some_and(|reference| reference.name == secret_name)
                 && other.finalizers().iter().any(|f| f == FINALIZER)
         };
         let live_user = self.ctx.identities.state().iter().any(|other| {
@@ -1040,7 +1081,7 @@ impl Pass {
                 && other.metadata.deletion_timestamp.is_none()
                 && uses_it(other)
         });
-        if live_user || self.any_user_left(uses_it).await? {
+        if live_user || self.any_user_left(secret_name, uses_it).await? {
             return Ok(());
         }
         let secret = self
@@ -1060,12 +1101,10 @@ impl Pass {
     /// Whether the API server knows another user of the connection Secret, page by page.
     async fn any_user_left(
         &self,
+        secret_name: &str,
         uses_it: impl Fn(&CommunicationIdentity) -> bool,
     ) -> Result<bool, Error> {
-        let selector = format!(
-            "spec.connectionSecretRef.name={}",
-            self.resource.spec.connection_secret_ref.name
-        );
+        let selector = format!("spec.connectionSecretRef.name={secret_name}");
         let mut params = ListParams::default().fields(&selector).limit(50);
         loop {
             let page = self.kube("identity_list", self.api.list(&params)).await?;
@@ -1234,8 +1273,16 @@ impl Pass {
     }
 
     fn failure_from_acs(&self, error: &acs::Error, identity_id: Option<&str>) -> Failure {
-        let secret = &self.resource.spec.connection_secret_ref.name;
-        Failure::from_acs(error, secret, identity_id)
+        let spec = &self.resource.spec;
+        let credentials = match (&spec.connection_secret_ref, &spec.connection_ref) {
+            (Some(secret), _) => format!("Secret {:?}", secret.name),
+            (None, Some(via)) => format!(
+                "the Secret {} names",
+                connection::label(via.kind, &via.name)
+            ),
+            (None, None) => "the connection Secret".to_owned(),
+        };
+        Failure::from_acs(error, &credentials, identity_id)
     }
 
     async fn kube<T>(

@@ -1399,3 +1399,150 @@ async fn resources_waiting_in_the_queue_share_one_read_of_their_held_connection_
         limits.withdraw(key);
     }
 }
+
+const ACS_CONNECTION_PATH: &str =
+    "/apis/acs-operator.io/v1alpha1/namespaces/chat-app/acsconnections/team";
+const CLUSTER_CONNECTION_PATH: &str = "/apis/acs-operator.io/v1alpha1/clusteracsconnections/shared";
+
+/// The AcsConnection `team` of the namespace, its access key in Secret `secret` of it.
+fn acs_connection(secret: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "acs-operator.io/v1alpha1",
+        "kind": "AcsConnection",
+        "metadata": { "name": "team", "namespace": NAMESPACE, "resourceVersion": "7" },
+        "spec": { "accessKey": { "secretRef": { "name": secret } } },
+    })
+}
+
+/// The ClusterAcsConnection `shared`, its access key in Secret `acs-key` of the operator's
+/// namespace, allowing the namespaces `conditions` allow.
+fn cluster_connection(conditions: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "acs-operator.io/v1alpha1",
+        "kind": "ClusterAcsConnection",
+        "metadata": { "name": "shared", "resourceVersion": "8" },
+        "spec": {
+            "accessKey": { "secretRef": { "name": "acs-key" } },
+            "conditions": conditions,
+        },
+    })
+}
+
+#[tokio::test]
+async fn an_acs_connection_with_an_access_key_serves_as_the_connection_secret_does() {
+    let mut h = Harness::new(identity_via("AcsConnection", "team")).await;
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    let connection = acs_connection(CONNECTION_SECRET);
+    h.expect_get("AcsConnection", ACS_CONNECTION_PATH, Some(connection))
+        .await;
+    h.expect_connection_secret_get().await;
+    // The finalizer before the create; the Secret is the connection's to manage, so it gets
+    // none of the operator's.
+    h.expect_finalizer_and_create_mark().await;
+    let created = finish_first_pass(&mut h).await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+    assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
+    let secret = h.cluster.connection_secret.as_ref().expect("the Secret");
+    assert!(secret.finalizers().is_empty());
+
+    // Deleted, it cleans up in ACS through the same connection, and releases no Secret.
+    h.acs.calls().await;
+    h.restart();
+    h.cluster.delete_identity(h.now());
+    h.start_pass();
+    let connection = acs_connection(CONNECTION_SECRET);
+    h.expect_get("AcsConnection", ACS_CONNECTION_PATH, Some(connection))
+        .await;
+    h.expect_connection_secret_get().await;
+    h.expect_event(NORMAL, reason::IDENTITY_DELETED).await;
+    h.expect_identity_finalizer_patch(&[]).await;
+    let action = h.finish_pass().await;
+    assert_eq!(h.acs.calls().await, ["deleteIdentity 204"]);
+    assert_eq!(h.acs.token_status(&created.token()).await, "deleted");
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_cluster_connection_serves_a_namespace_it_names_with_the_key_in_the_operators_namespace()
+{
+    let mut h = Harness::new(identity_via("ClusterAcsConnection", "shared")).await;
+    let mut key_secret = serde_json::to_value(h.cluster.connection_secret.clone()).unwrap();
+    key_secret["metadata"]["name"] = json!("acs-key");
+    key_secret["metadata"]["namespace"] = json!(OPERATOR_NAMESPACE);
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    let connection = cluster_connection(json!([{ "namespaces": ["other", NAMESPACE] }]));
+    h.expect_get(
+        "ClusterAcsConnection",
+        CLUSTER_CONNECTION_PATH,
+        Some(connection),
+    )
+    .await;
+    // Named, so its labels are not read.
+    let key_path = format!("/api/v1/namespaces/{OPERATOR_NAMESPACE}/secrets/acs-key");
+    h.expect_get("the connection's Secret", &key_path, Some(key_secret))
+        .await;
+    h.expect_finalizer_and_create_mark().await;
+    let created = finish_first_pass(&mut h).await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+    assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
+}
+
+#[tokio::test]
+async fn a_cluster_connection_refuses_a_namespace_its_selector_does_not_match() {
+    let mut h = Harness::new(identity_via("ClusterAcsConnection", "shared")).await;
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    let selector = json!({ "matchLabels": { "acs-operator.io/allowed": "true" } });
+    let connection = cluster_connection(json!([{ "namespaceSelector": selector }]));
+    h.expect_get(
+        "ClusterAcsConnection",
+        CLUSTER_CONNECTION_PATH,
+        Some(connection),
+    )
+    .await;
+    let namespace = json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": NAMESPACE, "labels": { "team": "chat" } },
+    });
+    let namespace_path = format!("/api/v1/namespaces/{NAMESPACE}");
+    h.expect_get("the Namespace", &namespace_path, Some(namespace))
+        .await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(WARNING, reason::NAMESPACE_NOT_ALLOWED).await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(ready(&status), ("False", reason::NAMESPACE_NOT_ALLOWED));
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY_CONDITION);
+    let message = &condition.expect("a Ready condition").message;
+    assert!(
+        message.starts_with(
+            "ClusterAcsConnection \"shared\" does not allow namespace \"chat-app\"; ask its owner"
+        ),
+        "{message}"
+    );
+    assert!(h.cluster.identity.finalizers().is_empty(), "nothing in ACS");
+    assert_eq!(action, Action::requeue(USER_ERROR_RETRY));
+}
+
+#[tokio::test]
+async fn a_connection_that_does_not_exist_is_reported_before_anything_reaches_acs() {
+    let mut h = Harness::new(identity_via("AcsConnection", "team")).await;
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_get("AcsConnection", ACS_CONNECTION_PATH, None)
+        .await;
+    let status = h.expect_status_apply().await;
+    h.expect_event(WARNING, reason::CONNECTION_NOT_FOUND).await;
+    let action = h.finish_pass().await;
+
+    assert_eq!(h.acs.calls().await, Vec::<String>::new());
+    assert_eq!(ready(&status), ("False", reason::CONNECTION_NOT_FOUND));
+    assert_eq!(action, Action::requeue(USER_ERROR_RETRY));
+}

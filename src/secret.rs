@@ -272,10 +272,11 @@ mod tests {
         let mut resource = CommunicationIdentity::new(
             "alice",
             CommunicationIdentitySpec {
-                connection_secret_ref: ConnectionSecretRef {
+                connection_secret_ref: Some(ConnectionSecretRef {
                     name: "acs-connection".into(),
                     key: "connectionString".into(),
-                },
+                }),
+                connection_ref: None,
                 scopes: vec![Scope::Chat, Scope::Voip],
                 token_lifetime: "24h".into(),
                 refresh_before: None,

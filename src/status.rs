@@ -15,13 +15,28 @@ use crate::refresh::FailureKind;
 /// Something that kept a reconcile pass from its goal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
+    /// `via`: the connection resource that names the Secret (none: spec.connectionSecretRef).
     ConnectionSecretNotFound {
         secret: String,
         key: String,
+        via: Option<String>,
     },
     ConnectionSecretKeyMissing {
         secret: String,
         key: String,
+        via: Option<String>,
+    },
+    /// `spec.connectionRef` names a connection that does not exist; `connection` says which.
+    ConnectionNotFound {
+        connection: String,
+    },
+    NamespaceNotAllowed {
+        connection: String,
+        namespace: String,
+    },
+    /// The connection has no authentication this operator supports.
+    ConnectionUnusable {
+        connection: String,
     },
     InvalidConnectionString {
         secret: String,
@@ -30,7 +45,8 @@ pub enum Failure {
     },
     /// ACS answered 401: the key is wrong or was rotated.
     AuthenticationFailed {
-        secret: String,
+        /// Where the key is, as a phrase: `Secret "name"`.
+        credentials: String,
         acs_message: String,
     },
     /// ACS answered 400.
@@ -86,6 +102,9 @@ impl Failure {
         match self {
             Failure::ConnectionSecretNotFound { .. } => reason::CONNECTION_SECRET_NOT_FOUND,
             Failure::ConnectionSecretKeyMissing { .. } => reason::CONNECTION_SECRET_KEY_MISSING,
+            Failure::ConnectionNotFound { .. } => reason::CONNECTION_NOT_FOUND,
+            Failure::NamespaceNotAllowed { .. } => reason::NAMESPACE_NOT_ALLOWED,
+            Failure::ConnectionUnusable { .. } => reason::CONNECTION_UNUSABLE,
             Failure::InvalidConnectionString { .. } => reason::INVALID_CONNECTION_STRING,
             Failure::AuthenticationFailed { .. } => reason::AUTHENTICATION_FAILED,
             Failure::InvalidRequest { .. } => reason::INVALID_REQUEST,
@@ -106,12 +125,12 @@ impl Failure {
         }
     }
 
-    /// What an ACS error means for the resource: `secret` is the connection Secret (named in
+    /// What an ACS error means for the resource: `credentials` says where the key is (named in
     /// the messages), `identity_id` the identity the call was about.
-    pub fn from_acs(error: &acs::Error, secret: &str, identity_id: Option<&str>) -> Self {
+    pub fn from_acs(error: &acs::Error, credentials: &str, identity_id: Option<&str>) -> Self {
         match error {
             acs::Error::Unauthorized(service) => Failure::AuthenticationFailed {
-                secret: secret.to_owned(),
+                credentials: credentials.to_owned(),
                 acs_message: service.to_string(),
             },
             acs::Error::BadRequest(service) => Failure::InvalidRequest {
@@ -161,23 +180,63 @@ impl Failure {
 
     fn unbounded_message(&self) -> String {
         match self {
-            Failure::ConnectionSecretNotFound { secret, key } => format!(
+            Failure::ConnectionSecretNotFound {
+                secret,
+                key,
+                via: None,
+            } => format!(
                 "Secret {secret:?} with the ACS connection string was not found in this namespace; \
                  create it with the connection string under key {key:?}, or fix spec.connectionSecretRef.name"
             ),
-            Failure::ConnectionSecretKeyMissing { secret, key } => format!(
+            Failure::ConnectionSecretNotFound {
+                secret,
+                key,
+                via: Some(via),
+            } => format!(
+                "Secret {secret:?}, named by {via} for the ACS connection string, was not found; \
+                 create it with the connection string under key {key:?}, or fix that connection's \
+                 spec.accessKey.secretRef"
+            ),
+            Failure::ConnectionSecretKeyMissing {
+                secret,
+                key,
+                via: None,
+            } => format!(
                 "Secret {secret:?} has no key {key:?}; put the ACS connection string under that key, \
                  or fix spec.connectionSecretRef.key"
+            ),
+            Failure::ConnectionSecretKeyMissing {
+                secret,
+                key,
+                via: Some(via),
+            } => format!(
+                "Secret {secret:?}, named by {via}, has no key {key:?}; put the ACS connection \
+                 string under that key, or fix that connection's spec.accessKey.secretRef.key"
+            ),
+            Failure::ConnectionNotFound { connection } => format!(
+                "{connection}, named in spec.connectionRef, was not found (an AcsConnection must be \
+                 in this namespace); create it, or fix spec.connectionRef"
+            ),
+            Failure::NamespaceNotAllowed {
+                connection,
+                namespace,
+            } => format!(
+                "{connection} does not allow namespace {namespace:?}; ask its owner to add the \
+                 namespace to its spec.conditions, or use another connection"
+            ),
+            Failure::ConnectionUnusable { connection } => format!(
+                "{connection} has no spec.accessKey, the one authentication this operator \
+                 version supports; set it, or use another connection"
             ),
             Failure::InvalidConnectionString { secret, key, error } => {
                 format!("Secret {secret:?} key {key:?}: {error}")
             }
             Failure::AuthenticationFailed {
-                secret,
+                credentials,
                 acs_message,
             } => format!(
                 "ACS rejected the access key (401: {acs_message}); put the resource's current \
-                 connection string into Secret {secret:?}"
+                 connection string into {credentials}"
             ),
             Failure::InvalidRequest {
                 acs_code,
@@ -190,7 +249,7 @@ impl Failure {
                  resource with an existing identityId, or without one to create a new identity"
             ),
             Failure::InvalidSpec(error) => format!(
-                "{error}; the installed CRD may be outdated: apply crds/communicationidentity.yaml"
+                "{error}; the installed CRD may be outdated: apply crds/acs-operator.io.yaml"
             ),
             Failure::SecretConflict { secret_name } => format!(
                 "Secret {secret_name:?} exists and is not owned by this CommunicationIdentity; the operator \
@@ -376,10 +435,12 @@ mod tests {
             Failure::ConnectionSecretNotFound {
                 secret: "acs-connection".into(),
                 key: "connectionString".into(),
+                via: None,
             },
             Failure::ConnectionSecretKeyMissing {
                 secret: "acs-connection".into(),
                 key: "connectionString".into(),
+                via: None,
             },
             Failure::InvalidConnectionString {
                 secret: "acs-connection".into(),
@@ -387,7 +448,7 @@ mod tests {
                 error: acs::ConnectionStringError::KeyNotBase64,
             },
             Failure::AuthenticationFailed {
-                secret: "acs-connection".into(),
+                credentials: "Secret \"acs-connection\"".into(),
                 acs_message: "Denied".into(),
             },
             Failure::InvalidRequest {
@@ -419,6 +480,26 @@ mod tests {
             Failure::IdentityInUse {
                 identity_id: "8:acs:r_1".into(),
                 holder: "team/bob".into(),
+            },
+            Failure::ConnectionSecretNotFound {
+                secret: "acs-key".into(),
+                key: "connectionString".into(),
+                via: Some("ClusterAcsConnection \"shared\"".into()),
+            },
+            Failure::ConnectionSecretKeyMissing {
+                secret: "acs-key".into(),
+                key: "connectionString".into(),
+                via: Some("AcsConnection \"team\"".into()),
+            },
+            Failure::ConnectionNotFound {
+                connection: "AcsConnection \"team\"".into(),
+            },
+            Failure::NamespaceNotAllowed {
+                connection: "ClusterAcsConnection \"shared\"".into(),
+                namespace: "team-c".into(),
+            },
+            Failure::ConnectionUnusable {
+                connection: "ClusterAcsConnection \"shared\"".into(),
             },
         ]
     }
@@ -603,6 +684,11 @@ mod tests {
             (reason::ENDPOINT_NOT_ALLOWED, UserError),
             (reason::SECRET_WRITE_FAILED, UserError),
             (reason::IDENTITY_IN_USE, UserError),
+            (reason::CONNECTION_SECRET_NOT_FOUND, UserError),
+            (reason::CONNECTION_SECRET_KEY_MISSING, UserError),
+            (reason::CONNECTION_NOT_FOUND, UserError),
+            (reason::NAMESPACE_NOT_ALLOWED, UserError),
+            (reason::CONNECTION_UNUSABLE, UserError),
         ];
         let failures = every_failure();
         assert_eq!(failures.len(), expected.len());
@@ -633,6 +719,16 @@ mod tests {
             (11, "add its domain to --acs-endpoint-suffixes"),
             (12, "403: exceeded quota"),
             (13, "belongs to CommunicationIdentity team/bob"),
+            (14, "named by ClusterAcsConnection \"shared\""),
+            (14, "fix that connection's spec.accessKey.secretRef"),
+            (15, "fix that connection's spec.accessKey.secretRef.key"),
+            (
+                16,
+                "AcsConnection \"team\", named in spec.connectionRef, was not found",
+            ),
+            (17, "does not allow namespace \"team-c\""),
+            (17, "add the namespace to its spec.conditions"),
+            (18, "has no spec.accessKey"),
         ];
         let failures = every_failure();
         for (index, fragment) in expectations {

@@ -1,8 +1,9 @@
-//! The CRD checked in under crds/ must be exactly what `acs-identity-operator crd` prints.
+//! The CRDs checked in under crds/ must be exactly what `acs-identity-operator crd` prints.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use acs_identity_operator::connection::{AcsConnection, ClusterAcsConnection};
 use acs_identity_operator::crd::CommunicationIdentity;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt as _;
@@ -12,7 +13,7 @@ use kube::CustomResourceExt as _;
 /// compile-time path may no longer exist.
 fn checked_in() -> PathBuf {
     PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo test"))
-        .join("crds/communicationidentity.yaml")
+        .join("crds/acs-operator.io.yaml")
 }
 
 fn printed_crd() -> String {
@@ -31,11 +32,16 @@ fn printed_crd() -> String {
 /// otherwise show only as a rule the API server evaluates differently.
 #[test]
 fn printed_crd_reads_back_as_the_crd() {
-    let read_back: CustomResourceDefinition =
-        serde_saphyr::from_str(&printed_crd()).expect("the printed CRD is YAML");
+    let read_back = serde_saphyr::from_multiple::<CustomResourceDefinition>(&printed_crd())
+        .expect("the printed CRDs are YAML");
+    let expected = [
+        CommunicationIdentity::crd(),
+        AcsConnection::crd(),
+        ClusterAcsConnection::crd(),
+    ];
     assert_eq!(
         serde_json::to_value(read_back).unwrap(),
-        serde_json::to_value(CommunicationIdentity::crd()).unwrap()
+        serde_json::to_value(expected).unwrap()
     );
 }
 
@@ -45,7 +51,7 @@ fn checked_in_crd_matches_the_generated_one() {
     let checked_in = std::fs::read_to_string(checked_in()).unwrap_or_default();
     assert!(
         generated == checked_in,
-        "crds/communicationidentity.yaml is stale; regenerate it with\n\
-         \n    cargo run -- crd > crds/communicationidentity.yaml\n"
+        "crds/acs-operator.io.yaml is stale; regenerate it with\n\
+         \n    cargo run --locked -- crd > crds/acs-operator.io.yaml\n"
     );
 }

@@ -68,9 +68,9 @@ stack_up() { # STATE_DIR NAMESPACE
   local connection_string=$emulator_connection_string
   endpoint=$emulator_endpoint
 
-  stack_info "installing the CRD and the connection Secret"
-  kubectl apply -f crds/communicationidentity.yaml >/dev/null
-  kubectl wait --for condition=Established crd/communicationidentities.acs-operator.io --timeout 30s >/dev/null
+  stack_info "installing the CRDs and the connection Secret"
+  kubectl apply -f crds/acs-operator.io.yaml >/dev/null
+  kubectl wait --for condition=Established -f crds/acs-operator.io.yaml --timeout 30s >/dev/null
   kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   (umask 077 && printf '%s' "$connection_string" >"$stack_dir/connection-string")
   kubectl -n "$namespace" create secret generic acs-connection \

@@ -47,7 +47,8 @@ const CYCLE: Duration = Duration::from_secs(60);
 /// controller lists and watches CommunicationIdentities, GETs one by name before an ACS call
 /// (the cache may lag behind its own last write), lists and watches its labelled Secrets, patches
 /// finalizers (merge) and status (server-side apply), GETs the connection Secret, writes the
-/// token Secret with server-side apply (which creates it the first time), and records Events.
+/// token Secret with server-side apply (which creates it the first time), records Events, and
+/// GETs the AcsConnection a spec.connectionRef names.
 /// `communicationidentities/finalizers: update` lets it set blockOwnerDeletion on the Secret's
 /// ownerReference where the OwnerReferencesPermissionEnforcement admission plugin is on.
 const NEEDS: &[(&str, &str, &[&str])] = &[
@@ -68,6 +69,16 @@ const NEEDS: &[(&str, &str, &[&str])] = &[
     ),
     ("", "secrets", &["get", "list", "watch", "create", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
+    ("acs-operator.io", "acsconnections", &["get"]),
+];
+
+/// Cluster-scoped, on top of `NEEDS`: the operator GETs the ClusterAcsConnection a
+/// spec.connectionRef names, and the identity's Namespace (its labels, for the connection's
+/// namespace selector). Cluster-wide the ClusterRole grants them; in namespaced mode a ClusterRole
+/// `<fullname>-cluster-connections` of their own does, the Namespace only the watched one by name.
+const CLUSTER_NEEDS: &[(&str, &str, &[&str])] = &[
+    ("acs-operator.io", "clusteracsconnections", &["get"]),
+    ("", "namespaces", &["get"]),
 ];
 
 /// With `rolloutRestart.enabled=true`, on top of `NEEDS`: the strategic merge patch of
@@ -231,6 +242,58 @@ fn expected_rules() -> BTreeSet<Rule> {
         .iter()
         .map(|(group, resource, verbs)| rule(group, resource, &[], verbs))
         .collect()
+}
+
+/// `CLUSTER_NEEDS`; with `watch_namespace` (namespaced mode), the Namespace only that one.
+fn expected_cluster_rules(watch_namespace: Option<&str>) -> BTreeSet<Rule> {
+    CLUSTER_NEEDS
+        .iter()
+        .map(
+            |(group, resource, verbs)| match (*resource, watch_namespace) {
+                ("namespaces", Some(namespace)) => rule(group, resource, &[namespace], verbs),
+                _ => rule(group, resource, &[], verbs),
+            },
+        )
+        .collect()
+}
+
+/// The cluster-wide ClusterRole: `rules` and `CLUSTER_NEEDS`.
+fn with_cluster_rules(mut rules: BTreeSet<Rule>) -> BTreeSet<Rule> {
+    rules.extend(expected_cluster_rules(None));
+    rules
+}
+
+/// The names of the rendered objects of `kind`.
+fn names(documents: &[Value], kind: &str) -> BTreeSet<String> {
+    documents
+        .iter()
+        .filter(|d| d["kind"] == kind)
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// In namespaced mode, the only cluster-scoped grant: `CLUSTER_NEEDS`, the Namespace by name,
+/// bound to the chart's ServiceAccount in `ops`.
+fn assert_namespaced_cluster_grant(documents: &[Value], fullname: &str, watch_namespace: &str) {
+    let name = format!("{fullname}-cluster-connections");
+    assert_eq!(names(documents, "ClusterRole"), [name.clone()].into());
+    assert_eq!(
+        names(documents, "ClusterRoleBinding"),
+        [name.clone()].into()
+    );
+    assert_eq!(
+        rules(find(documents, "ClusterRole", &name)),
+        expected_cluster_rules(Some(watch_namespace))
+    );
+    let binding = find(documents, "ClusterRoleBinding", &name);
+    assert_eq!(
+        binding["roleRef"],
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name })
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": fullname, "namespace": "ops" }])
+    );
 }
 
 /// `NEEDS` and `RESTART_NEEDS`.
@@ -544,18 +607,15 @@ async fn create_ready_delete(sa: &ServiceAccountKubeconfig, release: &Release, n
 
 #[test]
 fn chart_crd_is_the_checked_in_crd() {
-    let checked_in = std::fs::read_to_string(repo_root().join("crds/communicationidentity.yaml"))
-        .expect("crds/communicationidentity.yaml");
-    let in_chart = std::fs::read_to_string(
-        repo_root()
-            .join(CHART)
-            .join("crds/communicationidentity.yaml"),
-    )
-    .unwrap_or_default();
+    let checked_in = std::fs::read_to_string(repo_root().join("crds/acs-operator.io.yaml"))
+        .expect("crds/acs-operator.io.yaml");
+    let in_chart =
+        std::fs::read_to_string(repo_root().join(CHART).join("crds/acs-operator.io.yaml"))
+            .unwrap_or_default();
     assert!(
         checked_in == in_chart,
-        "the chart's CRD differs from crds/communicationidentity.yaml; copy it with\n\
-         \n    cp crds/communicationidentity.yaml {CHART}/crds/\n"
+        "the chart's CRDs differ from crds/acs-operator.io.yaml; copy them with\n\
+         \n    cp crds/acs-operator.io.yaml {CHART}/crds/\n"
     );
 }
 
@@ -572,7 +632,7 @@ fn chart_grants_restarts_only_when_enabled() {
     let cluster_wide = render(&[("rolloutRestart.enabled", "true")]);
     assert_eq!(
         rules(find(&cluster_wide, "ClusterRole", fullname)),
-        expected_rules_with_restarts()
+        with_cluster_rules(expected_rules_with_restarts())
     );
     let namespaced = render(&[
         ("rolloutRestart.enabled", "true"),
@@ -581,7 +641,7 @@ fn chart_grants_restarts_only_when_enabled() {
     let role = find(&namespaced, "Role", fullname);
     assert_eq!(role["metadata"]["namespace"], "app");
     assert_eq!(rules(role), expected_rules_with_restarts());
-    assert!(!kinds(&namespaced).contains("ClusterRole"));
+    assert_namespaced_cluster_grant(&namespaced, fullname, "app");
 }
 
 #[test]
@@ -620,8 +680,9 @@ fn chart_lints_and_renders_least_privilege_rbac() {
     );
     assert_eq!(
         rules(find(&docs, "ClusterRole", fullname)),
-        expected_rules()
+        with_cluster_rules(expected_rules())
     );
+    assert_eq!(names(&docs, "ClusterRole"), [fullname.to_owned()].into());
     let binding = find(&docs, "ClusterRoleBinding", fullname);
     assert_eq!(binding["roleRef"]["name"], fullname);
     assert_eq!(
@@ -706,7 +767,7 @@ fn chart_lints_and_renders_least_privilege_rbac() {
         ("serviceMonitor.enabled", "true"),
         ("metrics.port", "9090"),
     ]);
-    assert!(!kinds(&docs).contains("ClusterRole") && !kinds(&docs).contains("ClusterRoleBinding"));
+    assert_namespaced_cluster_grant(&docs, fullname, "app");
     let role = find(&docs, "Role", fullname);
     assert_eq!(role["metadata"]["namespace"], "app");
     assert_eq!(rules(role), expected_rules());
@@ -832,8 +893,10 @@ async fn chart_service_account_runs_a_create_ready_delete_cycle() {
             .await,
         "listing ConfigMaps",
     );
-    // Leases only in the release namespace, even cluster-wide.
     let mut mismatches = Vec::new();
+    // ClusterAcsConnections and Namespaces: get only.
+    check_verbs(&client, None, CLUSTER_NEEDS, false, &mut mismatches).await;
+    // Leases only in the release namespace, even cluster-wide.
     check_lease(
         &client,
         &ns.name,
@@ -967,6 +1030,35 @@ async fn namespaced_chart_grants_exactly_what_the_operator_needs() {
     )
     .await;
     check_verbs(&client, None, NEEDS, true, &mut mismatches).await;
+    // Cluster-scoped: any ClusterAcsConnection by name, and the watched Namespace only.
+    let cluster_connections: (&str, &str, &[&str]) =
+        ("acs-operator.io", "clusteracsconnections", &["get"]);
+    check_verbs(
+        &client,
+        None,
+        &[cluster_connections],
+        false,
+        &mut mismatches,
+    )
+    .await;
+    for (namespace, readable) in [
+        (None, false),
+        (Some(&watched.name), true),
+        (Some(&other.name), false),
+        (Some(&operator_ns.name), false),
+    ] {
+        for verb in ALL_VERBS {
+            let expected = readable && *verb == "get";
+            let name = namespace.map(String::as_str);
+            let actual = allowed_named(&client, None, "", "namespaces", name, verb).await;
+            if actual != expected {
+                mismatches.push(format!(
+                    "{verb} namespace {}: allowed={actual}, expected {expected}",
+                    name.unwrap_or("(any)")
+                ));
+            }
+        }
+    }
     let lease = release.fullname();
     check_lease(&client, &operator_ns.name, &lease, false, &mut mismatches).await;
     check_lease(&client, &watched.name, &lease, true, &mut mismatches).await;

@@ -3,6 +3,7 @@
 
 mod chart;
 mod circuit;
+mod connections;
 mod controlplane;
 mod hostile;
 mod leader;

@@ -469,7 +469,7 @@ impl Drop for Operator {
     }
 }
 
-/// Installs the checked-in CRD (idempotent) and waits until the API server serves it.
+/// Installs the checked-in CRDs (idempotent) and waits until the API server serves each.
 pub async fn ensure_crd() {
     static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     INSTALLED
@@ -477,23 +477,34 @@ pub async fn ensure_crd() {
             use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
             use kube::api::{Patch, PatchParams};
             let text =
-                std::fs::read_to_string(repo_root().join("crds/communicationidentity.yaml"))
-                    .unwrap();
-            let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).unwrap();
-            let name = crd.metadata.name.clone().unwrap();
+                std::fs::read_to_string(repo_root().join("crds/acs-operator.io.yaml")).unwrap();
+            let documents: Vec<CustomResourceDefinition> =
+                serde_saphyr::from_multiple(&text).unwrap();
+            assert!(!documents.is_empty(), "crds/acs-operator.io.yaml holds no CRD");
             let crds: Api<CustomResourceDefinition> = Api::all(admin_client().await);
-            crds.patch(&name, &PatchParams::apply("integration-tests").force(), &Patch::Apply(&crd))
-                .await
-                .expect("install the CRD");
-            wait_for("the CRD to be established", Duration::from_secs(30), || async {
-                let crd = crds.get(&name).await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            })
-            .await;
+            let mut names = Vec::new();
+            for crd in &documents {
+                let name = crd.metadata.name.clone().unwrap();
+                crds.patch(&name, &PatchParams::apply("integration-tests").force(), &Patch::Apply(crd))
+                    .await
+                    .unwrap_or_else(|error| panic!("install the CRD {name}: {error}"));
+                names.push(name);
+            }
+            for name in &names {
+                wait_for(
+                    &format!("the CRD {name} to be established"),
+                    Duration::from_secs(30),
+                    || async {
+                        let crd = crds.get(name).await.ok()?;
+                        crd.status?
+                            .conditions?
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                            .then_some(())
+                    },
+                )
+                .await;
+            }
         })
         .await;
 }

@@ -40,15 +40,17 @@ pub async fn client(cluster: &Cluster) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Installs the CRD (from crds/) and waits until it is served.
+/// Installs every CRD of crds/acs-operator.io.yaml and waits until each is served.
 pub fn install_crd(cluster: &Cluster, repo: &std::path::Path) -> anyhow::Result<()> {
-    let crd = repo.join("crds/communicationidentity.yaml");
-    cluster.kubectl(&["apply", "-f", &crd.to_string_lossy()])?;
+    let crds = repo.join("crds/acs-operator.io.yaml");
+    let crds = crds.to_string_lossy();
+    cluster.kubectl(&["apply", "-f", &crds])?;
     cluster.kubectl(&[
         "wait",
         "--for",
         "condition=Established",
-        "crd/communicationidentities.acs-operator.io",
+        "-f",
+        &crds,
         "--timeout",
         "60s",
     ])?;
