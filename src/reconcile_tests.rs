@@ -136,6 +136,15 @@ fn ready(status: &CommunicationIdentityStatus) -> (&str, &str) {
     (ready.status.as_str(), ready.reason.as_str())
 }
 
+/// The Ready condition's message.
+fn ready_message(status: &CommunicationIdentityStatus) -> &str {
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY_CONDITION);
+    &ready.expect("a Ready condition").message
+}
+
 fn next_refresh(status: &CommunicationIdentityStatus) -> Timestamp {
     status
         .next_refresh_time
@@ -1299,11 +1308,7 @@ async fn a_refresh_without_budget_waits_in_the_queue_and_says_since_when_without
 
     assert_eq!(h.acs.calls().await, Vec::<String>::new());
     assert_eq!(ready(&status), ("True", reason::WAITING_FOR_ACS));
-    let condition = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY_CONDITION);
-    let message = &condition.expect("a Ready condition").message;
+    let message = ready_message(&status);
     assert!(
         message.starts_with(&format!("waiting for ACS budget since {}", h.now())),
         "{message}"
@@ -1516,11 +1521,7 @@ async fn a_cluster_connection_refuses_a_namespace_its_selector_does_not_match() 
 
     assert_eq!(h.acs.calls().await, Vec::<String>::new());
     assert_eq!(ready(&status), ("False", reason::NAMESPACE_NOT_ALLOWED));
-    let condition = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY_CONDITION);
-    let message = &condition.expect("a Ready condition").message;
+    let message = ready_message(&status);
     assert!(
         message.starts_with(
             "ClusterAcsConnection \"shared\" does not allow namespace \"chat-app\"; ask its owner"

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Emulator, Operator, PROMPTLY, Setup, TestNamespace, admin_client, create_connection_secret,
-    identity_manifest, ready_message, wait_condition, wait_ready,
+    identity_manifest, ready_message, run_aside, wait_condition, wait_ready,
 };
 
 const GROUP_VERSION: &str = "acs-operator.io/v1alpha1";
@@ -66,18 +66,10 @@ struct ClusterConnection(String);
 impl Drop for ClusterConnection {
     fn drop(&mut self) {
         let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let client = admin_client().await;
-                let api = cluster_connections(client);
-                let _ = api.delete(&name, &DeleteParams::background()).await;
-            });
-        })
-        .join();
+        run_aside(async move {
+            let api = cluster_connections(admin_client().await);
+            let _ = api.delete(&name, &DeleteParams::background()).await;
+        });
     }
 }
 

@@ -109,21 +109,25 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let name = self.name.clone();
-        // Drop cannot await; a short-lived runtime on its own thread issues the delete, with a
-        // client of its own (the test's client is driven by the test's runtime, blocked here).
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let _ = Api::<Namespace>::all(admin_client().await)
-                    .delete(&name, &DeleteParams::background())
-                    .await;
-            });
-        })
-        .join();
+        run_aside(async move {
+            let _ = Api::<Namespace>::all(admin_client().await)
+                .delete(&name, &DeleteParams::background())
+                .await;
+        });
     }
+}
+
+/// Runs `work` to its end from a `Drop`, which cannot await: on a short-lived runtime of its own
+/// thread, with clients of its own (the test's are driven by the test's runtime, blocked here).
+pub fn run_aside(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(work);
+    })
+    .join();
 }
 
 /// A Secret's data as UTF-8 strings.
