@@ -940,17 +940,33 @@ pub enum InvalidSpec {
     IdentityId { value: String },
 }
 
+/// What a spec reaches ACS through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection<'a> {
+    /// `spec.connectionSecretRef`: a Secret of the resource's namespace.
+    Secret(&'a ConnectionSecretRef),
+    /// `spec.connectionRef`: an AcsConnection or ClusterAcsConnection.
+    Named(&'a ConnectionRef),
+}
+
 impl CommunicationIdentitySpec {
+    /// The one connection the spec names (the schema's one-of rule, in Rust).
+    pub fn connection(&self) -> Result<Connection<'_>, InvalidSpec> {
+        match (&self.connection_secret_ref, &self.connection_ref) {
+            (Some(secret), None) => Ok(Connection::Secret(secret)),
+            (None, Some(named)) => Ok(Connection::Named(named)),
+            _ => Err(InvalidSpec::Connection),
+        }
+    }
+
     /// Every check the schema makes on fields the operator uses, in Rust.
     pub fn validate(&self) -> Result<(), InvalidSpec> {
         self.validate_tokens()?;
-        match (&self.connection_secret_ref, &self.connection_ref) {
-            (Some(reference), None) if !is_secret_data_key(&reference.key) => {
-                let value = reference.key.clone();
-                return Err(InvalidSpec::ConnectionSecretKey { value });
-            }
-            (Some(_), None) | (None, Some(_)) => {}
-            _ => return Err(InvalidSpec::Connection),
+        if let Connection::Secret(reference) = self.connection()?
+            && !is_secret_data_key(&reference.key)
+        {
+            let value = reference.key.clone();
+            return Err(InvalidSpec::ConnectionSecretKey { value });
         }
         if let Some(name) = &self.secret_name
             && !is_dns_subdomain(name)

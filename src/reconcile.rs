@@ -24,8 +24,8 @@ use crate::connection::{self, AcsConnection, ClusterAcsConnection, ConnectionSou
 use crate::context::Context;
 use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
-    CommunicationIdentityStatus, ConnectionKind, DEFAULT_MIN_RESTART_INTERVAL, FIELD_MANAGER,
-    FINALIZER, InvalidSpec, RestartTarget, WorkloadKind, reason,
+    CommunicationIdentityStatus, Connection, ConnectionKind, DEFAULT_MIN_RESTART_INTERVAL,
+    FIELD_MANAGER, FINALIZER, RestartTarget, WorkloadKind, reason,
 };
 use crate::decide::{
     Cleanup, Decision, Deletion, IssueReason, Observed, SecretState, TokenSeen, decide, tokens_seen,
@@ -669,17 +669,16 @@ impl Pass {
     /// Where the connection string is: the resource's own Secret, or the one its connection
     /// names (read afresh: a connection changed or deleted takes effect on the next ACS call).
     async fn connection_source(&self) -> Result<ConnectionSource, Halt> {
-        let spec = &self.resource.spec;
-        let reference = match (&spec.connection_secret_ref, &spec.connection_ref) {
-            (Some(secret), None) => {
+        let reference = match self.resource.spec.connection() {
+            Ok(Connection::Secret(secret)) => {
                 return Ok(ConnectionSource {
                     namespace: self.namespace.clone(),
                     secret: secret.clone(),
                     via: None,
                 });
             }
-            (None, Some(reference)) => reference,
-            _ => return Err(Failure::InvalidSpec(InvalidSpec::Connection).into()),
+            Ok(Connection::Named(reference)) => reference,
+            Err(invalid) => return Err(Failure::InvalidSpec(invalid).into()),
         };
         let client = self.ctx.client.clone();
         let not_found = || Failure::ConnectionNotFound {
@@ -1273,14 +1272,13 @@ impl Pass {
     }
 
     fn failure_from_acs(&self, error: &acs::Error, identity_id: Option<&str>) -> Failure {
-        let spec = &self.resource.spec;
-        let credentials = match (&spec.connection_secret_ref, &spec.connection_ref) {
-            (Some(secret), _) => format!("Secret {:?}", secret.name),
-            (None, Some(via)) => format!(
+        let credentials = match self.resource.spec.connection() {
+            Ok(Connection::Secret(secret)) => format!("Secret {:?}", secret.name),
+            Ok(Connection::Named(via)) => format!(
                 "the Secret {} names",
                 connection::label(via.kind, &via.name)
             ),
-            (None, None) => "the connection Secret".to_owned(),
+            Err(_) => "the connection Secret".to_owned(),
         };
         Failure::from_acs(error, &credentials, identity_id)
     }
