@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::circuit::Answer;
 use crate::endpoint::{EndpointPolicy, is_azure_host};
+use crate::entra::{EntraCredential, WorkloadIdentity, is_entra_authority};
 use crate::error::{
     Error, MAX_ANSWER_BYTES, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError,
     bounded_echo, root_cause,
@@ -134,6 +135,16 @@ pub enum BuildError {
         "the connection string's endpoint host `{host}` is not an allowed ACS endpoint; if it is one, add it (or a domain it is under) to --acs-endpoint-suffixes (Helm value acsEndpointSuffixes)"
     )]
     EndpointNotAllowed { host: String },
+    #[error(
+        "the workload identity's authority host `{0}` is not an https URL without a path; use Entra's (https://login.microsoftonline.com) or your cloud's"
+    )]
+    InvalidAuthority(String),
+    #[error(
+        "the workload identity's authority host `{host}` is neither Entra ID's nor under --acs-endpoint-suffixes (Helm value acsEndpointSuffixes); use Entra's, or ask the cluster admin to add it"
+    )]
+    AuthorityNotAllowed { host: String },
+    #[error("the workload identity is not usable: {0}")]
+    InvalidWorkloadIdentity(String),
     #[error("could not set up the HTTPS client: {cause}")]
     HttpClient {
         cause: String,
@@ -167,10 +178,31 @@ struct Inner {
     /// The authority as reqwest sends it in `Host` (the URL parser lower-cases it and drops a
     /// default port), which is what the service verifies the signature against.
     host: String,
-    key: AccessKey,
+    auth: Auth,
     request_timeout: Duration,
     limits: Arc<RateLimits>,
     observer: Arc<dyn Observer>,
+}
+
+/// How an [`AcsClient`] proves itself to ACS.
+#[derive(Debug)]
+pub enum Credential {
+    /// Signs every request with the resource's access key (HMAC-SHA256).
+    AccessKey(AccessKey),
+    /// Sends a Microsoft Entra ID bearer token, exchanged for a federated token.
+    WorkloadIdentity(WorkloadIdentity),
+}
+
+enum Auth {
+    Key(AccessKey),
+    Entra(EntraCredential),
+}
+
+/// What one attempt authenticates with: the key signs it (the signature covers its date), a
+/// bearer token is got once per attempt before the budget is spent.
+enum Presented<'a> {
+    Signature(&'a AccessKey),
+    Bearer(HeaderValue),
 }
 
 impl fmt::Debug for AcsClient {
@@ -206,6 +238,65 @@ fn trusts_extra_ca(host: &str) -> bool {
     !is_azure_host(host)
 }
 
+/// The HTTPS client for one host (an ACS endpoint or an Entra authority): no redirects (one
+/// could send a signed request, or a token, to any address the host names; neither ACS nor
+/// Entra redirects), the extra CA only for hosts outside Azure.
+fn http_client(
+    url_host: &str,
+    https_only: bool,
+    options: &ClientOptions,
+) -> Result<reqwest::Client, BuildError> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("acs-identity-operator/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(options.request_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(https_only);
+    if let Some(pem) = &options.extra_ca_pem {
+        let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|source| {
+            BuildError::InvalidCaPem {
+                cause: root_cause(&source),
+                source,
+            }
+        })?;
+        if certificates.is_empty() {
+            return Err(BuildError::EmptyCaPem);
+        }
+        // Added to, not instead of, the built-in web roots: a private endpoint may just as
+        // well have a public certificate.
+        if trusts_extra_ca(url_host) && !is_entra_authority(url_host) {
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+    }
+    builder.build().map_err(|source| BuildError::HttpClient {
+        cause: root_cause(&source),
+        source,
+    })
+}
+
+/// The Entra credential of `identity`, its authority checked as an endpoint is: https, no path
+/// (the tenant follows the host), Entra's own or admitted by the endpoint policy.
+fn entra_credential(
+    identity: WorkloadIdentity,
+    options: &ClientOptions,
+) -> Result<EntraCredential, BuildError> {
+    let echo = bounded_echo(&identity.authority_host, MAX_ENDPOINT_BYTES);
+    let authority = Url::parse(&identity.authority_host)
+        .ok()
+        .filter(|url| url.scheme() == "https" && url.path() == "/" && url.query().is_none())
+        .ok_or_else(|| BuildError::InvalidAuthority(echo))?;
+    let host = authority.host_str().unwrap_or_default();
+    if !is_entra_authority(host) && !options.endpoint_policy.admits(host) {
+        return Err(BuildError::AuthorityNotAllowed {
+            host: bounded_echo(host, MAX_ENDPOINT_BYTES),
+        });
+    }
+    let http = http_client(host, true, options)?;
+    EntraCredential::new(identity, &authority, http, options.request_timeout)
+        .map_err(BuildError::InvalidWorkloadIdentity)
+}
+
 /// `/identities/{id}{suffix}` with the id percent-encoded.
 fn identity_path(id: &str, suffix: &str) -> String {
     format!("/identities/{}{suffix}", utf8_percent_encode(id, SEGMENT))
@@ -213,9 +304,18 @@ fn identity_path(id: &str, suffix: &str) -> String {
 
 impl AcsClient {
     pub fn new(connection: ConnectionString, options: ClientOptions) -> Result<Self, BuildError> {
-        let invalid =
-            || BuildError::InvalidEndpoint(bounded_echo(&connection.endpoint, MAX_ENDPOINT_BYTES));
-        let base = Url::parse(&connection.endpoint).map_err(|_| invalid())?;
+        let credential = Credential::AccessKey(connection.key);
+        Self::with_credential(&connection.endpoint, credential, options)
+    }
+
+    /// A client of the ACS resource at `endpoint` (`https://…`, no trailing `/`).
+    pub fn with_credential(
+        endpoint: &str,
+        credential: Credential,
+        options: ClientOptions,
+    ) -> Result<Self, BuildError> {
+        let invalid = || BuildError::InvalidEndpoint(bounded_echo(endpoint, MAX_ENDPOINT_BYTES));
+        let base = Url::parse(endpoint).map_err(|_| invalid())?;
         let url_host = base.host_str().ok_or_else(invalid)?;
         if !options.endpoint_policy.admits(url_host) {
             return Err(BuildError::EndpointNotAllowed {
@@ -226,44 +326,22 @@ impl AcsClient {
             Some(port) => format!("{url_host}:{port}"),
             None => url_host.to_owned(),
         };
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("acs-identity-operator/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(options.request_timeout)
-            // A redirect could send the signed request, or the next one, to any address the
-            // endpoint names; ACS never redirects.
-            .redirect(reqwest::redirect::Policy::none())
-            .https_only(!options.allow_http);
-        if let Some(pem) = &options.extra_ca_pem {
-            let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|source| {
-                BuildError::InvalidCaPem {
-                    cause: root_cause(&source),
-                    source,
-                }
-            })?;
-            if certificates.is_empty() {
-                return Err(BuildError::EmptyCaPem);
+        let http = http_client(url_host, !options.allow_http, &options)?;
+        let auth = match credential {
+            Credential::AccessKey(key) => Auth::Key(key),
+            Credential::WorkloadIdentity(identity) => {
+                Auth::Entra(entra_credential(identity, &options)?)
             }
-            // Added to, not instead of, the built-in web roots: a private endpoint may just as
-            // well have a public certificate.
-            if trusts_extra_ca(url_host) {
-                for certificate in certificates {
-                    builder = builder.add_root_certificate(certificate);
-                }
-            }
-        }
-        let http = builder.build().map_err(|source| BuildError::HttpClient {
-            cause: root_cause(&source),
-            source,
-        })?;
+        };
         let limits = options
             .rate_limits
-            .unwrap_or_else(|| RateLimits::for_endpoint(&connection.endpoint, options.quota));
+            .unwrap_or_else(|| RateLimits::for_endpoint(endpoint, options.quota));
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
                 base,
                 host,
-                key: connection.key,
+                auth,
                 request_timeout: options.request_timeout,
                 limits,
                 observer: options.observer,
@@ -451,6 +529,11 @@ impl AcsClient {
             }
         };
         loop {
+            // Before the budget: a token Entra will not give costs ACS nothing.
+            let presented = match &self.inner.auth {
+                Auth::Key(key) => Presented::Signature(key),
+                Auth::Entra(credential) => Presented::Bearer(credential.authorization().await?),
+            };
             let mut permit = self.inner.limits.acquire(operation, ticket, turn).await?;
             let observer = &self.inner.observer;
             observer.on_rate_limit_wait(operation, permit.waited);
@@ -466,7 +549,7 @@ impl AcsClient {
                     after: Duration::ZERO,
                 }));
             };
-            let outcome = self.attempt(call, timeout).await;
+            let outcome = self.attempt(call, timeout, presented).await;
             permit.answered(circuit_answer(&outcome));
             // Answered (or given up on): from now on it counts in the window's log.
             drop(permit);
@@ -497,33 +580,40 @@ impl AcsClient {
         }
     }
 
-    /// One signed HTTP exchange.
+    /// One HTTP exchange, signed with the key or carrying the bearer token.
     async fn attempt(
         &self,
         call: &Call,
         timeout: Duration,
+        presented: Presented<'_>,
     ) -> Result<(StatusCode, Vec<u8>), Error> {
         let inner = &*self.inner;
-        let body = call.body.as_deref().unwrap_or_default();
-        let signed = signing::sign_request(
-            &inner.key,
-            call.method.as_str(),
-            &call.target,
-            &inner.host,
-            &signing::http_date(jiff::Timestamp::now()),
-            body,
-        );
-        let mut authorization =
-            HeaderValue::from_str(&signed.authorization).expect("base64 and ASCII only");
-        authorization.set_sensitive(true);
         let mut request = inner
             .http
             .request(call.method.clone(), call.url.clone())
             .timeout(timeout)
-            .header(ACCEPT, "application/json")
-            .header("x-ms-date", signed.date)
-            .header("x-ms-content-sha256", signed.content_hash)
-            .header(AUTHORIZATION, authorization);
+            .header(ACCEPT, "application/json");
+        request = match presented {
+            Presented::Bearer(bearer) => request.header(AUTHORIZATION, bearer),
+            Presented::Signature(key) => {
+                let body = call.body.as_deref().unwrap_or_default();
+                let signed = signing::sign_request(
+                    key,
+                    call.method.as_str(),
+                    &call.target,
+                    &inner.host,
+                    &signing::http_date(jiff::Timestamp::now()),
+                    body,
+                );
+                let mut authorization =
+                    HeaderValue::from_str(&signed.authorization).expect("base64 and ASCII only");
+                authorization.set_sensitive(true);
+                request
+                    .header("x-ms-date", signed.date)
+                    .header("x-ms-content-sha256", signed.content_hash)
+                    .header(AUTHORIZATION, authorization)
+            }
+        };
         if let Some(body) = &call.body {
             request = request
                 .header(CONTENT_TYPE, "application/json")
@@ -614,7 +704,9 @@ fn circuit_answer<T>(outcome: &Result<T, Error>) -> Answer {
 /// Reads the body, or `None` once it is known to exceed [`MAX_ANSWER_BYTES`]: from
 /// Content-Length before anything is read, else as soon as more has arrived. A loop over
 /// `chunk()` because reqwest offers no capped read, and this is all one takes.
-async fn read_capped(response: &mut reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
+pub(crate) async fn read_capped(
+    response: &mut reqwest::Response,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
     if response
         .content_length()
         .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)

@@ -28,7 +28,7 @@ impl fmt::Display for ServiceError {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "ACS rejected the access key ({0}): check the accesskey in the connection Secret and that this machine's clock is correct"
+        "ACS rejected the credentials ({0}): for an access key, check the accesskey in the connection Secret and that this machine's clock is correct; for workload identity, that the Entra application has a role on the ACS resource"
     )]
     Unauthorized(ServiceError),
     #[error(
@@ -70,6 +70,22 @@ pub enum Error {
         since: jiff::Timestamp,
         circuit_open: bool,
     },
+    /// Entra ID answered the token request with a refusal (4xx): `codes` are its AADSTS codes.
+    #[error(
+        "Microsoft Entra ID refused the token request (HTTP {status}{}): {description}",
+        codes_text(.codes)
+    )]
+    EntraRefused {
+        status: u16,
+        codes: String,
+        description: String,
+    },
+    /// The token request got no answer that says anything (unreachable, timeout, 5xx).
+    #[error("could not get a Microsoft Entra ID token from {authority}: {cause}")]
+    EntraUnavailable { authority: String, cause: String },
+    /// The federated token to present to Entra could not be had.
+    #[error("could not get the federated token to present to Microsoft Entra ID: {cause}")]
+    FederatedTokenUnavailable { cause: String },
     #[error("ACS answered {} with an unexpected response (HTTP {status}): {detail}", .operation.as_str())]
     UnexpectedResponse {
         operation: Operation,
@@ -86,6 +102,13 @@ fn queued_text(since: &jiff::Timestamp, circuit_open: bool) -> String {
         false => format!(
             "waiting for ACS budget since {since}: the endpoint's rate limit is shared, and more urgent requests go first"
         ),
+    }
+}
+
+fn codes_text(codes: &str) -> String {
+    match codes.is_empty() {
+        true => String::new(),
+        false => format!(", {codes}"),
     }
 }
 
@@ -119,6 +142,9 @@ impl Error {
             Error::AnswerTooLarge { .. } => "answer_too_large",
             Error::Queued { .. } => "queued",
             Error::UnexpectedResponse { .. } => "unexpected_response",
+            Error::EntraRefused { .. } => "entra_refused",
+            Error::EntraUnavailable { .. } => "entra_unavailable",
+            Error::FederatedTokenUnavailable { .. } => "federated_token_unavailable",
         }
     }
 
@@ -133,6 +159,7 @@ impl Error {
                 | Error::Timeout { .. }
                 | Error::Connection { .. }
                 | Error::AnswerTooLarge { .. }
+                | Error::EntraUnavailable { .. }
         )
     }
 
@@ -158,7 +185,10 @@ impl Error {
             | Error::Connection { .. }
             | Error::AnswerTooLarge { .. }
             | Error::Queued { .. }
-            | Error::UnexpectedResponse { .. } => None,
+            | Error::UnexpectedResponse { .. }
+            | Error::EntraRefused { .. }
+            | Error::EntraUnavailable { .. }
+            | Error::FederatedTokenUnavailable { .. } => None,
         }
     }
 
@@ -231,8 +261,24 @@ mod tests {
     fn messages_are_actionable() {
         assert_eq!(
             Error::Unauthorized(service(401)).to_string(),
-            "ACS rejected the access key (401 Denied: Denied by the resource provider.): check the accesskey in the connection Secret and that this machine's clock is correct"
+            "ACS rejected the credentials (401 Denied: Denied by the resource provider.): for an access key, check the accesskey in the connection Secret and that this machine's clock is correct; for workload identity, that the Entra application has a role on the ACS resource"
         );
+        let refused = Error::EntraRefused {
+            status: 400,
+            codes: "AADSTS700016".into(),
+            description: "AADSTS700016: Application not found.".into(),
+        };
+        assert_eq!(
+            refused.to_string(),
+            "Microsoft Entra ID refused the token request (HTTP 400, AADSTS700016): AADSTS700016: Application not found."
+        );
+        assert!(!refused.is_transient());
+        let unreachable = Error::EntraUnavailable {
+            authority: "https://login.microsoftonline.com".into(),
+            cause: "connection refused".into(),
+        };
+        assert!(unreachable.is_transient());
+        assert_eq!(unreachable.status(), None);
         let throttled = Error::Throttled {
             error: service(429),
             retry_after: Some(Duration::from_secs(7)),
