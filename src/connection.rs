@@ -11,12 +11,27 @@ use kube::core::{Selector, SelectorExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use acs::entra::TOKEN_EXCHANGE_AUDIENCE;
+
 use crate::crd::{ConnectionKind, ConnectionSecretRef};
 use crate::status::Failure;
 
 /// Every way to authenticate that a connection may name, as the messages list them.
-const AUTH_REQUIRED: &str =
-    "set spec.accessKey: a Secret whose key holds the ACS resource's connection string";
+const AUTH_REQUIRED: &str = "set exactly one of spec.accessKey (a Secret whose key holds the ACS resource's connection string) and spec.workloadIdentity (a Microsoft Entra ID application, with spec.endpoint)";
+const ENDPOINT_WITH_WORKLOAD_IDENTITY: &str = "set spec.endpoint (https://<resource>.communication.azure.com) with spec.workloadIdentity, and only then: an access key's connection string names its own endpoint";
+/// A namespace must not borrow the operator's own federated identity (its token file) or a
+/// ServiceAccount of another namespace: only a cluster connection, made by the cluster's
+/// admins, may.
+const NAMESPACED_TOKEN_SOURCE: &str = "an AcsConnection's workload identity uses a ServiceAccount of its own namespace: spec.workloadIdentity.tokenFile and serviceAccountRef.namespace are for ClusterAcsConnection";
+
+// The rules both connection kinds share.
+fn one_auth_rule() -> serde_json::Value {
+    serde_json::json!({ "rule": "has(self.accessKey) != has(self.workloadIdentity)", "message": AUTH_REQUIRED })
+}
+
+fn endpoint_rule() -> serde_json::Value {
+    serde_json::json!({ "rule": "has(self.endpoint) == has(self.workloadIdentity)", "message": ENDPOINT_WITH_WORKLOAD_IDENTITY })
+}
 
 /// An ACS resource and how to reach it, for the CommunicationIdentities of this namespace.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -37,13 +52,84 @@ const AUTH_REQUIRED: &str =
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    { "rule": "has(self.accessKey)", "message": AUTH_REQUIRED },
+    one_auth_rule(),
+    endpoint_rule(),
+    {
+        "rule": "!has(self.workloadIdentity) || !has(self.workloadIdentity.tokenFile) && (!has(self.workloadIdentity.serviceAccountRef) || !has(self.workloadIdentity.serviceAccountRef.namespace))",
+        "message": NAMESPACED_TOKEN_SOURCE,
+    },
 ]))]
 pub struct AcsConnectionSpec {
+    /// The ACS resource's endpoint, `https://<resource>.communication.azure.com`, with
+    /// workloadIdentity (an access key's connection string names its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512), pattern(r"^https?://[^/?#]+/?$"))]
+    pub endpoint: Option<String>,
     /// Authenticate with the resource's access key: a Secret of this namespace holding its
     /// connection string (`endpoint=https://…;accesskey=…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key: Option<AccessKeyAuth>,
+    /// Authenticate with Microsoft Entra ID: a ServiceAccount token of this namespace is
+    /// exchanged for an Entra token of the application, which needs a role on the ACS resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<WorkloadIdentityAuth>,
+}
+
+/// A Microsoft Entra ID application that trusts a Kubernetes ServiceAccount token (a federated
+/// credential with this cluster's issuer, subject `system:serviceaccount:<namespace>:<name>`
+/// and audience `api://AzureADTokenExchange`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.serviceAccountRef) != has(self.tokenFile)",
+    "message": "set exactly one of serviceAccountRef (a token is requested for it) and tokenFile (a projected token the operator's pod mounts)",
+}]))]
+pub struct WorkloadIdentityAuth {
+    /// The Entra tenant (directory) id.
+    #[schemars(length(min = 1, max = 256), pattern(r"^[A-Za-z0-9.-]+$"))]
+    pub tenant_id: String,
+    /// The application (client) id of the app registration or managed identity.
+    #[schemars(pattern(
+        r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    ))]
+    pub client_id: String,
+    /// Entra's authority, `https://login.microsoftonline.com` unless another cloud's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512), pattern(r"^https://[^/?#]+/?$"))]
+    pub authority_host: Option<String>,
+    /// The ServiceAccount whose token (requested from the API server) is presented to Entra.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<ServiceAccountRef>,
+    /// ClusterAcsConnection only: a projected ServiceAccount token file in the operator's pod
+    /// (Azure Workload Identity's `AZURE_FEDERATED_TOKEN_FILE`,
+    /// `/var/run/secrets/azure/tokens/azure-identity-token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096), pattern(r"^/"))]
+    pub token_file: Option<String>,
+}
+
+/// A ServiceAccount whose token is presented to Entra.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// ClusterAcsConnection only: the ServiceAccount's namespace, the operator's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub namespace: Option<String>,
+    /// The token's audience, as the federated credential names it: `api://AzureADTokenExchange`
+    /// (the default) or a national cloud's variant. Nothing else: a token the operator requests
+    /// must not be one the API server, or any other audience, would accept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 64),
+        pattern(r"^api://AzureADTokenExchange[A-Za-z]*$")
+    )]
+    pub audience: Option<String>,
 }
 
 /// The access key of an [`AcsConnection`].
@@ -72,13 +158,21 @@ pub struct AccessKeyAuth {
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    { "rule": "has(self.accessKey)", "message": AUTH_REQUIRED },
-]))]
+#[schemars(extend("x-kubernetes-validations" = [one_auth_rule(), endpoint_rule()]))]
 pub struct ClusterAcsConnectionSpec {
+    /// The ACS resource's endpoint, `https://<resource>.communication.azure.com`, with
+    /// workloadIdentity (an access key's connection string names its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512), pattern(r"^https?://[^/?#]+/?$"))]
+    pub endpoint: Option<String>,
     /// Authenticate with the resource's access key: a Secret holding its connection string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key: Option<ClusterAccessKeyAuth>,
+    /// Authenticate with Microsoft Entra ID: a ServiceAccount token (requested for
+    /// serviceAccountRef, or the operator's own projected tokenFile) is exchanged for an Entra
+    /// token of the application, which needs a role on the ACS resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<WorkloadIdentityAuth>,
     /// Which namespaces may use this connection: a namespace is allowed when it matches any
     /// condition. Without conditions every namespace may (as for an External Secrets
     /// ClusterSecretStore).
@@ -121,15 +215,48 @@ pub struct NamespaceCondition {
     pub namespaces: Vec<String>,
 }
 
-/// Where a CommunicationIdentity's connection string is: a Secret and its key, and the
-/// connection resource that names it (none: the identity's own `spec.connectionSecretRef`, a
-/// Secret of its namespace that the operator holds with a finalizer while it is used).
+/// How a CommunicationIdentity reaches ACS: how it authenticates, and the connection resource
+/// that says so (none: the identity's own `spec.connectionSecretRef`, a Secret of its namespace
+/// that the operator holds with a finalizer while it is used).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionSource {
-    pub namespace: String,
-    pub secret: ConnectionSecretRef,
+    pub auth: SourceAuth,
     /// `AcsConnection "name"` or `ClusterAcsConnection "name"`, for messages.
     pub via: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceAuth {
+    /// A Secret, and its key holding the connection string.
+    AccessKey {
+        namespace: String,
+        secret: ConnectionSecretRef,
+    },
+    WorkloadIdentity(WorkloadIdentitySource),
+}
+
+/// Everything a workload-identity client is built from: two connections that agree on all of
+/// it may share one client (and its Entra token).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkloadIdentitySource {
+    pub endpoint: String,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub authority_host: String,
+    pub token: FederatedTokenSource,
+}
+
+/// Where the federated token presented to Entra comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FederatedTokenSource {
+    /// Requested from the API server (TokenRequest) for this ServiceAccount.
+    ServiceAccount {
+        namespace: String,
+        name: String,
+        audience: String,
+    },
+    /// A projected token file in the operator's pod.
+    File(String),
 }
 
 /// How messages name a connection resource.
@@ -137,25 +264,82 @@ pub fn label(kind: ConnectionKind, name: &str) -> String {
     format!("{} {name:?}", kind.as_str())
 }
 
+impl WorkloadIdentityAuth {
+    /// The source this names, with the ServiceAccount in `default_namespace` unless it names
+    /// one; `None` without a token source, or with an audience not Entra's (see
+    /// [`ServiceAccountRef::audience`]).
+    fn source(&self, endpoint: &str, default_namespace: &str) -> Option<WorkloadIdentitySource> {
+        let token = match (&self.service_account_ref, &self.token_file) {
+            (Some(account), None)
+                if (account.audience.as_deref())
+                    .is_some_and(|audience| !audience.starts_with(TOKEN_EXCHANGE_AUDIENCE)) =>
+            {
+                return None;
+            }
+            (Some(account), None) => FederatedTokenSource::ServiceAccount {
+                namespace: (account.namespace.as_deref())
+                    .unwrap_or(default_namespace)
+                    .to_owned(),
+                name: account.name.clone(),
+                audience: (account.audience.as_deref())
+                    .unwrap_or(TOKEN_EXCHANGE_AUDIENCE)
+                    .to_owned(),
+            },
+            (None, Some(file)) => FederatedTokenSource::File(file.clone()),
+            _ => return None,
+        };
+        Some(WorkloadIdentitySource {
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            tenant_id: self.tenant_id.clone(),
+            client_id: self.client_id.clone(),
+            authority_host: (self.authority_host.as_deref())
+                .unwrap_or(acs::entra::PUBLIC_AUTHORITY)
+                .trim_end_matches('/')
+                .to_owned(),
+            token,
+        })
+    }
+
+    /// Whether it borrows what only a cluster connection may: the operator's token file or
+    /// another namespace's ServiceAccount (the schema refuses both; checked again here, as an
+    /// outdated CRD would not).
+    fn reaches_beyond(&self, namespace: &str) -> bool {
+        let account_namespace =
+            (self.service_account_ref.as_ref()).and_then(|account| account.namespace.as_deref());
+        self.token_file.is_some() || account_namespace.is_some_and(|other| other != namespace)
+    }
+}
+
 impl AcsConnection {
-    /// Where this connection's connection string is, for an identity of its namespace.
+    /// How an identity of this connection's namespace reaches ACS through it.
     pub fn source(&self) -> Result<ConnectionSource, Failure> {
         let name = self.metadata.name.clone().unwrap_or_default();
         let via = label(ConnectionKind::AcsConnection, &name);
-        let Some(auth) = &self.spec.access_key else {
-            return Err(Failure::ConnectionUnusable { connection: via });
+        let namespace = self.metadata.namespace.clone().unwrap_or_default();
+        let spec = &self.spec;
+        let auth = match (&spec.access_key, &spec.workload_identity, &spec.endpoint) {
+            (Some(auth), None, None) => Some(SourceAuth::AccessKey {
+                namespace,
+                secret: auth.secret_ref.clone(),
+            }),
+            (None, Some(identity), Some(endpoint)) if !identity.reaches_beyond(&namespace) => {
+                (identity.source(endpoint, &namespace)).map(SourceAuth::WorkloadIdentity)
+            }
+            _ => None,
         };
+        let auth = auth.ok_or_else(|| Failure::ConnectionUnusable {
+            connection: via.clone(),
+        })?;
         Ok(ConnectionSource {
-            namespace: self.metadata.namespace.clone().unwrap_or_default(),
-            secret: auth.secret_ref.clone(),
+            auth,
             via: Some(via),
         })
     }
 }
 
 impl ClusterAcsConnection {
-    /// Where this connection's connection string is, for an identity of `namespace` (whose
-    /// labels are `labels`): refused unless the connection allows that namespace. Its Secret is
+    /// How an identity of `namespace` (whose labels are `labels`) reaches ACS through it:
+    /// refused unless the connection allows that namespace. Its Secret, or ServiceAccount, is
     /// in `operator_namespace` unless it names another.
     pub fn source_for(
         &self,
@@ -171,13 +355,24 @@ impl ClusterAcsConnection {
                 namespace: namespace.to_owned(),
             });
         }
-        let Some(auth) = &self.spec.access_key else {
-            return Err(Failure::ConnectionUnusable { connection: via });
+        let spec = &self.spec;
+        let auth = match (&spec.access_key, &spec.workload_identity, &spec.endpoint) {
+            (Some(auth), None, None) => Some(SourceAuth::AccessKey {
+                namespace: (auth.secret_ref.namespace.as_deref())
+                    .unwrap_or(operator_namespace)
+                    .to_owned(),
+                secret: auth.secret_ref.secret.clone(),
+            }),
+            (None, Some(identity), Some(endpoint)) => {
+                (identity.source(endpoint, operator_namespace)).map(SourceAuth::WorkloadIdentity)
+            }
+            _ => None,
         };
-        let secret_namespace = auth.secret_ref.namespace.as_deref();
+        let auth = auth.ok_or_else(|| Failure::ConnectionUnusable {
+            connection: via.clone(),
+        })?;
         Ok(ConnectionSource {
-            namespace: secret_namespace.unwrap_or(operator_namespace).to_owned(),
-            secret: auth.secret_ref.secret.clone(),
+            auth,
             via: Some(via),
         })
     }
@@ -219,6 +414,159 @@ mod tests {
 
     fn conditions(value: serde_json::Value) -> Vec<NamespaceCondition> {
         serde_json::from_value(value).unwrap()
+    }
+
+    const ENDPOINT: &str = "https://r.communication.azure.com";
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const CLIENT: &str = "4a1e0b3f-5c6d-4e7f-8a9b-0c1d2e3f4a5b";
+
+    fn workload_identity(token: serde_json::Value) -> serde_json::Value {
+        let mut identity = json!({ "tenantId": TENANT, "clientId": CLIENT });
+        identity
+            .as_object_mut()
+            .unwrap()
+            .extend(token.as_object().unwrap().clone());
+        identity
+    }
+
+    fn source(kind: ConnectionKind, spec: serde_json::Value) -> Result<ConnectionSource, Failure> {
+        let metadata = json!({ "name": "shared", "namespace": "team-a" });
+        match kind {
+            ConnectionKind::AcsConnection => {
+                let connection: AcsConnection = serde_json::from_value(
+                    json!({ "metadata": metadata, "spec": spec, "apiVersion": "acs-operator.io/v1alpha1", "kind": "AcsConnection" }),
+                )
+                .unwrap();
+                connection.source()
+            }
+            ConnectionKind::ClusterAcsConnection => {
+                let connection: ClusterAcsConnection = serde_json::from_value(
+                    json!({ "metadata": { "name": "shared" }, "spec": spec, "apiVersion": "acs-operator.io/v1alpha1", "kind": "ClusterAcsConnection" }),
+                )
+                .unwrap();
+                connection.source_for("team-a", &BTreeMap::new(), "acs-system")
+            }
+        }
+    }
+
+    fn identity(token: FederatedTokenSource) -> SourceAuth {
+        SourceAuth::WorkloadIdentity(WorkloadIdentitySource {
+            endpoint: ENDPOINT.into(),
+            tenant_id: TENANT.into(),
+            client_id: CLIENT.into(),
+            authority_host: "https://login.microsoftonline.com".into(),
+            token,
+        })
+    }
+
+    fn account(namespace: &str, name: &str) -> SourceAuth {
+        identity(FederatedTokenSource::ServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+            audience: TOKEN_EXCHANGE_AUDIENCE.into(),
+        })
+    }
+
+    #[test]
+    fn how_each_connection_authenticates() {
+        use ConnectionKind::{AcsConnection as Namespaced, ClusterAcsConnection as Cluster};
+        let key = json!({ "secretRef": { "name": "acs", "key": "connectionString" } });
+        let own_account = workload_identity(json!({ "serviceAccountRef": { "name": "acs" } }));
+        let other_account = workload_identity(
+            json!({ "serviceAccountRef": { "name": "acs", "namespace": "team-b" } }),
+        );
+        let file = workload_identity(
+            json!({ "tokenFile": "/var/run/secrets/azure/tokens/azure-identity-token" }),
+        );
+        let api_audience = workload_identity(
+            json!({ "serviceAccountRef": { "name": "acs", "audience": "https://kubernetes.default.svc" } }),
+        );
+        let secret = |namespace: &str| SourceAuth::AccessKey {
+            namespace: namespace.into(),
+            secret: serde_json::from_value(json!({ "name": "acs", "key": "connectionString" }))
+                .unwrap(),
+        };
+        let cases = [
+            (
+                "access key",
+                Namespaced,
+                json!({ "accessKey": key }),
+                Some(secret("team-a")),
+            ),
+            (
+                "cluster access key",
+                Cluster,
+                json!({ "accessKey": key }),
+                Some(secret("acs-system")),
+            ),
+            (
+                "a ServiceAccount of the connection's namespace",
+                Namespaced,
+                json!({ "endpoint": ENDPOINT, "workloadIdentity": own_account }),
+                Some(account("team-a", "acs")),
+            ),
+            (
+                "a cluster connection's ServiceAccount is the operator's namespace's",
+                Cluster,
+                json!({ "endpoint": format!("{ENDPOINT}/"), "workloadIdentity": own_account }),
+                Some(account("acs-system", "acs")),
+            ),
+            (
+                "a cluster connection may name another namespace",
+                Cluster,
+                json!({ "endpoint": ENDPOINT, "workloadIdentity": other_account }),
+                Some(account("team-b", "acs")),
+            ),
+            (
+                "a namespace may not borrow another's ServiceAccount",
+                Namespaced,
+                json!({ "endpoint": ENDPOINT, "workloadIdentity": other_account }),
+                None,
+            ),
+            (
+                "a namespace may not use the operator's token file",
+                Namespaced,
+                json!({ "endpoint": ENDPOINT, "workloadIdentity": file }),
+                None,
+            ),
+            (
+                "a cluster connection may",
+                Cluster,
+                json!({ "endpoint": ENDPOINT, "workloadIdentity": file }),
+                Some(identity(FederatedTokenSource::File(
+                    "/var/run/secrets/azure/tokens/azure-identity-token".into(),
+                ))),
+            ),
+            (
+                "no token for another audience",
+                Cluster,
+                json!({ "endpoint": ENDPOINT, "workloadIdentity": api_audience }),
+                None,
+            ),
+            (
+                "workload identity without an endpoint",
+                Cluster,
+                json!({ "workloadIdentity": own_account }),
+                None,
+            ),
+            (
+                "both",
+                Namespaced,
+                json!({ "endpoint": ENDPOINT, "accessKey": key, "workloadIdentity": own_account }),
+                None,
+            ),
+            ("neither", Cluster, json!({}), None),
+        ];
+        for (name, kind, spec, expected) in cases {
+            let found = source(kind, spec);
+            match expected {
+                Some(auth) => assert_eq!(found.map(|source| source.auth), Ok(auth), "{name}"),
+                None => assert!(
+                    matches!(found, Err(Failure::ConnectionUnusable { .. })),
+                    "{name}: {found:?}"
+                ),
+            }
+        }
     }
 
     #[test]

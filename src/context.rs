@@ -13,8 +13,9 @@ use kube::Client;
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::connection::ConnectionSource;
+use crate::connection::WorkloadIdentitySource;
 use crate::crd::CommunicationIdentity;
+use crate::crd::ConnectionSecretRef;
 use crate::held::HeldTokens;
 use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
@@ -205,6 +206,9 @@ pub struct AcsClients {
     /// Counts every client's requests, throttling and rate-limiter waits.
     observer: Arc<dyn acs::Observer>,
     by_secret: Mutex<HashMap<SecretKey, CachedClient>>,
+    /// Workload-identity clients by everything they are built from; each holds its Entra
+    /// token, renewed before it expires.
+    by_identity: Mutex<HashMap<WorkloadIdentitySource, (AcsClient, Instant)>>,
 }
 
 /// namespace, Secret name, key in the Secret.
@@ -228,21 +232,38 @@ impl AcsClients {
             settings,
             observer,
             by_secret: Mutex::default(),
+            by_identity: Mutex::default(),
+        }
+    }
+
+    fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            extra_ca_pem: self.settings.extra_ca_pem.clone(),
+            allow_http: self.settings.allow_http,
+            endpoint_policy: self.settings.endpoint_policy.clone(),
+            observer: self.observer.clone(),
+            quota: self.settings.quota,
+            retry: acs::RetryPolicy {
+                deadline: Some(ACS_CALL_DEADLINE),
+                ..acs::RetryPolicy::default()
+            },
+            ..ClientOptions::default()
         }
     }
 
     /// The client for the connection string in `secret` (already read by the caller from
-    /// `source`). Failures name the Secret and key, never the key's value.
-    pub fn client_for(
+    /// `reference` in `namespace`, named by the connection `via`). Failures name the Secret
+    /// and key, never the key's value.
+    pub fn client_for_key(
         &self,
-        source: &ConnectionSource,
+        (namespace, reference): (&str, &ConnectionSecretRef),
+        via: Option<&String>,
         secret: Option<&Secret>,
     ) -> Result<(AcsClient, String), Failure> {
-        let (namespace, reference) = (&source.namespace, &source.secret);
         let not_found = || Failure::ConnectionSecretNotFound {
             secret: reference.name.clone(),
             key: reference.key.clone(),
-            via: source.via.clone(),
+            via: via.cloned(),
         };
         let secret = secret.ok_or_else(not_found)?;
         let text = secret
@@ -253,7 +274,7 @@ impl AcsClients {
             .ok_or_else(|| Failure::ConnectionSecretKeyMissing {
                 secret: reference.name.clone(),
                 key: reference.key.clone(),
-                via: source.via.clone(),
+                via: via.cloned(),
             })?;
         let cache_key = (
             namespace.to_owned(),
@@ -276,21 +297,10 @@ impl AcsClients {
                 }
             })?;
         let endpoint = connection.endpoint.clone();
-        let options = ClientOptions {
-            extra_ca_pem: self.settings.extra_ca_pem.clone(),
-            allow_http: self.settings.allow_http,
-            endpoint_policy: self.settings.endpoint_policy.clone(),
-            observer: self.observer.clone(),
-            quota: self.settings.quota,
-            retry: acs::RetryPolicy {
-                deadline: Some(ACS_CALL_DEADLINE),
-                ..acs::RetryPolicy::default()
-            },
-            ..ClientOptions::default()
-        };
+        let options = self.client_options();
         let client = AcsClient::new(connection, options).map_err(|error| match error {
             acs::BuildError::EndpointNotAllowed { host } => Failure::EndpointNotAllowed {
-                secret: reference.name.clone(),
+                named_by: format!("the connection string in Secret {:?}", reference.name),
                 host,
             },
             other => Failure::AcsUnavailable {
@@ -308,6 +318,43 @@ impl AcsClients {
             },
         );
         Ok((client, endpoint))
+    }
+
+    /// The client of `source`, the connection `via` names; `federated_token` is called only
+    /// when no client of `source` is cached.
+    pub fn client_for_workload_identity(
+        &self,
+        source: &WorkloadIdentitySource,
+        via: &str,
+        federated_token: impl FnOnce() -> Arc<dyn acs::FederatedToken>,
+    ) -> Result<AcsClient, Failure> {
+        let mut cache = self.by_identity.lock().expect("ACS client cache lock");
+        if let Some((client, used_at)) = cache.get_mut(source) {
+            *used_at = Instant::now();
+            return Ok(client.clone());
+        }
+        let identity = acs::WorkloadIdentity {
+            tenant_id: source.tenant_id.clone(),
+            client_id: source.client_id.clone(),
+            authority_host: source.authority_host.clone(),
+            federated_token: federated_token(),
+        };
+        let credential = acs::Credential::WorkloadIdentity(identity);
+        let client =
+            AcsClient::with_credential(&source.endpoint, credential, self.client_options())
+                .map_err(|error| match error {
+                    acs::BuildError::EndpointNotAllowed { host } => Failure::EndpointNotAllowed {
+                        named_by: format!("spec.endpoint of {via}"),
+                        host,
+                    },
+                    other => Failure::WorkloadIdentityUnusable {
+                        connection: via.to_owned(),
+                        detail: other.to_string(),
+                    },
+                })?;
+        cache.retain(|_, (_, used_at)| used_at.elapsed() < Self::IDLE);
+        cache.insert(source.clone(), (client.clone(), Instant::now()));
+        Ok(client)
     }
 
     /// Where a ClusterAcsConnection's Secret is unless it names a namespace.

@@ -104,10 +104,16 @@ pub mod reason {
     pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
     /// The connection named has no way to authenticate that this operator supports.
     pub const CONNECTION_UNUSABLE: &str = "ConnectionUnusable";
+    /// Microsoft Entra ID refused the connection's workload identity.
+    pub const ENTRA_AUTHENTICATION_FAILED: &str = "EntraAuthenticationFailed";
+    /// The federated token for Entra could not be had (the ServiceAccount, RBAC, the file).
+    pub const FEDERATED_TOKEN_UNAVAILABLE: &str = "FederatedTokenUnavailable";
 
     // Failures that pass by themselves.
     pub const THROTTLED: &str = "Throttled";
     pub const ACS_UNAVAILABLE: &str = "AcsUnavailable";
+    /// Microsoft Entra ID gave no token (unreachable, timeout, 5xx).
+    pub const ENTRA_UNAVAILABLE: &str = "EntraUnavailable";
     /// Waiting in the ACS endpoint's queue: for budget, or for the endpoint to recover.
     pub const WAITING_FOR_ACS: &str = "WaitingForAcs";
 }

@@ -7,6 +7,7 @@ pub mod connection;
 pub mod context;
 pub mod crd;
 pub mod decide;
+pub mod federated_token;
 pub mod held;
 pub mod known_secrets;
 pub mod launch;

@@ -20,16 +20,17 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::adoption::claimed_by;
-use crate::connection::{self, AcsConnection, ClusterAcsConnection, ConnectionSource};
+use crate::connection::{self, AcsConnection, ClusterAcsConnection, ConnectionSource, SourceAuth};
 use crate::context::Context;
 use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
-    CommunicationIdentityStatus, Connection, ConnectionKind, DEFAULT_MIN_RESTART_INTERVAL,
-    FIELD_MANAGER, FINALIZER, RestartTarget, WorkloadKind, reason,
+    CommunicationIdentityStatus, Connection, ConnectionKind, ConnectionSecretRef,
+    DEFAULT_MIN_RESTART_INTERVAL, FIELD_MANAGER, FINALIZER, RestartTarget, WorkloadKind, reason,
 };
 use crate::decide::{
     Cleanup, Decision, Deletion, IssueReason, Observed, SecretState, TokenSeen, decide, tokens_seen,
 };
+use crate::federated_token::federated_token;
 use crate::held::{HeldToken, Issuance, Issued};
 use crate::known_secrets::{Known, fingerprint};
 use crate::metrics::Metrics;
@@ -91,7 +92,7 @@ const MAX_DECISIONS: usize = 4;
 
 /// `request` under [`KUBE_CALL_TIMEOUT`], counted by call and outcome; its failure labelled
 /// `call`.
-async fn kube_call<T>(
+pub(crate) async fn kube_call<T>(
     metrics: &Metrics,
     call: &'static str,
     request: impl Future<Output = Result<T, kube::Error>>,
@@ -624,7 +625,43 @@ impl Pass {
         (class, deadline): Place,
     ) -> Result<(acs::AcsClient, String, Option<Arc<Secret>>), Halt> {
         let source = self.connection_source().await?;
-        let (namespace, name) = (&source.namespace, &source.secret.name);
+        let (client, endpoint, own) = match &source.auth {
+            SourceAuth::AccessKey { namespace, secret } => {
+                self.key_client((namespace, secret), source.via.as_ref())
+                    .await?
+            }
+            SourceAuth::WorkloadIdentity(identity) => {
+                let via = source.via.as_deref().unwrap_or_default();
+                let (client, metrics) = (&self.ctx.client, &self.ctx.metrics);
+                let federated_token =
+                    || federated_token(&identity.token, client.clone(), metrics.clone());
+                let acs =
+                    self.ctx
+                        .acs
+                        .client_for_workload_identity(identity, via, federated_token)?;
+                (acs, identity.endpoint.clone(), None)
+            }
+        };
+        let ticket = Ticket {
+            class,
+            deadline,
+            tenant: self.namespace.clone(),
+            key: self.uid.clone(),
+            asked_at: self.now,
+        };
+        let client = client.with_ticket(ticket, self.ctx.turns.of(&self.resource));
+        Ok((client, endpoint, own))
+    }
+
+    /// The client for the connection string in `secret` of `namespace` (named by the
+    /// connection `via`), its endpoint, and the Secret when it is the resource's own
+    /// (spec.connectionSecretRef) and was read afresh.
+    async fn key_client(
+        &self,
+        (namespace, secret_ref): (&str, &ConnectionSecretRef),
+        via: Option<&String>,
+    ) -> Result<(acs::AcsClient, String, Option<Arc<Secret>>), Halt> {
+        let name = &secret_ref.name;
         let recent = &self.ctx.connection_secrets;
         let remembered = recent.get(namespace, name);
         let read_afresh = remembered.is_none();
@@ -639,30 +676,26 @@ impl Pass {
                 // Held already (or a connection's, which is never held), it serves the next
                 // passes too: a burst waiting in the queue never gets as far as holding it,
                 // and would read it once each.
-                let shared =
-                    |secret: &&Arc<Secret>| source.via.is_some() || holds_connection(secret);
+                let shared = |secret: &&Arc<Secret>| via.is_some() || holds_connection(secret);
                 if let Some(secret) = read.as_ref().filter(shared) {
                     recent.remember(namespace, secret.clone());
                 }
                 read
             }
         };
-        let (client, endpoint) = match self.ctx.acs.client_for(&source, secret.as_deref()) {
-            Ok(client) => client,
-            Err(failure) => {
-                recent.forget(namespace, name);
-                return Err(failure.into());
-            }
-        };
-        let ticket = Ticket {
-            class,
-            deadline,
-            tenant: self.namespace.clone(),
-            key: self.uid.clone(),
-            asked_at: self.now,
-        };
-        let client = client.with_ticket(ticket, self.ctx.turns.of(&self.resource));
-        let own = source.via.is_none() && read_afresh;
+        let (client, endpoint) =
+            match self
+                .ctx
+                .acs
+                .client_for_key((namespace, secret_ref), via, secret.as_deref())
+            {
+                Ok(client) => client,
+                Err(failure) => {
+                    recent.forget(namespace, name);
+                    return Err(failure.into());
+                }
+            };
+        let own = via.is_none() && read_afresh;
         Ok((client, endpoint, secret.filter(|_| own)))
     }
 
@@ -672,8 +705,10 @@ impl Pass {
         let reference = match self.resource.spec.connection() {
             Ok(Connection::Secret(secret)) => {
                 return Ok(ConnectionSource {
-                    namespace: self.namespace.clone(),
-                    secret: secret.clone(),
+                    auth: SourceAuth::AccessKey {
+                        namespace: self.namespace.clone(),
+                        secret: secret.clone(),
+                    },
                     via: None,
                 });
             }
@@ -1272,15 +1307,21 @@ impl Pass {
     }
 
     fn failure_from_acs(&self, error: &acs::Error, identity_id: Option<&str>) -> Failure {
-        let credentials = match self.resource.spec.connection() {
-            Ok(Connection::Secret(secret)) => format!("Secret {:?}", secret.name),
-            Ok(Connection::Named(via)) => format!(
-                "the Secret {} names",
-                connection::label(via.kind, &via.name)
+        let (credentials, connection) = match self.resource.spec.connection() {
+            Ok(Connection::Secret(secret)) => {
+                let secret = format!("Secret {:?}", secret.name);
+                (secret.clone(), secret)
+            }
+            Ok(Connection::Named(via)) => {
+                let connection = connection::label(via.kind, &via.name);
+                (format!("the Secret {connection} names"), connection)
+            }
+            Err(_) => (
+                "the connection Secret".to_owned(),
+                "the connection".to_owned(),
             ),
-            Err(_) => "the connection Secret".to_owned(),
         };
-        Failure::from_acs(error, &credentials, identity_id)
+        Failure::from_acs(error, &credentials, &connection, identity_id)
     }
 
     async fn kube<T>(

@@ -72,10 +72,38 @@ pub enum Failure {
     AcsUnavailable {
         detail: String,
     },
-    /// The connection string names an endpoint outside `--acs-endpoint-suffixes`.
+    /// The endpoint is outside `--acs-endpoint-suffixes`; `named_by` says where it is named
+    /// (`the connection string in Secret "x"`, `spec.endpoint of ClusterAcsConnection "y"`).
     EndpointNotAllowed {
-        secret: String,
+        named_by: String,
         host: String,
+    },
+    /// Entra ID refused the connection's workload identity (4xx): `codes` are its AADSTS codes.
+    EntraAuthenticationFailed {
+        connection: String,
+        status: u16,
+        codes: String,
+        description: String,
+    },
+    /// Entra ID gave no answer that says anything (unreachable, timeout, 5xx).
+    EntraUnavailable {
+        connection: String,
+        detail: String,
+    },
+    /// The federated token to present to Entra could not be had (ServiceAccount missing, RBAC).
+    FederatedTokenUnavailable {
+        connection: String,
+        cause: String,
+    },
+    /// ACS answered 401 to the connection's Entra token: the application has no role on it.
+    EntraTokenRejected {
+        connection: String,
+        acs_message: String,
+    },
+    /// The connection's workload identity cannot be set up (its authority host, its tenant).
+    WorkloadIdentityUnusable {
+        connection: String,
+        detail: String,
     },
     /// The API server refused the token Secret; `detail` quotes it.
     SecretWriteFailed {
@@ -116,6 +144,11 @@ impl Failure {
             Failure::EndpointNotAllowed { .. } => reason::ENDPOINT_NOT_ALLOWED,
             Failure::SecretWriteFailed { .. } => reason::SECRET_WRITE_FAILED,
             Failure::IdentityInUse { .. } => reason::IDENTITY_IN_USE,
+            Failure::EntraAuthenticationFailed { .. } => reason::ENTRA_AUTHENTICATION_FAILED,
+            Failure::EntraUnavailable { .. } => reason::ENTRA_UNAVAILABLE,
+            Failure::FederatedTokenUnavailable { .. } => reason::FEDERATED_TOKEN_UNAVAILABLE,
+            Failure::EntraTokenRejected { .. } => reason::AUTHENTICATION_FAILED,
+            Failure::WorkloadIdentityUnusable { .. } => reason::CONNECTION_UNUSABLE,
             // An endpoint that fails is unavailable, whether or not this resource's own request
             // went out: the reason (and the failures metric, and its alert) say so.
             Failure::WaitingForAcs {
@@ -125,10 +158,39 @@ impl Failure {
         }
     }
 
-    /// What an ACS error means for the resource: `credentials` says where the key is (named in
-    /// the messages), `identity_id` the identity the call was about.
-    pub fn from_acs(error: &acs::Error, credentials: &str, identity_id: Option<&str>) -> Self {
+    /// What an ACS error means for the resource: `credentials` says where the key is, and
+    /// `connection` names the connection (both for messages), `identity_id` the identity the
+    /// call was about.
+    pub fn from_acs(
+        error: &acs::Error,
+        credentials: &str,
+        connection: &str,
+        identity_id: Option<&str>,
+    ) -> Self {
+        let connection = connection.to_owned();
         match error {
+            acs::Error::TokenRejected(service) => Failure::EntraTokenRejected {
+                connection,
+                acs_message: service.to_string(),
+            },
+            acs::Error::EntraRefused {
+                status,
+                codes,
+                description,
+            } => Failure::EntraAuthenticationFailed {
+                connection,
+                status: *status,
+                codes: codes.clone(),
+                description: description.clone(),
+            },
+            acs::Error::EntraUnavailable { .. } => Failure::EntraUnavailable {
+                connection,
+                detail: error.to_string(),
+            },
+            acs::Error::FederatedTokenUnavailable { cause } => Failure::FederatedTokenUnavailable {
+                connection,
+                cause: cause.clone(),
+            },
             acs::Error::Unauthorized(service) => Failure::AuthenticationFailed {
                 credentials: credentials.to_owned(),
                 acs_message: service.to_string(),
@@ -166,7 +228,9 @@ impl Failure {
             Failure::Throttled { retry_after } => FailureKind::Throttled {
                 retry_after: *retry_after,
             },
-            Failure::AcsUnavailable { .. } => FailureKind::Transient,
+            Failure::AcsUnavailable { .. } | Failure::EntraUnavailable { .. } => {
+                FailureKind::Transient
+            }
             Failure::WaitingForAcs { .. } => FailureKind::Queued,
             _ => FailureKind::UserError,
         }
@@ -225,8 +289,9 @@ impl Failure {
                  namespace to its spec.conditions, or use another connection"
             ),
             Failure::ConnectionUnusable { connection } => format!(
-                "{connection} has no spec.accessKey, the one authentication this operator \
-                 version supports; set it, or use another connection"
+                "{connection} names no authentication this operator can use: set exactly one of \
+                 spec.accessKey and spec.workloadIdentity (with spec.endpoint; on an AcsConnection, \
+                 with a serviceAccountRef of its own namespace), or use another connection"
             ),
             Failure::InvalidConnectionString { secret, key, error } => {
                 format!("Secret {secret:?} key {key:?}: {error}")
@@ -267,8 +332,8 @@ impl Failure {
             Failure::AcsUnavailable { detail } => {
                 format!("ACS is unavailable ({detail}); retrying with backoff")
             }
-            Failure::EndpointNotAllowed { secret, host } => format!(
-                "the connection string in Secret {secret:?} names ACS endpoint host {host:?}, which \
+            Failure::EndpointNotAllowed { named_by, host } => format!(
+                "{named_by} names ACS endpoint host {host:?}, which \
                  the operator's --acs-endpoint-suffixes does not admit; use the endpoint of your ACS \
                  resource, or ask the cluster admin to add its domain to --acs-endpoint-suffixes \
                  (Helm value acsEndpointSuffixes)"
@@ -281,6 +346,42 @@ impl Failure {
                  names (spec.secretTemplate, a ResourceQuota on Secrets, the namespace); the \
                  token already issued is written as soon as it can be"
             ),
+            Failure::EntraAuthenticationFailed {
+                connection,
+                status,
+                codes,
+                description,
+            } => format!(
+                "Microsoft Entra ID refused the workload identity of {connection} (HTTP {status}{}: \
+                 {description}); check its spec.workloadIdentity tenantId and clientId, and that the \
+                 Entra application has a federated credential for this cluster's ServiceAccount \
+                 issuer, the subject system:serviceaccount:<namespace>:<name> and the audience",
+                if codes.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {codes}")
+                }
+            ),
+            Failure::EntraUnavailable { connection, detail } => format!(
+                "{detail} for {connection}; retrying with backoff (check spec.workloadIdentity.authorityHost \
+                 and the network path to it if this lasts)"
+            ),
+            Failure::FederatedTokenUnavailable { connection, cause } => {
+                format!(
+                    "{connection}: no federated token to present to Microsoft Entra ID: {cause}"
+                )
+            }
+            Failure::EntraTokenRejected {
+                connection,
+                acs_message,
+            } => format!(
+                "ACS rejected the Microsoft Entra ID token of {connection} (401: {acs_message}); give \
+                 the Entra application a role on the ACS resource (Microsoft's quickstart assigns \
+                 Contributor), and check that spec.endpoint is that resource's"
+            ),
+            Failure::WorkloadIdentityUnusable { connection, detail } => {
+                format!("{connection}: {detail}")
+            }
             // The queue's own words: they name only the time and the endpoint's state.
             Failure::WaitingForAcs {
                 since,
@@ -470,7 +571,7 @@ mod tests {
                 detail: "503".into(),
             },
             Failure::EndpointNotAllowed {
-                secret: "acs-connection".into(),
+                named_by: "the connection string in Secret \"acs-connection\"".into(),
                 host: "acs.example.net".into(),
             },
             Failure::SecretWriteFailed {
@@ -500,6 +601,28 @@ mod tests {
             },
             Failure::ConnectionUnusable {
                 connection: "ClusterAcsConnection \"shared\"".into(),
+            },
+            Failure::EntraAuthenticationFailed {
+                connection: "ClusterAcsConnection \"shared\"".into(),
+                status: 400,
+                codes: "AADSTS700016".into(),
+                description: "AADSTS700016: Application not found.".into(),
+            },
+            Failure::EntraUnavailable {
+                connection: "ClusterAcsConnection \"shared\"".into(),
+                detail: "could not get a Microsoft Entra ID token from https://login.microsoftonline.com: HTTP 503".into(),
+            },
+            Failure::FederatedTokenUnavailable {
+                connection: "AcsConnection \"team\"".into(),
+                cause: "ServiceAccount \"acs\" was not found".into(),
+            },
+            Failure::EntraTokenRejected {
+                connection: "AcsConnection \"team\"".into(),
+                acs_message: "401 Denied: no role".into(),
+            },
+            Failure::WorkloadIdentityUnusable {
+                connection: "AcsConnection \"team\"".into(),
+                detail: "the authority host is not allowed".into(),
             },
         ]
     }
@@ -689,6 +812,11 @@ mod tests {
             (reason::CONNECTION_NOT_FOUND, UserError),
             (reason::NAMESPACE_NOT_ALLOWED, UserError),
             (reason::CONNECTION_UNUSABLE, UserError),
+            (reason::ENTRA_AUTHENTICATION_FAILED, UserError),
+            (reason::ENTRA_UNAVAILABLE, Transient),
+            (reason::FEDERATED_TOKEN_UNAVAILABLE, UserError),
+            (reason::AUTHENTICATION_FAILED, UserError),
+            (reason::CONNECTION_UNUSABLE, UserError),
         ];
         let failures = every_failure();
         assert_eq!(failures.len(), expected.len());
@@ -728,7 +856,16 @@ mod tests {
             ),
             (17, "does not allow namespace \"team-c\""),
             (17, "add the namespace to its spec.conditions"),
-            (18, "has no spec.accessKey"),
+            (
+                18,
+                "set exactly one of spec.accessKey and spec.workloadIdentity",
+            ),
+            (19, "AADSTS700016: Application not found."),
+            (19, "check its spec.workloadIdentity tenantId and clientId"),
+            (20, "retrying with backoff"),
+            (21, "ServiceAccount \"acs\" was not found"),
+            (22, "Microsoft's quickstart assigns Contributor"),
+            (23, "the authority host is not allowed"),
         ];
         let failures = every_failure();
         for (index, fragment) in expectations {
@@ -780,14 +917,67 @@ mod tests {
                 },
                 reason::ACS_UNAVAILABLE,
             ),
+            (
+                "401 to an Entra token",
+                acs::Error::TokenRejected(service(401, "Denied")),
+                reason::AUTHENTICATION_FAILED,
+            ),
+            (
+                "Entra refuses",
+                acs::Error::EntraRefused {
+                    status: 401,
+                    codes: "AADSTS700213".into(),
+                    description: "AADSTS700213: No matching federated identity record found".into(),
+                },
+                reason::ENTRA_AUTHENTICATION_FAILED,
+            ),
+            (
+                "Entra is down",
+                acs::Error::EntraUnavailable {
+                    authority: "https://login.microsoftonline.com".into(),
+                    cause: "HTTP 503".into(),
+                },
+                reason::ENTRA_UNAVAILABLE,
+            ),
+            (
+                "no federated token",
+                acs::Error::FederatedTokenUnavailable {
+                    cause: "ServiceAccount missing".into(),
+                },
+                reason::FEDERATED_TOKEN_UNAVAILABLE,
+            ),
         ];
         for (name, error, expected) in cases {
-            let failure = Failure::from_acs(&error, "acs-connection", Some("8:acs:r_1"));
+            let failure = Failure::from_acs(
+                &error,
+                "acs-connection",
+                "ClusterAcsConnection \"shared\"",
+                Some("8:acs:r_1"),
+            );
             assert_eq!(failure.reason(), expected, "{name}");
         }
+        let refused = acs::Error::EntraRefused {
+            status: 401,
+            codes: "AADSTS700213".into(),
+            description: "AADSTS700213: No matching federated identity record found".into(),
+        };
+        let refused = Failure::from_acs(&refused, "s", "ClusterAcsConnection \"shared\"", None);
+        assert!(refused.message().starts_with(
+            "Microsoft Entra ID refused the workload identity of ClusterAcsConnection \"shared\" (HTTP 401, AADSTS700213: AADSTS700213: No matching"
+        ), "{}", refused.message());
+        assert_eq!(refused.kind(), FailureKind::UserError);
+        let down = acs::Error::EntraUnavailable {
+            authority: "https://login.microsoftonline.com".into(),
+            cause: "HTTP 503".into(),
+        };
+        assert_eq!(
+            Failure::from_acs(&down, "s", "c", None).kind(),
+            FailureKind::Transient
+        );
         let not_found = Failure::from_acs(
             &acs::Error::NotFound(service(404, "x")),
             "s",
+            "c",
             Some("8:acs:r_1"),
         );
         assert!(not_found.message().contains("8:acs:r_1"));
@@ -797,6 +987,7 @@ mod tests {
                 retry_after: Some(Duration::from_secs(7)),
             },
             "s",
+            "c",
             None,
         );
         assert_eq!(

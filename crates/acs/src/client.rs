@@ -593,6 +593,7 @@ impl AcsClient {
             .request(call.method.clone(), call.url.clone())
             .timeout(timeout)
             .header(ACCEPT, "application/json");
+        let bearer = matches!(presented, Presented::Bearer(_));
         request = match presented {
             Presented::Bearer(bearer) => request.header(AUTHORIZATION, bearer),
             Presented::Signature(key) => {
@@ -668,7 +669,10 @@ impl AcsClient {
         if status == StatusCode::TOO_MANY_REQUESTS {
             inner.observer.on_throttled(call.operation);
         }
-        Err(classify(call, status, &headers, &bytes))
+        Err(match classify(call, status, &headers, &bytes) {
+            Error::Unauthorized(error) if bearer => Error::TokenRejected(error),
+            other => other,
+        })
     }
 }
 

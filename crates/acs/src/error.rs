@@ -28,9 +28,14 @@ impl fmt::Display for ServiceError {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "ACS rejected the credentials ({0}): for an access key, check the accesskey in the connection Secret and that this machine's clock is correct; for workload identity, that the Entra application has a role on the ACS resource"
+        "ACS rejected the access key ({0}): check the accesskey in the connection Secret and that this machine's clock is correct"
     )]
     Unauthorized(ServiceError),
+    /// ACS answered 401 to a request with an Entra ID bearer token.
+    #[error(
+        "ACS rejected the Microsoft Entra ID token ({0}): check that the Entra application has a role on the ACS resource (Microsoft's quickstart assigns Contributor) and that the endpoint is that resource's"
+    )]
+    TokenRejected(ServiceError),
     #[error(
         "ACS rejected the request as invalid ({0}): check the scopes and the token lifetime (60..=1440 minutes)"
     )]
@@ -132,7 +137,7 @@ impl Error {
     /// A bounded label for metrics and logs.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Unauthorized(_) => "unauthorized",
+            Error::Unauthorized(_) | Error::TokenRejected(_) => "unauthorized",
             Error::BadRequest(_) => "bad_request",
             Error::NotFound(_) => "not_found",
             Error::Throttled { .. } => "throttled",
@@ -177,6 +182,7 @@ impl Error {
     pub fn service_error(&self) -> Option<&ServiceError> {
         match self {
             Error::Unauthorized(error)
+            | Error::TokenRejected(error)
             | Error::BadRequest(error)
             | Error::NotFound(error)
             | Error::Throttled { error, .. }
@@ -261,7 +267,7 @@ mod tests {
     fn messages_are_actionable() {
         assert_eq!(
             Error::Unauthorized(service(401)).to_string(),
-            "ACS rejected the credentials (401 Denied: Denied by the resource provider.): for an access key, check the accesskey in the connection Secret and that this machine's clock is correct; for workload identity, that the Entra application has a role on the ACS resource"
+            "ACS rejected the access key (401 Denied: Denied by the resource provider.): check the accesskey in the connection Secret and that this machine's clock is correct"
         );
         let refused = Error::EntraRefused {
             status: 400,
