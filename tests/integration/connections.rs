@@ -234,3 +234,180 @@ async fn a_cluster_connection_serves_the_namespaces_it_allows_and_refuses_the_ot
     allow(&refused.name).await;
     wait_ready(&refused_identities, "bob", PROMPTLY).await;
 }
+
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const CLIENT_ID: &str = "4a1e0b3f-5c6d-4e7f-8a9b-0c1d2e3f4a5b";
+const OTHER_CLIENT_ID: &str = "6f0c2d1e-3b4a-4c5d-8e9f-a0b1c2d3e4f5";
+const UNKNOWN_CLIENT_ID: &str = "0b6a4f21-7c3d-4e5f-9a8b-1c2d3e4f5a6b";
+/// The local kube-apiserver's `--service-account-issuer`.
+const CLUSTER_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// Time enough for a retry after a failure the user fixed (user errors back off to 60 s).
+const AFTER_A_FIX: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// The API server's ServiceAccount token keys (`/openid/v1/jwks`), written to `dir`: the
+/// emulator's Entra authority verifies the operator's TokenRequest tokens against them.
+async fn cluster_jwks_file(dir: &crate::support::TempDir) -> std::path::PathBuf {
+    let request = http::Request::get("/openid/v1/jwks")
+        .body(Vec::new())
+        .unwrap();
+    let jwks = admin_client().await.request_text(request).await.unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks).unwrap();
+    path
+}
+
+fn federated_credential(client_id: &str, issuer: &str, subject: &str) -> String {
+    format!("tenant={TENANT},client={client_id},issuer={issuer},subject={subject}")
+}
+
+/// Sets the cluster connection's client id (a server-side apply of that field alone).
+async fn set_client_id(connections: &Api<DynamicObject>, name: &str, client_id: &str) {
+    let patch = json!({ "spec": { "workloadIdentity": { "clientId": client_id } } });
+    connections
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_and_no_secret_holds_a_key()
+ {
+    crate::support::ensure_crd().await;
+    let files = crate::support::TempDir::new("entra");
+    let jwks = cluster_jwks_file(&files).await;
+    // The operator's namespace and its ServiceAccount, which the Entra application trusts.
+    let operator_ns = TestNamespace::new("wi-operator").await;
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = operator_ns.api();
+    let account: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({ "metadata": { "name": "acs-operator" } })).unwrap();
+    accounts
+        .create(&Default::default(), &account)
+        .await
+        .unwrap();
+    let subject = format!("system:serviceaccount:{}:acs-operator", operator_ns.name);
+    let emulator = Emulator::start(&[
+        "--federated-credential",
+        &federated_credential(CLIENT_ID, CLUSTER_ISSUER, &subject),
+        "--federated-credential",
+        &federated_credential(OTHER_CLIENT_ID, CLUSTER_ISSUER, &subject),
+        "--issuer-jwks-file",
+        &format!("{CLUSTER_ISSUER}={}", jwks.display()),
+    ]);
+    let team_a = TestNamespace::new("wi-a").await;
+    let team_b = TestNamespace::new("wi-b").await;
+    let team_c = TestNamespace::new("wi-c").await;
+    let name = format!("entra-{}", team_a.name);
+    let _cleanup = ClusterConnection(name.clone());
+    let manifest = json!({
+        "apiVersion": GROUP_VERSION,
+        "kind": "ClusterAcsConnection",
+        "metadata": { "name": name },
+        "spec": {
+            "endpoint": emulator.endpoint,
+            "workloadIdentity": {
+                "tenantId": TENANT,
+                "clientId": CLIENT_ID,
+                "authorityHost": emulator.endpoint,
+                "serviceAccountRef": { "name": "acs-operator", "namespace": operator_ns.name },
+            },
+            "conditions": [{ "namespaces": [team_a.name, team_b.name] }],
+        },
+    });
+    let connections = cluster_connections(admin_client().await);
+    apply(&connections, &name, manifest).await;
+    let operator_args = ["--leader-election-namespace", operator_ns.name.as_str()];
+    let _operators: Vec<Operator> = [&team_a, &team_b, &team_c]
+        .iter()
+        .map(|team| Operator::start(&team.name, &emulator, &operator_args))
+        .collect();
+    let (a, b, c) = (team_a.api(), team_b.api(), team_c.api());
+    let spec = spec_via("ClusterAcsConnection", &name);
+    for (identities, resource) in [(&a, "alice"), (&b, "bob"), (&c, "carol")] {
+        crate::support::apply_identity(identities, resource, spec.clone()).await;
+    }
+
+    for (identities, namespace, resource) in [(&a, &team_a, "alice"), (&b, &team_b, "bob")] {
+        wait_ready(identities, resource, PROMPTLY).await;
+        let secrets: Api<Secret> = namespace.api();
+        let secret = secrets.get(&format!("{resource}-acs-token")).await.unwrap();
+        let token = &crate::support::secret_strings(&secret)["token"];
+        let validated = emulator.validate(token).await;
+        assert_eq!(validated["valid"], true, "{validated}");
+    }
+    let carol = wait_condition(
+        &c,
+        "carol",
+        "False",
+        reason::NAMESPACE_NOT_ALLOWED,
+        PROMPTLY,
+    )
+    .await;
+    assert!(
+        carol.finalizers().is_empty(),
+        "nothing reached ACS for carol"
+    );
+    let stats = emulator.stats().await;
+    // One Entra token per operator process that served, for all of its calls.
+    assert_eq!(stats["requests"]["entraToken"]["200"], 2, "{stats}");
+    assert_eq!(
+        stats["requests"]["createIdentityWithToken"]["201"], 2,
+        "{stats}"
+    );
+    // No Secret of the operator's or the tenants' namespaces holds an access key.
+    for namespace in [&operator_ns, &team_a, &team_b, &team_c] {
+        let secrets: Api<Secret> = namespace.api();
+        for secret in secrets.list(&Default::default()).await.unwrap() {
+            let data = crate::support::secret_strings(&secret);
+            assert!(
+                data.values()
+                    .all(|value| !value.to_ascii_lowercase().contains("accesskey")),
+                "{}/{} holds an access key",
+                namespace.name,
+                secret.name_any()
+            );
+        }
+    }
+
+    // An Entra outage while a new client id needs a token: a clear condition, then recovery.
+    emulator
+        .admin_post("entra/outage", json!({ "seconds": 600 }))
+        .await;
+    set_client_id(&connections, &name, OTHER_CLIENT_ID).await;
+    crate::support::apply_identity(&a, "alice-2", spec.clone()).await;
+    let waiting = wait_condition(&a, "alice-2", "False", reason::ENTRA_UNAVAILABLE, PROMPTLY).await;
+    let message = ready_message(&waiting);
+    assert!(
+        message.contains(&format!(
+            "could not get a Microsoft Entra ID token from {}: HTTP 503 for ClusterAcsConnection {name:?}",
+            emulator.endpoint
+        )),
+        "{message}"
+    );
+    emulator.admin_delete("entra/outage").await;
+    wait_ready(&a, "alice-2", AFTER_A_FIX).await;
+
+    // A client id Entra does not know: its AADSTS code in the condition, then the fix.
+    set_client_id(&connections, &name, UNKNOWN_CLIENT_ID).await;
+    crate::support::apply_identity(&b, "bob-2", spec.clone()).await;
+    let refused = wait_condition(
+        &b,
+        "bob-2",
+        "False",
+        reason::ENTRA_AUTHENTICATION_FAILED,
+        PROMPTLY,
+    )
+    .await;
+    let message = ready_message(&refused);
+    assert!(
+        message.starts_with(&format!(
+            "Microsoft Entra ID refused the workload identity of ClusterAcsConnection {name:?} (HTTP 400, AADSTS700016: "
+        )) && message.contains(&format!("Application with identifier '{UNKNOWN_CLIENT_ID}' was not found")),
+        "{message}"
+    );
+    assert!(
+        !message.contains("eyJ"),
+        "no token in the message: {message}"
+    );
+    set_client_id(&connections, &name, CLIENT_ID).await;
+    wait_ready(&b, "bob-2", AFTER_A_FIX).await;
+}
