@@ -411,3 +411,78 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
     set_client_id(&connections, &name, CLIENT_ID).await;
     wait_ready(&b, "bob-2", AFTER_A_FIX).await;
 }
+
+#[tokio::test]
+async fn an_expired_federated_token_file_gives_a_clear_condition_until_the_file_is_renewed() {
+    crate::support::ensure_crd().await;
+    // A projected token file as the kubelet keeps it, signed by an issuer of the test's own
+    // (the API server mints no token that is already expired).
+    let issuer = "https://issuer.acs-test.invalid";
+    let subject = "system:serviceaccount:acs-system:acs-identity-operator";
+    let key = acs_emulator::SigningKey::generate().unwrap();
+    let files = crate::support::TempDir::new("token-file");
+    let jwks = files.path().join("jwks.json");
+    std::fs::write(&jwks, json!({ "keys": [key.public_jwk()] }).to_string()).unwrap();
+    let token_file = files.path().join("azure-identity-token");
+    let write_token = |expires_in: i64| {
+        let now = jiff::Timestamp::now().as_second();
+        let claims = json!({
+            "iss": issuer, "sub": subject, "aud": ["api://AzureADTokenExchange"],
+            "iat": now - 7200, "nbf": now - 7200, "exp": now + expires_in,
+        });
+        std::fs::write(&token_file, key.mint(&claims)).unwrap();
+    };
+    write_token(-3000);
+    let emulator = Emulator::start(&[
+        "--federated-credential",
+        &federated_credential(CLIENT_ID, issuer, subject),
+        "--issuer-jwks-file",
+        &format!("{issuer}={}", jwks.display()),
+    ]);
+    let team = TestNamespace::new("wi-file").await;
+    let name = format!("token-file-{}", team.name);
+    let _cleanup = ClusterConnection(name.clone());
+    let manifest = json!({
+        "apiVersion": GROUP_VERSION,
+        "kind": "ClusterAcsConnection",
+        "metadata": { "name": name },
+        "spec": {
+            "endpoint": emulator.endpoint,
+            "workloadIdentity": {
+                "tenantId": TENANT,
+                "clientId": CLIENT_ID,
+                "authorityHost": emulator.endpoint,
+                "tokenFile": token_file.display().to_string(),
+            },
+        },
+    });
+    apply(&cluster_connections(admin_client().await), &name, manifest).await;
+    let operator_args = ["--leader-election-namespace", team.name.as_str()];
+    let _operator = Operator::start(&team.name, &emulator, &operator_args);
+    let identities = team.api();
+    let spec = spec_via("ClusterAcsConnection", &name);
+    crate::support::apply_identity(&identities, "alice", spec).await;
+
+    let refused = wait_condition(
+        &identities,
+        "alice",
+        "False",
+        reason::ENTRA_AUTHENTICATION_FAILED,
+        PROMPTLY,
+    )
+    .await;
+    let message = ready_message(&refused);
+    assert!(
+        message.contains("(HTTP 401, AADSTS700024: ")
+            && message.contains("Client assertion is not within its valid time range"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("eyJ"),
+        "no token in the message: {message}"
+    );
+
+    // The kubelet renews the file; the next retry reads it afresh.
+    write_token(3600);
+    wait_ready(&identities, "alice", AFTER_A_FIX).await;
+}
