@@ -11,6 +11,7 @@ use kube::core::{Selector, SelectorExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use acs::ApiVersionPolicy;
 use acs::entra::TOKEN_EXCHANGE_AUDIENCE;
 
 use crate::crd::{ConnectionKind, ConnectionSecretRef};
@@ -73,6 +74,11 @@ pub struct AcsConnectionSpec {
     /// exchanged for an Entra token of the application, which needs a role on the ACS resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_identity: Option<WorkloadIdentityAuth>,
+    /// Pins the ACS api-version. Unset, the operator uses the preview with `customId`
+    /// (exactly-once creates) while the service accepts it, then the newest GA version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = acs::wire::API_VERSIONS))]
+    pub api_version: Option<String>,
 }
 
 /// A Microsoft Entra ID application that trusts a Kubernetes ServiceAccount token (a federated
@@ -173,6 +179,11 @@ pub struct ClusterAcsConnectionSpec {
     /// token of the application, which needs a role on the ACS resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_identity: Option<WorkloadIdentityAuth>,
+    /// Pins the ACS api-version. Unset, the operator uses the preview with `customId`
+    /// (exactly-once creates) while the service accepts it, then the newest GA version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = acs::wire::API_VERSIONS))]
+    pub api_version: Option<String>,
     /// Which namespaces may use this connection: a namespace is allowed when it matches any
     /// condition. Without conditions every namespace may (as for an External Secrets
     /// ClusterSecretStore).
@@ -221,6 +232,7 @@ pub struct NamespaceCondition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionSource {
     pub auth: SourceAuth,
+    pub api_version: ApiVersionPolicy,
     /// `AcsConnection "name"` or `ClusterAcsConnection "name"`, for messages.
     pub via: Option<String>,
 }
@@ -257,6 +269,19 @@ pub enum FederatedTokenSource {
     },
     /// A projected token file in the operator's pod.
     File(String),
+}
+
+/// The policy `pinned` (a connection's spec.apiVersion) asks for; a version the schema should
+/// have refused (an outdated CRD) makes the connection unusable.
+fn api_version_policy(pinned: Option<&str>, via: &str) -> Result<ApiVersionPolicy, Failure> {
+    match pinned {
+        None => Ok(ApiVersionPolicy::default()),
+        Some(version) => {
+            ApiVersionPolicy::pinned(version).ok_or_else(|| Failure::ConnectionUnusable {
+                connection: via.to_owned(),
+            })
+        }
+    }
 }
 
 /// How messages name a connection resource.
@@ -332,6 +357,7 @@ impl AcsConnection {
         })?;
         Ok(ConnectionSource {
             auth,
+            api_version: api_version_policy(spec.api_version.as_deref(), &via)?,
             via: Some(via),
         })
     }
@@ -373,6 +399,7 @@ impl ClusterAcsConnection {
         })?;
         Ok(ConnectionSource {
             auth,
+            api_version: api_version_policy(spec.api_version.as_deref(), &via)?,
             via: Some(via),
         })
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use acs::{AcsClient, ClientOptions, ConnectionString, EndpointPolicy};
+use acs::{AcsClient, ApiVersionPolicy, ClientOptions, ConnectionString, EndpointPolicy};
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -13,7 +13,7 @@ use kube::Client;
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::connection::WorkloadIdentitySource;
+use crate::connection::{ConnectionSource, WorkloadIdentitySource};
 use crate::crd::CommunicationIdentity;
 use crate::crd::ConnectionSecretRef;
 use crate::held::HeldTokens;
@@ -208,7 +208,7 @@ pub struct AcsClients {
     by_secret: Mutex<HashMap<SecretKey, CachedClient>>,
     /// Workload-identity clients by everything they are built from; each holds its Entra
     /// token, renewed before it expires.
-    by_identity: Mutex<HashMap<WorkloadIdentitySource, (AcsClient, Instant)>>,
+    by_identity: Mutex<HashMap<(WorkloadIdentitySource, ApiVersionPolicy), (AcsClient, Instant)>>,
 }
 
 /// namespace, Secret name, key in the Secret.
@@ -216,6 +216,7 @@ type SecretKey = (String, String, String);
 
 struct CachedClient {
     connection_text: String,
+    api_version: ApiVersionPolicy,
     endpoint: String,
     client: AcsClient,
     used_at: Instant,
@@ -236,8 +237,9 @@ impl AcsClients {
         }
     }
 
-    fn client_options(&self) -> ClientOptions {
+    fn client_options(&self, api_version: ApiVersionPolicy) -> ClientOptions {
         ClientOptions {
+            api_version,
             extra_ca_pem: self.settings.extra_ca_pem.clone(),
             allow_http: self.settings.allow_http,
             endpoint_policy: self.settings.endpoint_policy.clone(),
@@ -257,9 +259,10 @@ impl AcsClients {
     pub fn client_for_key(
         &self,
         (namespace, reference): (&str, &ConnectionSecretRef),
-        via: Option<&String>,
+        source: &ConnectionSource,
         secret: Option<&Secret>,
     ) -> Result<(AcsClient, String), Failure> {
+        let via = source.via.as_ref();
         let not_found = || Failure::ConnectionSecretNotFound {
             secret: reference.name.clone(),
             key: reference.key.clone(),
@@ -284,6 +287,7 @@ impl AcsClients {
         let mut cache = self.by_secret.lock().expect("ACS client cache lock");
         if let Some(cached) = cache.get_mut(&cache_key)
             && cached.connection_text == text
+            && cached.api_version == source.api_version
         {
             cached.used_at = Instant::now();
             return Ok((cached.client.clone(), cached.endpoint.clone()));
@@ -297,7 +301,7 @@ impl AcsClients {
                 }
             })?;
         let endpoint = connection.endpoint.clone();
-        let options = self.client_options();
+        let options = self.client_options(source.api_version);
         let client = AcsClient::new(connection, options).map_err(|error| match error {
             acs::BuildError::EndpointNotAllowed { host } => Failure::EndpointNotAllowed {
                 named_by: format!("the connection string in Secret {:?}", reference.name),
@@ -312,6 +316,7 @@ impl AcsClients {
             cache_key,
             CachedClient {
                 connection_text: text,
+                api_version: source.api_version,
                 endpoint: endpoint.clone(),
                 client: client.clone(),
                 used_at: Instant::now(),
@@ -324,12 +329,13 @@ impl AcsClients {
     /// when no client of `source` is cached.
     pub fn client_for_workload_identity(
         &self,
-        source: &WorkloadIdentitySource,
+        (source, api_version): (&WorkloadIdentitySource, ApiVersionPolicy),
         via: &str,
         federated_token: impl FnOnce() -> Arc<dyn acs::FederatedToken>,
     ) -> Result<AcsClient, Failure> {
+        let key = (source.clone(), api_version);
         let mut cache = self.by_identity.lock().expect("ACS client cache lock");
-        if let Some((client, used_at)) = cache.get_mut(source) {
+        if let Some((client, used_at)) = cache.get_mut(&key) {
             *used_at = Instant::now();
             return Ok(client.clone());
         }
@@ -340,20 +346,23 @@ impl AcsClients {
             federated_token: federated_token(),
         };
         let credential = acs::Credential::WorkloadIdentity(identity);
-        let client =
-            AcsClient::with_credential(&source.endpoint, credential, self.client_options())
-                .map_err(|error| match error {
-                    acs::BuildError::EndpointNotAllowed { host } => Failure::EndpointNotAllowed {
-                        named_by: format!("spec.endpoint of {via}"),
-                        host,
-                    },
-                    other => Failure::WorkloadIdentityUnusable {
-                        connection: via.to_owned(),
-                        detail: other.to_string(),
-                    },
-                })?;
+        let client = AcsClient::with_credential(
+            &source.endpoint,
+            credential,
+            self.client_options(api_version),
+        )
+        .map_err(|error| match error {
+            acs::BuildError::EndpointNotAllowed { host } => Failure::EndpointNotAllowed {
+                named_by: format!("spec.endpoint of {via}"),
+                host,
+            },
+            other => Failure::WorkloadIdentityUnusable {
+                connection: via.to_owned(),
+                detail: other.to_string(),
+            },
+        })?;
         cache.retain(|_, (_, used_at)| used_at.elapsed() < Self::IDLE);
-        cache.insert(source.clone(), (client.clone(), Instant::now()));
+        cache.insert(key, (client.clone(), Instant::now()));
         Ok(client)
     }
 

@@ -83,6 +83,9 @@ pub mod reason {
     pub const SHORT_TOKEN_LIFETIME: &str = "ShortTokenLifetime";
     /// Warning event: the skip-cleanup annotation released the resource without cleanup in ACS.
     pub const CLEANUP_SKIPPED: &str = "CleanupSkipped";
+    /// Warning event: under a GA api-version (no customId) a create got no answer or was
+    /// interrupted, and may have left an identity in ACS that no resource records.
+    pub const POSSIBLE_ORPHAN_IDENTITY: &str = "PossibleOrphanIdentity";
     /// Condition: the resource is being deleted and cleanup in ACS is under way.
     pub const DELETING: &str = "Deleting";
 

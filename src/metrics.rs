@@ -34,8 +34,16 @@ pub struct Metrics {
     acs_throttled: Family<OperationLabel, Counter>,
     acs_rate_limit_wait: Family<OperationLabel, Histogram>,
     acs_called_back_claim: Family<OperationLabel, Histogram>,
+    acs_api_version_fallbacks: Family<ApiVersionFallbackLabels, Counter>,
+    acs_possible_orphans: Counter,
     kube_requests: Family<KubeRequestLabels, Counter>,
     leader: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiVersionFallbackLabels {
+    from: &'static str,
+    to: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +98,8 @@ impl Default for Metrics {
             acs_throttled: Family::default(),
             acs_rate_limit_wait: Family::new_with_constructor(seconds_histogram),
             acs_called_back_claim: Family::new_with_constructor(seconds_histogram),
+            acs_api_version_fallbacks: Family::default(),
+            acs_possible_orphans: Counter::default(),
             kube_requests: Family::default(),
             leader: Gauge::default(),
             registry: Registry::with_prefix(PREFIX),
@@ -145,6 +155,16 @@ impl Default for Metrics {
             "acs_rate_limit_wait_seconds",
             "Time a request waited in the client-side rate limiter before it was sent, by operation",
             metrics.acs_rate_limit_wait.clone(),
+        );
+        registry.register(
+            "acs_api_version_fallbacks",
+            "Times ACS refused an api-version and a client fell back to another (from, to); from the preview to GA, creates are no longer exactly-once",
+            metrics.acs_api_version_fallbacks.clone(),
+        );
+        registry.register(
+            "acs_possible_orphan_identities",
+            "Creates without customId (a GA api-version) whose answer was lost: each may have left an identity in ACS that no resource records",
+            metrics.acs_possible_orphans.clone(),
         );
         registry.register(
             "acs_called_back_claim_seconds",
@@ -349,6 +369,15 @@ impl acs::Observer for Metrics {
                 operation: operation.as_str(),
             })
             .observe(waited.as_secs_f64());
+    }
+
+    fn on_api_version_fallback(&self, from: &'static str, to: &'static str) {
+        let labels = ApiVersionFallbackLabels { from, to };
+        self.acs_api_version_fallbacks.get_or_create(&labels).inc();
+    }
+
+    fn on_possible_orphan(&self) {
+        self.acs_possible_orphans.inc();
     }
 
     fn on_called_back(&self, operation: acs::Operation, came_back_after: Duration) {

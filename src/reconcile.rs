@@ -515,8 +515,16 @@ impl Pass {
         acs.reserve(acs::Operation::CreateIdentity)
             .await
             .map_err(|error| self.failure_from_acs(&error, None))?;
+        // Under a GA api-version (no customId) a create that an earlier attempt of this
+        // resource sent and never saw answered may have made an identity nobody records.
+        let unanswered_before = self.resource.create_attempted();
         self.prepare_for_acs(true, connection).await?;
-        let created = self.create_in_acs(&acs, entry).await?;
+        let created = self.create_in_acs(&acs, entry).await;
+        let lost_now = matches!(&created, Err((_, error)) if error.is_lost_answer());
+        if !acs.creates_exactly_once() && (unanswered_before || lost_now) {
+            self.note_possible_orphan(&acs).await;
+        }
+        let created = created.map_err(|(failure, _)| failure)?;
         info!(identity = %created.id, existing = !created.created, "identity created");
         Ok(self.to_issued(created.id, created.token, endpoint)?)
     }
@@ -525,11 +533,25 @@ impl Pass {
         &self,
         acs: &acs::AcsClient,
         entry: &TokenEntry<'_>,
-    ) -> Result<acs::CreatedIdentity, Failure> {
+    ) -> Result<acs::CreatedIdentity, (Failure, acs::Error)> {
         let minutes = entry.token_lifetime_minutes().unwrap_or_default() as u32;
         acs.create_identity_with_token(&self.uid, &entry.scope_names(), minutes)
             .await
-            .map_err(|error| self.failure_from_acs(&error, None))
+            .map_err(|error| (self.failure_from_acs(&error, None), error))
+    }
+
+    /// A Warning that an identity may have been left in ACS without a resource recording it
+    /// (the acs client counts the lost answers in a metric).
+    async fn note_possible_orphan(&self, acs: &acs::AcsClient) {
+        let text = format!(
+            "ACS api-version {} has no customId, so creates are not exactly-once: an earlier \
+             create of this resource got no answer (or was interrupted) and may have left an \
+             identity in ACS that no resource records; find identities issued no token in the \
+             ACS resource and delete them",
+            acs.api_version()
+        );
+        self.publish(Note::warning(reason::POSSIBLE_ORPHAN_IDENTITY, text))
+            .await;
     }
 
     /// Issues a new token of `identity_id` for each entry in `wanted`, revoking all its tokens
@@ -611,6 +633,8 @@ impl Pass {
                 ),
             });
         }
+        // Under a GA api-version there is no GET: the token issue that follows tells a missing
+        // identity by its 404.
         acs.get_identity(identity_id)
             .await
             .map(drop)
@@ -627,18 +651,18 @@ impl Pass {
         let source = self.connection_source().await?;
         let (client, endpoint, own) = match &source.auth {
             SourceAuth::AccessKey { namespace, secret } => {
-                self.key_client((namespace, secret), source.via.as_ref())
-                    .await?
+                self.key_client((namespace, secret), &source).await?
             }
             SourceAuth::WorkloadIdentity(identity) => {
                 let via = source.via.as_deref().unwrap_or_default();
                 let (client, metrics) = (&self.ctx.client, &self.ctx.metrics);
                 let federated_token =
                     || federated_token(&identity.token, client.clone(), metrics.clone());
-                let acs =
-                    self.ctx
-                        .acs
-                        .client_for_workload_identity(identity, via, federated_token)?;
+                let acs = self.ctx.acs.client_for_workload_identity(
+                    (identity, source.api_version),
+                    via,
+                    federated_token,
+                )?;
                 (acs, identity.endpoint.clone(), None)
             }
         };
@@ -659,9 +683,9 @@ impl Pass {
     async fn key_client(
         &self,
         (namespace, secret_ref): (&str, &ConnectionSecretRef),
-        via: Option<&String>,
+        source: &ConnectionSource,
     ) -> Result<(acs::AcsClient, String, Option<Arc<Secret>>), Halt> {
-        let name = &secret_ref.name;
+        let (name, via) = (&secret_ref.name, source.via.as_ref());
         let recent = &self.ctx.connection_secrets;
         let remembered = recent.get(namespace, name);
         let read_afresh = remembered.is_none();
@@ -687,7 +711,7 @@ impl Pass {
             match self
                 .ctx
                 .acs
-                .client_for_key((namespace, secret_ref), via, secret.as_deref())
+                .client_for_key((namespace, secret_ref), source, secret.as_deref())
             {
                 Ok(client) => client,
                 Err(failure) => {
@@ -705,6 +729,7 @@ impl Pass {
         let reference = match self.resource.spec.connection() {
             Ok(Connection::Secret(secret)) => {
                 return Ok(ConnectionSource {
+                    api_version: acs::ApiVersionPolicy::default(),
                     auth: SourceAuth::AccessKey {
                         namespace: self.namespace.clone(),
                         secret: secret.clone(),
@@ -1066,10 +1091,17 @@ impl Pass {
         let (acs, _, _) = self.acs_client((Class::New, self.now)).await?;
         let identity_id = match recorded {
             Some(identity_id) => identity_id,
+            // Without customId a create cannot find the one whose answer was lost: it would
+            // make another identity. What the first may have left is reported instead.
+            None if !acs.creates_exactly_once() => {
+                self.note_possible_orphan(&acs).await;
+                return Ok(());
+            }
             None => {
                 let created = self
                     .create_in_acs(&acs, &self.resource.spec.entries()[0])
-                    .await?;
+                    .await
+                    .map_err(|(failure, _)| failure)?;
                 info!(identity = %created.id, "learned the identity of a create whose answer was lost");
                 created.id
             }

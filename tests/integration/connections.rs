@@ -2,15 +2,18 @@
 //! `connectionRef` at apply time, an AcsConnection serving as a connection Secret does, and a
 //! ClusterAcsConnection serving only the namespaces its conditions allow.
 
-use acs_identity_operator::crd::{CONNECTION_SECRET_FINALIZER, reason};
+use acs_identity_operator::crd::{
+    CONNECTION_SECRET_FINALIZER, REFRESH_REQUESTED_ANNOTATION, reason,
+};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::support::{
-    Emulator, Operator, PROMPTLY, Setup, TestNamespace, admin_client, create_connection_secret,
-    identity_manifest, ready_message, run_aside, wait_condition, wait_ready,
+    Emulator, Operator, PROMPTLY, Setup, TestNamespace, admin_client, basic_spec,
+    create_connection_secret, identity_manifest, ready, ready_message, run_aside, wait_condition,
+    wait_ready,
 };
 
 const GROUP_VERSION: &str = "acs-operator.io/v1alpha1";
@@ -485,4 +488,41 @@ async fn an_expired_federated_token_file_gives_a_clear_condition_until_the_file_
     // The kubelet renews the file; the next retry reads it afresh.
     write_token(3600);
     wait_ready(&identities, "alice", AFTER_A_FIX).await;
+}
+
+#[tokio::test]
+async fn retiring_the_preview_api_version_moves_the_operator_to_ga_and_identities_stay_ready() {
+    let setup = Setup::new("api-ga").await;
+    setup.apply("alice", basic_spec()).await;
+    setup.wait_ready("alice").await;
+
+    setup
+        .emulator
+        .admin_put("api-versions", json!({ "retired": ["2025-03-02-preview"] }))
+        .await;
+    // A refresh of an existing identity and a new identity both go through under GA.
+    setup
+        .annotate("alice", REFRESH_REQUESTED_ANNOTATION, "after-retirement")
+        .await;
+    let alice = setup
+        .wait_refresh_handled("alice", "after-retirement")
+        .await;
+    assert_eq!(ready(&alice).unwrap().0, "True");
+    setup.apply("bob", basic_spec()).await;
+    setup.wait_ready("bob").await;
+    let data = setup.secret_data("bob-acs-token").await;
+    assert_eq!(setup.emulator.validate(&data["token"]).await["valid"], true);
+
+    let fallbacks = setup
+        .operator
+        .metric("acs_identity_operator_acs_api_version_fallbacks_total{from=\"2025-03-02-preview\",to=\"2026-09-23\"}")
+        .await;
+    assert_eq!(fallbacks, Some(1.0));
+    let stats = setup.emulator.stats().await;
+    assert_eq!(stats["requests"]["issueAccessToken"]["400"], 1, "{stats}");
+    assert_eq!(stats["requests"]["issueAccessToken"]["200"], 1, "{stats}");
+    assert_eq!(
+        stats["requests"]["createIdentityWithToken"]["201"], 2,
+        "{stats}"
+    );
 }

@@ -249,6 +249,11 @@ impl Emulator {
         self.admin(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// PUT JSON to an admin path (e.g. `api-versions`, to retire some).
+    pub async fn admin_put(&self, path: &str, body: Value) -> Value {
+        self.admin(reqwest::Method::PUT, path, Some(body)).await
+    }
+
     /// DELETE an admin path (e.g. `outage`, to end one).
     pub async fn admin_delete(&self, path: &str) {
         self.admin(reqwest::Method::DELETE, path, None).await;

@@ -308,11 +308,6 @@ fn api_version(shared: &Shared, uri: &hyper::Uri) -> Result<&'static str, ApiErr
         })
 }
 
-/// `customId` and `GET /identities/{id}` exist only from this version on.
-fn has_custom_ids(version: &str) -> bool {
-    version == wire::API_VERSION_WITH_CUSTOM_ID
-}
-
 fn admit(
     shared: &Shared,
     settings: &crate::Settings,
@@ -393,7 +388,7 @@ fn create(
         None => None,
     };
     // Older versions do not know customId; like the service, ignore what they do not define.
-    let custom_id = request.custom_id.filter(|_| has_custom_ids(version));
+    let custom_id = request.custom_id.filter(|_| wire::has_custom_id(version));
     if custom_id.as_deref() == Some("") {
         return Err(ApiError::validation("customId must not be empty."));
     }
@@ -487,7 +482,7 @@ fn mint(
 }
 
 fn get_identity(shared: &Shared, version: &str, id: &str) -> Result<Reply, ApiError> {
-    if !has_custom_ids(version) {
+    if !wire::has_custom_id(version) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotFound",

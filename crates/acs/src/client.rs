@@ -11,6 +11,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use crate::api_version::{ApiVersionPolicy, ApiVersionState};
 use crate::circuit::Answer;
 use crate::endpoint::{EndpointPolicy, is_azure_host};
 use crate::entra::{EntraCredential, WorkloadIdentity, is_entra_authority};
@@ -22,8 +23,8 @@ use crate::ratelimit::{Operation, Quota, RateLimits, Turn};
 use crate::retry::{self, RetryPolicy};
 use crate::schedule::{Class, Ticket};
 use crate::wire::{
-    API_VERSION_WITH_CUSTOM_ID, AccessToken, CreateIdentityRequest, CreateIdentityResponse,
-    ErrorResponse, IdentityDetails, IssueTokenRequest,
+    AccessToken, CreateIdentityRequest, CreateIdentityResponse, ErrorResponse, IdentityDetails,
+    IssueTokenRequest, has_custom_id,
 };
 use crate::{AccessKey, ConnectionString, signing};
 
@@ -37,6 +38,10 @@ pub trait Observer: Send + Sync {
     fn on_rate_limit_wait(&self, _operation: Operation, _waited: Duration) {}
     /// A caller called back claimed the slot reserved for it this long after it was reserved.
     fn on_called_back(&self, _operation: Operation, _came_back_after: Duration) {}
+    /// The service refused api-version `from`; requests go out with `to` from now on.
+    fn on_api_version_fallback(&self, _from: &'static str, _to: &'static str) {}
+    /// A create without `customId` got no answer: it may have made an identity nobody knows.
+    fn on_possible_orphan(&self) {}
 }
 
 struct NoObserver;
@@ -85,6 +90,7 @@ pub struct ClientOptions {
     pub rate_limits: Option<Arc<RateLimits>>,
     pub quota: Quota,
     pub observer: Arc<dyn Observer>,
+    pub api_version: ApiVersionPolicy,
 }
 
 impl Default for ClientOptions {
@@ -98,6 +104,7 @@ impl Default for ClientOptions {
             rate_limits: None,
             quota: Quota::default(),
             observer: Arc::new(NoObserver),
+            api_version: ApiVersionPolicy::default(),
         }
     }
 }
@@ -179,6 +186,7 @@ struct Inner {
     /// default port), which is what the service verifies the signature against.
     host: String,
     auth: Auth,
+    api_version: ApiVersionState,
     request_timeout: Duration,
     limits: Arc<RateLimits>,
     observer: Arc<dyn Observer>,
@@ -214,7 +222,18 @@ impl fmt::Debug for AcsClient {
     }
 }
 
-/// What is sent for one operation, whatever the attempt.
+/// What one operation sends, before an api-version is chosen: the body for versions with
+/// `customId` and, for a create, the body without it for the others.
+struct Planned {
+    operation: Operation,
+    method: Method,
+    path: String,
+    body: Option<Vec<u8>>,
+    body_without_custom_id: Option<Vec<u8>>,
+    success: &'static [StatusCode],
+}
+
+/// What one attempt sends, at one api-version.
 struct Call {
     operation: Operation,
     method: Method,
@@ -297,6 +316,23 @@ fn entra_credential(
         .map_err(BuildError::InvalidWorkloadIdentity)
 }
 
+fn plan(
+    operation: Operation,
+    method: Method,
+    path: String,
+    body: Option<Vec<u8>>,
+    success: &'static [StatusCode],
+) -> Planned {
+    Planned {
+        operation,
+        method,
+        path,
+        body,
+        body_without_custom_id: None,
+        success,
+    }
+}
+
 /// `/identities/{id}{suffix}` with the id percent-encoded.
 fn identity_path(id: &str, suffix: &str) -> String {
     format!("/identities/{}{suffix}", utf8_percent_encode(id, SEGMENT))
@@ -342,6 +378,7 @@ impl AcsClient {
                 base,
                 host,
                 auth,
+                api_version: ApiVersionState::new(options.api_version),
                 request_timeout: options.request_timeout,
                 limits,
                 observer: options.observer,
@@ -401,18 +438,23 @@ impl AcsClient {
         scopes: &[String],
         expires_in_minutes: u32,
     ) -> Result<CreatedIdentity, Error> {
-        let body = CreateIdentityRequest {
+        let mut body = CreateIdentityRequest {
             create_token_with_scopes: Some(scopes.to_vec()),
             expires_in_minutes: Some(expires_in_minutes),
             custom_id: Some(custom_id.to_owned()),
         };
-        let call = self.call(
-            Operation::CreateIdentity,
-            Method::POST,
-            "/identities",
-            Some(json(&body)),
-            &[StatusCode::CREATED, StatusCode::OK],
-        );
+        let with_custom_id = json(&body);
+        body.custom_id = None;
+        let call = Planned {
+            body_without_custom_id: Some(json(&body)),
+            ..plan(
+                Operation::CreateIdentity,
+                Method::POST,
+                "/identities".to_owned(),
+                Some(with_custom_id),
+                &[StatusCode::CREATED, StatusCode::OK],
+            )
+        };
         let (status, bytes) = self.execute(&call).await?;
         let response: CreateIdentityResponse = decode(call.operation, status, &bytes)?;
         let token = response
@@ -440,10 +482,10 @@ impl AcsClient {
             scopes: scopes.to_vec(),
             expires_in_minutes: Some(expires_in_minutes),
         };
-        let call = self.call(
+        let call = plan(
             Operation::IssueToken,
             Method::POST,
-            &identity_path(id, "/:issueAccessToken"),
+            identity_path(id, "/:issueAccessToken"),
             Some(json(&body)),
             &[StatusCode::OK],
         );
@@ -454,10 +496,10 @@ impl AcsClient {
     /// `POST /identities/{id}/:revokeAccessTokens`: every token issued so far stops working.
     pub async fn revoke_tokens(&self, id: &str) -> Result<(), Error> {
         // An empty body with Content-Type, as the SDK sends it.
-        let call = self.call(
+        let call = plan(
             Operation::RevokeTokens,
             Method::POST,
-            &identity_path(id, "/:revokeAccessTokens"),
+            identity_path(id, "/:revokeAccessTokens"),
             Some(Vec::new()),
             &[StatusCode::NO_CONTENT],
         );
@@ -467,56 +509,69 @@ impl AcsClient {
     /// `DELETE /identities/{id}`: deletes the identity, its tokens and its data. An identity that
     /// is already gone is [`Error::NotFound`], which a caller cleaning up treats as done.
     pub async fn delete_identity(&self, id: &str) -> Result<(), Error> {
-        let call = self.call(
+        let call = plan(
             Operation::DeleteIdentity,
             Method::DELETE,
-            &identity_path(id, ""),
+            identity_path(id, ""),
             None,
             &[StatusCode::NO_CONTENT],
         );
         self.execute(&call).await.map(drop)
     }
 
-    /// `GET /identities/{id}` (preview): the identity's customId and last token issue time.
-    pub async fn get_identity(&self, id: &str) -> Result<IdentityDetails, Error> {
-        let call = self.call(
+    /// `GET /identities/{id}` (preview): the identity's customId and last token issue time;
+    /// `None` when the api-version in use has no such operation (the GA versions).
+    pub async fn get_identity(&self, id: &str) -> Result<Option<IdentityDetails>, Error> {
+        if !has_custom_id(self.api_version()) {
+            return Ok(None);
+        }
+        let call = plan(
             Operation::GetIdentity,
             Method::GET,
-            &identity_path(id, ""),
+            identity_path(id, ""),
             None,
             &[StatusCode::OK],
         );
         let (status, bytes) = self.execute(&call).await?;
-        decode(call.operation, status, &bytes)
+        decode(call.operation, status, &bytes).map(Some)
     }
 
-    fn call(
-        &self,
-        operation: Operation,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-        success: &'static [StatusCode],
-    ) -> Call {
+    /// The api-version requests go out with now.
+    pub fn api_version(&self) -> &'static str {
+        self.inner.api_version.current()
+    }
+
+    /// Whether a create is exactly-once (the api-version in use has `customId`): a create
+    /// retried after a lost answer, or after a crash, finds the identity the first one made.
+    pub fn creates_exactly_once(&self) -> bool {
+        has_custom_id(self.api_version())
+    }
+
+    /// `planned` at `version`.
+    fn call(&self, planned: &Planned, version: &'static str) -> Call {
         let mut url = self.inner.base.clone();
-        url.set_path(path);
-        url.set_query(Some(&format!("api-version={API_VERSION_WITH_CUSTOM_ID}")));
+        url.set_path(&planned.path);
+        url.set_query(Some(&format!("api-version={version}")));
         // Sign what the URL serialises to, not the string we built: the parser may normalise it.
         let target = format!("{}?{}", url.path(), url.query().unwrap_or_default());
+        let body = match (has_custom_id(version), &planned.body_without_custom_id) {
+            (false, Some(without)) => Some(without.clone()),
+            _ => planned.body.clone(),
+        };
         Call {
-            operation,
-            method,
+            operation: planned.operation,
+            method: planned.method.clone(),
             url,
             target,
             body,
-            success,
+            success: planned.success,
         }
     }
 
     /// Sends `call` until it succeeds or the retry policy gives up, waiting for the rate
     /// limiter before every attempt (retries count against the service's limits too).
-    async fn execute(&self, call: &Call) -> Result<(StatusCode, Vec<u8>), Error> {
-        let operation = call.operation;
+    async fn execute(&self, planned: &Planned) -> Result<(StatusCode, Vec<u8>), Error> {
+        let operation = planned.operation;
         let mut first_attempt = None;
         let mut last_error = None;
         let mut retry = 0;
@@ -549,7 +604,9 @@ impl AcsClient {
                     after: Duration::ZERO,
                 }));
             };
-            let outcome = self.attempt(call, timeout, presented).await;
+            let version = self.api_version();
+            let call = self.call(planned, version);
+            let outcome = self.attempt(&call, timeout, presented).await;
             permit.answered(circuit_answer(&outcome));
             // Answered (or given up on): from now on it counts in the window's log.
             drop(permit);
@@ -557,6 +614,24 @@ impl AcsClient {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };
+            if error.is_unsupported_api_version() && self.inner.api_version.fall_back_from(version)
+            {
+                tracing::warn!(
+                    from = version,
+                    to = self.api_version(),
+                    "ACS refused the api-version; falling back"
+                );
+                self.inner
+                    .observer
+                    .on_api_version_fallback(version, self.api_version());
+                continue;
+            }
+            if operation == Operation::CreateIdentity
+                && !has_custom_id(version)
+                && error.is_lost_answer()
+            {
+                self.inner.observer.on_possible_orphan();
+            }
             let Some(delay) =
                 self.retry
                     .delay_for(&error, retry, started.elapsed(), rand::random::<f64>())
@@ -871,13 +946,14 @@ mod tests {
         .unwrap();
         let client = AcsClient::new(connection, ClientOptions::default()).unwrap();
         assert_eq!(client.inner.host, "r.communication.azure.com");
-        let call = client.call(
+        let planned = plan(
             Operation::IssueToken,
             Method::POST,
-            &identity_path("8:acs:x_y", "/:issueAccessToken"),
+            identity_path("8:acs:x_y", "/:issueAccessToken"),
             None,
             &[StatusCode::OK],
         );
+        let call = client.call(&planned, client.api_version());
         assert_eq!(
             call.target,
             "/identities/8%3Aacs%3Ax_y/:issueAccessToken?api-version=2025-03-02-preview"

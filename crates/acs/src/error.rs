@@ -153,6 +153,22 @@ impl Error {
         }
     }
 
+    /// Whether the service refused the request's api-version (400 `UnsupportedApiVersion`, as
+    /// ACS answers once it has retired a version).
+    pub fn is_unsupported_api_version(&self) -> bool {
+        matches!(self, Error::BadRequest(error) if error.code == "UnsupportedApiVersion")
+    }
+
+    /// Whether the request may have been carried out although no answer came (a timeout, or
+    /// a connection lost after it was made).
+    pub fn is_lost_answer(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Connection { source, .. } => !source.is_connect(),
+            _ => false,
+        }
+    }
+
     /// Whether trying again later may succeed (throttling, 5xx, timeouts, connection failures).
     /// An oversized answer counts too: like a 5xx it says nothing about the request, and what
     /// answers may change (a proxy's error page goes away), so the caller backs off.

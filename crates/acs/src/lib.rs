@@ -5,6 +5,7 @@
 //! with retries, rate limiting in deadline order ([`schedule`]) and a circuit per endpoint
 //! ([`circuit`]).
 
+pub mod api_version;
 pub mod circuit;
 pub mod client;
 pub mod connection;
@@ -17,6 +18,7 @@ pub mod schedule;
 pub mod signing;
 pub mod wire;
 
+pub use api_version::ApiVersionPolicy;
 pub use client::{
     AcsClient, BuildError, ClientOptions, CreatedIdentity, Credential, Observer, RequestOutcome,
 };

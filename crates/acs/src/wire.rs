@@ -5,6 +5,14 @@ use serde::{Deserialize, Serialize};
 /// The api-version the operator sends: the first stable-or-preview version with `customId`,
 /// which makes a retried create idempotent.
 pub const API_VERSION_WITH_CUSTOM_ID: &str = "2025-03-02-preview";
+/// The newest GA api-version: no `customId`, no `GET /identities/{id}`.
+pub const NEWEST_GA_API_VERSION: &str = "2026-09-23";
+
+/// Whether `version` has `customId` (and `GET /identities/{id}`).
+pub fn has_custom_id(version: &str) -> bool {
+    version == API_VERSION_WITH_CUSTOM_ID
+}
+
 /// The api-version Microsoft's SDKs send.
 pub const API_VERSION_SDK: &str = "2023-10-01";
 /// Every api-version the service answers for the identity operations.
@@ -16,7 +24,7 @@ pub const API_VERSIONS: &[&str] = &[
     API_VERSION_SDK,
     "2025-06-30",
     "2026-07-22",
-    "2026-09-23",
+    NEWEST_GA_API_VERSION,
     API_VERSION_WITH_CUSTOM_ID,
 ];
 

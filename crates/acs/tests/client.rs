@@ -298,7 +298,11 @@ async fn identity_operations_sign_percent_encoded_ids() {
     let token = client.issue_token(ID, &scopes(), 90).await.unwrap();
     assert_eq!(token.token, TOKEN);
     client.revoke_tokens(ID).await.unwrap();
-    let identity = client.get_identity(ID).await.unwrap();
+    let identity = client
+        .get_identity(ID)
+        .await
+        .unwrap()
+        .expect("the preview has GET");
     assert_eq!(identity.custom_id.as_deref(), Some("ns/name"));
     client.delete_identity(ID).await.unwrap();
 
