@@ -70,6 +70,8 @@ const NEEDS: &[(&str, &str, &[&str])] = &[
     ("", "secrets", &["get", "list", "watch", "create", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("acs-operator.io", "acsconnections", &["get"]),
+    // Workload identity: the token of the ServiceAccount a connection names.
+    ("", "serviceaccounts/token", &["create"]),
 ];
 
 /// Cluster-scoped, on top of `NEEDS`: the operator GETs the ClusterAcsConnection a
