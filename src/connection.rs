@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use kube::core::{Selector, SelectorExt};
 use schemars::JsonSchema;
@@ -35,6 +35,8 @@ fn endpoint_rule() -> serde_json::Value {
 }
 
 /// An ACS resource and how to reach it, for the CommunicationIdentities of this namespace.
+// Clippy reads the repeated `type_ = "string"` inside the printcolumns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "acs-operator.io",
@@ -44,7 +46,24 @@ fn endpoint_rule() -> serde_json::Value {
     shortname = "acsconn",
     namespaced,
     derive = "PartialEq",
+    status = "ConnectionStatus",
     doc = "An Azure Communication Services resource and how to authenticate to it, for the CommunicationIdentities of its namespace.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(name = "Auth", type_ = "string", json_path = ".status.authentication"),
+    printcolumn(
+        name = "API Version",
+        type_ = "string",
+        json_path = ".status.apiVersion"
+    ),
+    printcolumn(
+        name = "Identities",
+        type_ = "integer",
+        json_path = ".status.identities"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -79,6 +98,31 @@ pub struct AcsConnectionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = acs::wire::API_VERSIONS))]
     pub api_version: Option<String>,
+}
+
+/// What the operator last saw of a connection.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStatus {
+    /// `AccessKey` or `WorkloadIdentity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<String>,
+    /// The ACS api-version its requests go out with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// CommunicationIdentities that name it in spec.connectionRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identities: Option<u32>,
+    /// When its credentials were last tried against ACS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified_time: Option<Time>,
+    /// The generation last verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` (credentials accepted by ACS) and `CreatesExactlyOnce` (the api-version has
+    /// customId).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// A Microsoft Entra ID application that trusts a Kubernetes ServiceAccount token (a federated
@@ -148,6 +192,7 @@ pub struct AccessKeyAuth {
 
 /// An ACS resource and how to reach it, for the CommunicationIdentities of the namespaces it
 /// allows.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "acs-operator.io",
@@ -156,7 +201,24 @@ pub struct AccessKeyAuth {
     plural = "clusteracsconnections",
     shortname = "clusteracsconn",
     derive = "PartialEq",
+    status = "ConnectionStatus",
     doc = "An Azure Communication Services resource and how to authenticate to it, for the CommunicationIdentities of the namespaces it allows.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(name = "Auth", type_ = "string", json_path = ".status.authentication"),
+    printcolumn(
+        name = "API Version",
+        type_ = "string",
+        json_path = ".status.apiVersion"
+    ),
+    printcolumn(
+        name = "Identities",
+        type_ = "integer",
+        json_path = ".status.identities"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -373,14 +435,21 @@ impl ClusterAcsConnection {
         labels: &BTreeMap<String, String>,
         operator_namespace: &str,
     ) -> Result<ConnectionSource, Failure> {
-        let name = self.metadata.name.clone().unwrap_or_default();
-        let via = label(ConnectionKind::ClusterAcsConnection, &name);
         if !allows(&self.spec.conditions, namespace, labels) {
+            let name = self.metadata.name.clone().unwrap_or_default();
             return Err(Failure::NamespaceNotAllowed {
-                connection: via,
+                connection: label(ConnectionKind::ClusterAcsConnection, &name),
                 namespace: namespace.to_owned(),
             });
         }
+        self.source(operator_namespace)
+    }
+
+    /// How this connection reaches ACS, whichever namespace asks: its Secret, or
+    /// ServiceAccount, is in `operator_namespace` unless it names another.
+    pub fn source(&self, operator_namespace: &str) -> Result<ConnectionSource, Failure> {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        let via = label(ConnectionKind::ClusterAcsConnection, &name);
         let spec = &self.spec;
         let auth = match (&spec.access_key, &spec.workload_identity, &spec.endpoint) {
             (Some(auth), None, None) => Some(SourceAuth::AccessKey {

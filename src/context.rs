@@ -13,7 +13,7 @@ use kube::Client;
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::connection::{ConnectionSource, WorkloadIdentitySource};
+use crate::connection::{ConnectionSource, SourceAuth, WorkloadIdentitySource};
 use crate::crd::CommunicationIdentity;
 use crate::crd::ConnectionSecretRef;
 use crate::held::HeldTokens;
@@ -61,6 +61,24 @@ pub struct Context {
 }
 
 impl Context {
+    /// The client of a connection's workload identity (`via` names the connection), its
+    /// federated token requested with the operator's own API client.
+    pub fn workload_identity_client(
+        &self,
+        identity: &WorkloadIdentitySource,
+        api_version: ApiVersionPolicy,
+        via: &str,
+    ) -> Result<AcsClient, Failure> {
+        let federated_token = || {
+            crate::federated_token::federated_token(
+                &identity.token,
+                self.client.clone(),
+                self.metrics.clone(),
+            )
+        };
+        (self.acs).client_for_workload_identity((identity, api_version), via, federated_token)
+    }
+
     pub fn new(
         client: Client,
         reporter: Reporter,
@@ -364,6 +382,24 @@ impl AcsClients {
         cache.retain(|_, (_, used_at)| used_at.elapsed() < Self::IDLE);
         cache.insert(key, (client.clone(), Instant::now()));
         Ok(client)
+    }
+
+    /// The api-version of the cached client of `source`, if there is one.
+    pub fn cached_api_version(&self, source: &ConnectionSource) -> Option<&'static str> {
+        match &source.auth {
+            SourceAuth::AccessKey { namespace, secret } => {
+                let key = (namespace.clone(), secret.name.clone(), secret.key.clone());
+                let cache = self.by_secret.lock().expect("ACS client cache lock");
+                let cached = cache.get(&key)?;
+                Some(cached.client.api_version())
+                    .filter(|_| cached.api_version == source.api_version)
+            }
+            SourceAuth::WorkloadIdentity(identity) => {
+                let key = (identity.clone(), source.api_version);
+                let cache = self.by_identity.lock().expect("ACS client cache lock");
+                cache.get(&key).map(|(client, _)| client.api_version())
+            }
+        }
     }
 
     /// Where a ClusterAcsConnection's Secret is unless it names a namespace.

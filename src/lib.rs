@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod adoption;
 pub mod connection;
+pub mod connection_status;
 pub mod context;
 pub mod crd;
 pub mod decide;

@@ -30,7 +30,6 @@ use crate::crd::{
 use crate::decide::{
     Cleanup, Decision, Deletion, IssueReason, Observed, SecretState, TokenSeen, decide, tokens_seen,
 };
-use crate::federated_token::federated_token;
 use crate::held::{HeldToken, Issuance, Issued};
 use crate::known_secrets::{Known, fingerprint};
 use crate::metrics::Metrics;
@@ -655,14 +654,7 @@ impl Pass {
             }
             SourceAuth::WorkloadIdentity(identity) => {
                 let via = source.via.as_deref().unwrap_or_default();
-                let (client, metrics) = (&self.ctx.client, &self.ctx.metrics);
-                let federated_token =
-                    || federated_token(&identity.token, client.clone(), metrics.clone());
-                let acs = self.ctx.acs.client_for_workload_identity(
-                    (identity, source.api_version),
-                    via,
-                    federated_token,
-                )?;
+                let acs = (self.ctx).workload_identity_client(identity, source.api_version, via)?;
                 (acs, identity.endpoint.clone(), None)
             }
         };
@@ -1395,8 +1387,6 @@ impl Pass {
             .map(drop)
     }
 
-    /// Sets `finalizers` (and merges `annotations`, if any) with a merge patch guarded by the
-    /// object's resourceVersion.
     async fn patch_finalizers<K>(
         &self,
         api: &Api<K>,
@@ -1407,21 +1397,37 @@ impl Pass {
     where
         K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
-        let meta = object.meta();
-        let mut patch = json!({
-            "metadata": {
-                "finalizers": finalizers,
-                "resourceVersion": meta.resource_version,
-            }
-        });
-        if let Some(annotations) = annotations {
-            patch["metadata"]["annotations"] = annotations;
-        }
-        let name = meta.name.as_deref().unwrap_or_default();
-        let (params, patch) = (PatchParams::default(), Patch::Merge(patch));
-        let request = api.patch(name, &params, &patch);
-        self.kube("finalizer_patch", request).await
+        patch_finalizers(&self.ctx.metrics, api, object, finalizers, annotations).await
     }
+}
+
+/// Sets `finalizers` (and merges `annotations`, if any) with a merge patch guarded by the
+/// object's resourceVersion: a concurrent change makes it fail (and the reconcile retry)
+/// instead of dropping someone else's finalizer.
+pub(crate) async fn patch_finalizers<K>(
+    metrics: &Metrics,
+    api: &Api<K>,
+    object: &K,
+    finalizers: Vec<String>,
+    annotations: Option<serde_json::Value>,
+) -> Result<K, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let meta = object.meta();
+    let mut patch = json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": meta.resource_version,
+        }
+    });
+    if let Some(annotations) = annotations {
+        patch["metadata"]["annotations"] = annotations;
+    }
+    let name = meta.name.as_deref().unwrap_or_default();
+    let (params, patch) = (PatchParams::default(), Patch::Merge(patch));
+    let request = api.patch(name, &params, &patch);
+    kube_call(metrics, "finalizer_patch", request).await
 }
 
 /// Longer than any communication user id ACS mints (`8:acs:<guid>_<suffix>`), with room.

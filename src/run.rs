@@ -21,6 +21,8 @@ use tracing::{Instrument, info, info_span, warn};
 const RECONCILE_CONCURRENCY: u16 = 64;
 
 use crate::admin::{self, Health, Phase};
+use crate::connection::{AcsConnection, ClusterAcsConnection};
+use crate::connection_status::{self, ConnectionResource};
 use crate::context::{AcsSettings, Context, Turns};
 use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
@@ -108,7 +110,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 Api::namespaced(watch_client.clone(), namespace),
                 Api::namespaced(watch_client.clone(), namespace),
             ),
-            None => (Api::all(watch_client.clone()), Api::all(watch_client)),
+            None => (
+                Api::all(watch_client.clone()),
+                Api::all(watch_client.clone()),
+            ),
         };
     let (store, writer) = reflector::store();
     let (turns, turn_triggers) = Turns::new();
@@ -143,6 +148,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
     // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
     // Each event is noted in `own_writes` once the cache holds it.
+    // Each identity event also reconciles the connection it names (its count, its finalizer).
+    let (namespaced_connections, namespaced_triggers) = futures::channel::mpsc::unbounded();
+    let (cluster_connections, cluster_triggers) = futures::channel::mpsc::unbounded();
     let identity_events = {
         let context = context.clone();
         watcher(identities, watcher::Config::default())
@@ -151,6 +159,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .reflect(writer)
             .map_ok(move |event| {
                 context.own_writes.observe(&event);
+                if let watcher::Event::Apply(identity)
+                | watcher::Event::InitApply(identity)
+                | watcher::Event::Delete(identity) = &event
+                {
+                    if let Some(named) = AcsConnection::named_by(identity) {
+                        let _ = namespaced_connections.unbounded_send(named);
+                    }
+                    if let Some(named) = ClusterAcsConnection::named_by(identity) {
+                        let _ = cluster_connections.unbounded_send(named);
+                    }
+                }
                 if let watcher::Event::Delete(gone) = &event {
                     // Its places in the ACS queues would be granted to nobody, and its
                     // refresh is not due any more.
@@ -190,17 +209,39 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let controller = controller
         .shutdown_on_signal()
-        .run(reconcile_measured, error_policy, context)
+        .run(reconcile_measured, error_policy, context.clone())
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(%error, "reconcile error");
             }
         });
-    // The wake-ups end with the controller (`fire` never returns).
+    let namespaced_connections = connection_status::run(
+        context.clone(),
+        match &config.watch_namespace {
+            Some(namespace) => Api::<AcsConnection>::namespaced(watch_client.clone(), namespace),
+            None => Api::all(watch_client.clone()),
+        },
+        namespaced_triggers,
+    );
+    // In namespaced mode several releases would each count only their own namespace's users
+    // of a ClusterAcsConnection: its status is left to a cluster-wide operator.
+    let cluster_connections = async {
+        match &config.watch_namespace {
+            Some(_) => std::future::pending().await,
+            None => {
+                let watched = Api::<ClusterAcsConnection>::all(watch_client.clone());
+                connection_status::run(context.clone(), watched, cluster_triggers).await
+            }
+        }
+    };
+    // The wake-ups and the connections' controllers end with the controller (`fire` never
+    // returns).
     let controller = async {
         tokio::select! {
             () = controller => {}
             () = wakeups => {}
+            () = namespaced_connections => {}
+            () = cluster_connections => {}
         }
     };
     let holding = async {

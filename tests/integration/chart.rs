@@ -69,7 +69,13 @@ const NEEDS: &[(&str, &str, &[&str])] = &[
     ),
     ("", "secrets", &["get", "list", "watch", "create", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
-    ("acs-operator.io", "acsconnections", &["get"]),
+    // The connections' controller: status, and a finalizer while identities use them.
+    (
+        "acs-operator.io",
+        "acsconnections",
+        &["get", "list", "watch", "patch"],
+    ),
+    ("acs-operator.io", "acsconnections/status", &["patch"]),
     // Workload identity: the token of the ServiceAccount a connection names.
     ("", "serviceaccounts/token", &["create"]),
 ];
@@ -259,9 +265,31 @@ fn expected_cluster_rules(watch_namespace: Option<&str>) -> BTreeSet<Rule> {
         .collect()
 }
 
-/// The cluster-wide ClusterRole: `rules` and `CLUSTER_NEEDS`.
+/// Cluster-wide only (in namespaced mode no operator writes ClusterAcsConnections): their
+/// controller, as for AcsConnections.
+const CLUSTER_WIDE_NEEDS: &[(&str, &str, &[&str])] = &[
+    (
+        "acs-operator.io",
+        "clusteracsconnections",
+        &["get", "list", "watch", "patch"],
+    ),
+    (
+        "acs-operator.io",
+        "clusteracsconnections/status",
+        &["patch"],
+    ),
+];
+
+/// The cluster-wide ClusterRole: `rules`, `CLUSTER_NEEDS` and `CLUSTER_WIDE_NEEDS` (which
+/// widens CLUSTER_NEEDS' rule on clusteracsconnections).
 fn with_cluster_rules(mut rules: BTreeSet<Rule>) -> BTreeSet<Rule> {
     rules.extend(expected_cluster_rules(None));
+    rules.retain(|(_, resource, _, _)| resource != "clusteracsconnections");
+    rules.extend(
+        CLUSTER_WIDE_NEEDS
+            .iter()
+            .map(|(group, resource, verbs)| rule(group, resource, &[], verbs)),
+    );
     rules
 }
 
@@ -896,8 +924,13 @@ async fn chart_service_account_runs_a_create_ready_delete_cycle() {
         "listing ConfigMaps",
     );
     let mut mismatches = Vec::new();
-    // ClusterAcsConnections and Namespaces: get only.
-    check_verbs(&client, None, CLUSTER_NEEDS, false, &mut mismatches).await;
+    // Namespaces: get only; ClusterAcsConnections: what their controller needs.
+    let namespaces: Vec<_> = (CLUSTER_NEEDS.iter())
+        .filter(|(_, resource, _)| *resource == "namespaces")
+        .copied()
+        .collect();
+    check_verbs(&client, None, &namespaces, false, &mut mismatches).await;
+    check_verbs(&client, None, CLUSTER_WIDE_NEEDS, false, &mut mismatches).await;
     // Leases only in the release namespace, even cluster-wide.
     check_lease(
         &client,

@@ -63,6 +63,27 @@ fn cluster_connections(client: Client) -> Api<DynamicObject> {
     )
 }
 
+/// Waits until the connection's status satisfies `check`, and returns it.
+async fn wait_connection_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    crate::support::wait_for(what, PROMPTLY, || async {
+        let object = api.get(name).await.ok()?;
+        let status = object.data.get("status")?.clone();
+        check(&status).then_some(status)
+    })
+    .await
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    let conditions = status["conditions"].as_array();
+    let found = conditions.and_then(|all| all.iter().find(|c| c["type"] == type_));
+    found.unwrap_or(&Value::Null)
+}
+
 /// Deletes the cluster-scoped connection when the test ends, however it ends.
 struct ClusterConnection(String);
 
@@ -72,6 +93,11 @@ impl Drop for ClusterConnection {
         run_aside(async move {
             let api = cluster_connections(admin_client().await);
             let _ = api.delete(&name, &DeleteParams::background()).await;
+            // The operator that would drop its in-use finalizer may be gone already.
+            let release = json!({ "metadata": { "finalizers": null } });
+            let _ = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(release))
+                .await;
         });
     }
 }
@@ -139,7 +165,29 @@ async fn an_acs_connection_with_an_access_key_works_as_a_connection_secret_does(
             .any(|f| f == CONNECTION_SECRET_FINALIZER)
     );
 
-    // Deleted, the identity is cleaned up in ACS through the connection.
+    // Its status: credentials verified, how, the api-version, who uses it.
+    let status = wait_connection_status(&connections, "team", "team verified", |status| {
+        condition(status, "Ready")["status"] == "True" && status["identities"] == 1
+    })
+    .await;
+    assert_eq!(status["authentication"], "AccessKey", "{status}");
+    assert_eq!(status["apiVersion"], "2025-03-02-preview", "{status}");
+    assert_eq!(condition(&status, "CreatesExactlyOnce")["status"], "True");
+
+    // In use, it cannot be deleted from under its identity: it waits for the identity to go.
+    connections
+        .delete("team", &DeleteParams::default())
+        .await
+        .unwrap();
+    let held = connections.get("team").await.unwrap();
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert!(
+        held.finalizers()
+            .iter()
+            .any(|f| f == CONNECTION_SECRET_FINALIZER)
+    );
+
+    // Deleted, the identity is cleaned up in ACS through the connection, which then goes.
     setup
         .identities
         .delete("alice", &DeleteParams::default())
@@ -148,6 +196,7 @@ async fn an_acs_connection_with_an_access_key_works_as_a_connection_secret_does(
     crate::support::wait_gone(&setup.identities, "alice", PROMPTLY).await;
     let stats = setup.emulator.stats().await;
     assert_eq!(stats["requests"]["deleteIdentity"]["204"], 1, "{stats}");
+    crate::support::wait_gone(&connections, "team", PROMPTLY).await;
 }
 
 #[tokio::test]
@@ -493,6 +542,20 @@ async fn an_expired_federated_token_file_gives_a_clear_condition_until_the_file_
 #[tokio::test]
 async fn retiring_the_preview_api_version_moves_the_operator_to_ga_and_identities_stay_ready() {
     let setup = Setup::new("api-ga").await;
+    let connections = connection_api(
+        setup.ns.client.clone(),
+        Some(&setup.ns.name),
+        "AcsConnection",
+        "acsconnections",
+    );
+    let manifest = json!({
+        "apiVersion": GROUP_VERSION,
+        "kind": "AcsConnection",
+        "metadata": { "name": "team" },
+        "spec": { "accessKey": { "secretRef": { "name": "acs-connection" } } },
+    });
+    apply(&connections, "team", manifest).await;
+    // One identity through the connection, one with a connection Secret of its own.
     setup.apply("alice", basic_spec()).await;
     setup.wait_ready("alice").await;
 
@@ -508,15 +571,31 @@ async fn retiring_the_preview_api_version_moves_the_operator_to_ga_and_identitie
         .wait_refresh_handled("alice", "after-retirement")
         .await;
     assert_eq!(ready(&alice).unwrap().0, "True");
-    setup.apply("bob", basic_spec()).await;
+    setup.apply("bob", spec_via("AcsConnection", "team")).await;
     setup.wait_ready("bob").await;
     let data = setup.secret_data("bob-acs-token").await;
     assert_eq!(setup.emulator.validate(&data["token"]).await["valid"], true);
+    // The connection warns that creates through it are no longer exactly-once.
+    let status = wait_connection_status(&connections, "team", "on GA", |status| {
+        status["apiVersion"] == "2026-09-23"
+    })
+    .await;
+    let warning = condition(&status, "CreatesExactlyOnce");
+    assert_eq!(warning["status"], "False", "{status}");
+    assert!(
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Warning: api-version 2026-09-23 has no customId"),
+        "{status}"
+    );
+    assert_eq!(condition(&status, "Ready")["status"], "True", "{status}");
 
     let fallbacks = setup
         .operator
         .metric("acs_identity_operator_acs_api_version_fallbacks_total{from=\"2025-03-02-preview\",to=\"2026-09-23\"}")
         .await;
+    // Once: alice's Secret is the connection's too, so they share one client.
     assert_eq!(fallbacks, Some(1.0));
     let stats = setup.emulator.stats().await;
     assert_eq!(stats["requests"]["issueAccessToken"]["400"], 1, "{stats}");

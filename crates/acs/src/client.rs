@@ -536,6 +536,18 @@ impl AcsClient {
         decode(call.operation, status, &bytes).map(Some)
     }
 
+    /// Proves the credentials with a request that changes nothing: revoking the tokens of an
+    /// identity that cannot exist. ACS authenticates before it looks the identity up, so its
+    /// 404 says the credentials were accepted (and a retired api-version shows, and is fallen
+    /// back from, here as on any call).
+    pub async fn verify(&self) -> Result<(), Error> {
+        const NO_SUCH_IDENTITY: &str = "8:acs:00000000-0000-0000-0000-000000000000_verification";
+        match self.revoke_tokens(NO_SUCH_IDENTITY).await {
+            Ok(()) | Err(Error::NotFound(_)) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The api-version requests go out with now.
     pub fn api_version(&self) -> &'static str {
         self.inner.api_version.current()
