@@ -775,8 +775,8 @@ impl Pass {
                 finalizers.push(FINALIZER.to_owned());
             }
             let annotations = mark.then(|| json!({ CREATE_ATTEMPTED_ANNOTATION: "true" }));
-            match self
-                .patch_finalizers(&self.api, &*self.resource, finalizers, annotations)
+            let metrics = &self.ctx.metrics;
+            match patch_finalizers(metrics, &self.api, &*self.resource, finalizers, annotations)
                 .await
             {
                 Ok(patched) => self.ctx.own_writes.wrote(&self.uid, &patched),
@@ -1365,7 +1365,7 @@ impl Pass {
     {
         let mut finalizers = object.meta().finalizers.clone().unwrap_or_default();
         finalizers.push(finalizer.to_owned());
-        self.patch_finalizers(api, object, finalizers, None).await
+        patch_finalizers(&self.ctx.metrics, api, object, finalizers, None).await
     }
 
     async fn remove_finalizer<K>(
@@ -1382,22 +1382,9 @@ impl Pass {
         if finalizers.len() == before.len() {
             return Ok(());
         }
-        self.patch_finalizers(api, object, finalizers, None)
+        patch_finalizers(&self.ctx.metrics, api, object, finalizers, None)
             .await
             .map(drop)
-    }
-
-    async fn patch_finalizers<K>(
-        &self,
-        api: &Api<K>,
-        object: &K,
-        finalizers: Vec<String>,
-        annotations: Option<serde_json::Value>,
-    ) -> Result<K, Error>
-    where
-        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-    {
-        patch_finalizers(&self.ctx.metrics, api, object, finalizers, annotations).await
     }
 }
 

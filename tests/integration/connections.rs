@@ -63,6 +63,26 @@ fn cluster_connections(client: Client) -> Api<DynamicObject> {
     )
 }
 
+/// Applies the AcsConnection `team` with the setup's connection Secret as its access key, and
+/// returns the API of the namespace's AcsConnections.
+async fn team_connection(setup: &Setup) -> Api<DynamicObject> {
+    let namespace = Some(setup.ns.name.as_str());
+    let connections = connection_api(
+        setup.ns.client.clone(),
+        namespace,
+        "AcsConnection",
+        "acsconnections",
+    );
+    let manifest = json!({
+        "apiVersion": GROUP_VERSION,
+        "kind": "AcsConnection",
+        "metadata": { "name": "team" },
+        "spec": { "accessKey": { "secretRef": { "name": "acs-connection" } } },
+    });
+    apply(&connections, "team", manifest).await;
+    connections
+}
+
 /// Waits until the connection's status satisfies `check`, and returns it.
 async fn wait_connection_status(
     api: &Api<DynamicObject>,
@@ -132,20 +152,7 @@ async fn an_identity_names_exactly_one_connection_when_applied() {
 #[tokio::test]
 async fn an_acs_connection_with_an_access_key_works_as_a_connection_secret_does() {
     let setup = Setup::new("conn-ns").await;
-    let client = setup.ns.client.clone();
-    let connections = connection_api(
-        client,
-        Some(&setup.ns.name),
-        "AcsConnection",
-        "acsconnections",
-    );
-    let manifest = json!({
-        "apiVersion": GROUP_VERSION,
-        "kind": "AcsConnection",
-        "metadata": { "name": "team" },
-        "spec": { "accessKey": { "secretRef": { "name": "acs-connection" } } },
-    });
-    apply(&connections, "team", manifest).await;
+    let connections = team_connection(&setup).await;
 
     setup
         .apply("alice", spec_via("AcsConnection", "team"))
@@ -308,8 +315,57 @@ async fn cluster_jwks_file(dir: &crate::support::TempDir) -> std::path::PathBuf 
     path
 }
 
-fn federated_credential(client_id: &str, issuer: &str, subject: &str) -> String {
-    format!("tenant={TENANT},client={client_id},issuer={issuer},subject={subject}")
+/// An emulator whose Entra authority knows `client_ids`, each federated with `issuer` and
+/// `subject`, and takes the issuer's keys from the JWKS file `jwks`.
+fn entra_emulator(
+    client_ids: &[&str],
+    issuer: &str,
+    subject: &str,
+    jwks: &std::path::Path,
+) -> Emulator {
+    let mut args: Vec<String> = client_ids
+        .iter()
+        .flat_map(|client_id| {
+            [
+                "--federated-credential".to_owned(),
+                format!("tenant={TENANT},client={client_id},issuer={issuer},subject={subject}"),
+            ]
+        })
+        .collect();
+    args.extend([
+        "--issuer-jwks-file".to_owned(),
+        format!("{issuer}={}", jwks.display()),
+    ]);
+    Emulator::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// A ClusterAcsConnection `name` with workload identity at `emulator` (its endpoint and its
+/// authority), `token` saying where the federated token comes from, and `extra` spec fields.
+fn workload_identity_connection(
+    name: &str,
+    emulator: &Emulator,
+    token: Value,
+    extra: Value,
+) -> Value {
+    let mut identity = json!({
+        "tenantId": TENANT,
+        "clientId": CLIENT_ID,
+        "authorityHost": emulator.endpoint,
+    });
+    identity
+        .as_object_mut()
+        .unwrap()
+        .extend(token.as_object().unwrap().clone());
+    let mut spec = json!({ "endpoint": emulator.endpoint, "workloadIdentity": identity });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    json!({
+        "apiVersion": GROUP_VERSION,
+        "kind": "ClusterAcsConnection",
+        "metadata": { "name": name },
+        "spec": spec,
+    })
 }
 
 /// Sets the cluster connection's client id (a server-side apply of that field alone).
@@ -337,34 +393,24 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
         .await
         .unwrap();
     let subject = format!("system:serviceaccount:{}:acs-operator", operator_ns.name);
-    let emulator = Emulator::start(&[
-        "--federated-credential",
-        &federated_credential(CLIENT_ID, CLUSTER_ISSUER, &subject),
-        "--federated-credential",
-        &federated_credential(OTHER_CLIENT_ID, CLUSTER_ISSUER, &subject),
-        "--issuer-jwks-file",
-        &format!("{CLUSTER_ISSUER}={}", jwks.display()),
-    ]);
+    let emulator = entra_emulator(
+        &[CLIENT_ID, OTHER_CLIENT_ID],
+        CLUSTER_ISSUER,
+        &subject,
+        &jwks,
+    );
     let team_a = TestNamespace::new("wi-a").await;
     let team_b = TestNamespace::new("wi-b").await;
     let team_c = TestNamespace::new("wi-c").await;
     let name = format!("entra-{}", team_a.name);
     let _cleanup = ClusterConnection(name.clone());
-    let manifest = json!({
-        "apiVersion": GROUP_VERSION,
-        "kind": "ClusterAcsConnection",
-        "metadata": { "name": name },
-        "spec": {
-            "endpoint": emulator.endpoint,
-            "workloadIdentity": {
-                "tenantId": TENANT,
-                "clientId": CLIENT_ID,
-                "authorityHost": emulator.endpoint,
-                "serviceAccountRef": { "name": "acs-operator", "namespace": operator_ns.name },
-            },
-            "conditions": [{ "namespaces": [team_a.name, team_b.name] }],
-        },
-    });
+    let account = json!({ "name": "acs-operator", "namespace": operator_ns.name });
+    let manifest = workload_identity_connection(
+        &name,
+        &emulator,
+        json!({ "serviceAccountRef": account }),
+        json!({ "conditions": [{ "namespaces": [team_a.name, team_b.name] }] }),
+    );
     let connections = cluster_connections(admin_client().await);
     apply(&connections, &name, manifest).await;
     let operator_args = ["--leader-election-namespace", operator_ns.name.as_str()];
@@ -485,29 +531,13 @@ async fn an_expired_federated_token_file_gives_a_clear_condition_until_the_file_
         std::fs::write(&token_file, key.mint(&claims)).unwrap();
     };
     write_token(-3000);
-    let emulator = Emulator::start(&[
-        "--federated-credential",
-        &federated_credential(CLIENT_ID, issuer, subject),
-        "--issuer-jwks-file",
-        &format!("{issuer}={}", jwks.display()),
-    ]);
+    let emulator = entra_emulator(&[CLIENT_ID], issuer, subject, &jwks);
     let team = TestNamespace::new("wi-file").await;
     let name = format!("token-file-{}", team.name);
     let _cleanup = ClusterConnection(name.clone());
-    let manifest = json!({
-        "apiVersion": GROUP_VERSION,
-        "kind": "ClusterAcsConnection",
-        "metadata": { "name": name },
-        "spec": {
-            "endpoint": emulator.endpoint,
-            "workloadIdentity": {
-                "tenantId": TENANT,
-                "clientId": CLIENT_ID,
-                "authorityHost": emulator.endpoint,
-                "tokenFile": token_file.display().to_string(),
-            },
-        },
-    });
+    let file = token_file.display().to_string();
+    let manifest =
+        workload_identity_connection(&name, &emulator, json!({ "tokenFile": file }), json!({}));
     apply(&cluster_connections(admin_client().await), &name, manifest).await;
     let operator_args = ["--leader-election-namespace", team.name.as_str()];
     let _operator = Operator::start(&team.name, &emulator, &operator_args);
@@ -542,19 +572,7 @@ async fn an_expired_federated_token_file_gives_a_clear_condition_until_the_file_
 #[tokio::test]
 async fn retiring_the_preview_api_version_moves_the_operator_to_ga_and_identities_stay_ready() {
     let setup = Setup::new("api-ga").await;
-    let connections = connection_api(
-        setup.ns.client.clone(),
-        Some(&setup.ns.name),
-        "AcsConnection",
-        "acsconnections",
-    );
-    let manifest = json!({
-        "apiVersion": GROUP_VERSION,
-        "kind": "AcsConnection",
-        "metadata": { "name": "team" },
-        "spec": { "accessKey": { "secretRef": { "name": "acs-connection" } } },
-    });
-    apply(&connections, "team", manifest).await;
+    let connections = team_connection(&setup).await;
     // One identity through the connection, one with a connection Secret of its own.
     setup.apply("alice", basic_spec()).await;
     setup.wait_ready("alice").await;

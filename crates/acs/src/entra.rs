@@ -215,16 +215,9 @@ impl fmt::Debug for Assertion {
 }
 
 /// Why the federated token could not be had, carried through azure_core's error.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 struct FederatedTokenMissing(String);
-
-impl fmt::Display for FederatedTokenMissing {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for FederatedTokenMissing {}
 
 #[async_trait::async_trait]
 impl ClientAssertion for Assertion {
@@ -243,16 +236,9 @@ struct BoundedTransport {
 }
 
 /// A transport failure, in words that never quote a body.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 struct TransportFailure(String);
-
-impl fmt::Display for TransportFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TransportFailure {}
 
 #[async_trait::async_trait]
 impl HttpClient for BoundedTransport {
