@@ -48,6 +48,10 @@ impl FederatedToken for MintedToken {
 }
 
 async fn emulator() -> Emulator {
+    emulator_with_token_lifetime(acs_emulator::entra::DEFAULT_TOKEN_LIFETIME_SECONDS).await
+}
+
+async fn emulator_with_token_lifetime(seconds: u64) -> Emulator {
     let mut config = Config::new(acs::AccessKey::from_base64(KEY).unwrap());
     config.admin = true;
     config.transport = Transport::Https { tls_dir: None };
@@ -67,6 +71,7 @@ async fn emulator() -> Emulator {
             keys: vec![issuer_key().public_jwk()],
         }),
     );
+    config.entra.token_lifetime_seconds = seconds;
     acs_emulator::start(config).await.unwrap()
 }
 
@@ -122,6 +127,28 @@ async fn one_entra_token_serves_every_call() {
     assert_eq!(
         stats["requests"]["createIdentityWithToken"],
         json!({ "201": 1 })
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_within_five_minutes_of_expiry_is_renewed_before_the_next_call() {
+    // Entra tokens of five minutes: each is already due for renewal when the next call comes.
+    let emulator = emulator_with_token_lifetime(300).await;
+    let token = Arc::new(MintedToken::default());
+    let acs = client(&emulator, CLIENT_ID, token.clone());
+    let scopes = vec!["chat".to_owned()];
+    let created = acs
+        .create_identity_with_token("wi-renew", &scopes, 60)
+        .await
+        .unwrap();
+    acs.issue_token(&created.id, &scopes, 60).await.unwrap();
+    let stats = admin(&emulator, reqwest::Method::GET, "stats", Value::Null).await;
+    assert_eq!(stats["requests"]["entraToken"], json!({ "200": 2 }));
+    assert_eq!(
+        token.minted.load(Ordering::SeqCst),
+        2,
+        "a fresh assertion each time"
     );
     emulator.shutdown().await;
 }
