@@ -31,7 +31,7 @@ use crate::crd::{
     CONNECTION_SECRET_FINALIZER, CommunicationIdentity, ConnectionKind, FIELD_MANAGER,
     READY_CONDITION,
 };
-use crate::reconcile::{Error, kube_call, patch_finalizers};
+use crate::kube_call::{Error, kube_call, patch_finalizers};
 use crate::status::Failure;
 
 /// How often credentials that were accepted are tried again.

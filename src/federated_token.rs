@@ -10,8 +10,8 @@ use kube::Api;
 use kube::api::PostParams;
 
 use crate::connection::FederatedTokenSource;
+use crate::kube_call::{Error, kube_call};
 use crate::metrics::Metrics;
-use crate::reconcile::{Error, kube_call};
 
 /// How long a requested token lives: the API server's minimum is 10 minutes; Entra only looks
 /// at it once per exchange (about hourly, the Entra token's lifetime).

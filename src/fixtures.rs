@@ -32,7 +32,8 @@ use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
     FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
 };
-use crate::reconcile::{Error, reconcile};
+use crate::kube_call::Error;
+use crate::reconcile::reconcile;
 use futures::channel::mpsc::UnboundedReceiver;
 use kube::runtime::reflector::ObjectRef;
 

@@ -11,6 +11,7 @@ pub mod decide;
 pub mod federated_token;
 pub mod held;
 pub mod known_secrets;
+pub mod kube_call;
 pub mod launch;
 pub mod leader;
 pub mod metrics;

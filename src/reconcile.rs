@@ -32,7 +32,7 @@ use crate::decide::{
 };
 use crate::held::{HeldToken, Issuance, Issued};
 use crate::known_secrets::{Known, fingerprint};
-use crate::metrics::Metrics;
+use crate::kube_call::{Error, kube_call, patch_finalizers};
 use crate::record::{
     FailedDuring, Note, after_failure, after_issue, issue_notes, merged, rewrite_note, settled,
 };
@@ -46,37 +46,8 @@ use crate::urgency::urgency;
 /// A pass's place in the ACS queues: its class and deadline (see [`urgency`]).
 type Place = (Class, Timestamp);
 
-/// Failures of the Kubernetes API itself; everything about ACS or user input is a [`Failure`]
-/// recorded in status instead. `call` names the request, a bounded metric label.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API call {call} failed: {}", bounded(.source.to_string()))]
-    Kube {
-        call: &'static str,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("Kubernetes API call {call} got no answer within {}s", KUBE_CALL_TIMEOUT.as_secs())]
-    KubeTimeout { call: &'static str },
-    #[error("the resource has no {0}; it was not read from the API server")]
-    MissingMetadata(&'static str),
-}
-
-impl Error {
-    /// A bounded label for metrics: the failing call.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube { call, .. } | Error::KubeTimeout { call } => call,
-            Error::MissingMetadata(_) => "metadata",
-        }
-    }
-}
-
 /// How soon an API-server error is retried.
 const KUBE_ERROR_RETRY: Duration = Duration::from_secs(5);
-/// The longest one Kubernetes API call may take; the client's own read timeout is the same
-/// (see `run`), this also bounds the time to a first byte and whole-body reads.
-pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// A pass skipped because the cache is behind the operator's own write runs again after this
 /// if that write's watch event has not triggered it first (it comes within milliseconds; this
 /// only covers a watch that breaks in between).
@@ -88,34 +59,6 @@ const MAX_REQUEUE: Duration = Duration::from_secs(25 * 60 * 60);
 /// Decisions one reconcile makes at most before requeueing (a fresh read, a Secret that
 /// changed under a write): bounded, so a resource edited in a loop cannot hold a worker.
 const MAX_DECISIONS: usize = 4;
-
-/// `request` under [`KUBE_CALL_TIMEOUT`], counted by call and outcome; its failure labelled
-/// `call`.
-pub(crate) async fn kube_call<T>(
-    metrics: &Metrics,
-    call: &'static str,
-    request: impl Future<Output = Result<T, kube::Error>>,
-) -> Result<T, Error> {
-    let result = match tokio::time::timeout(KUBE_CALL_TIMEOUT, request).await {
-        Ok(result) => result.map_err(|source| Error::Kube { call, source }),
-        Err(_) => Err(Error::KubeTimeout { call }),
-    };
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(Error::Kube {
-            source: kube::Error::Api(status),
-            ..
-        }) if status.code < 500 => "client_error",
-        Err(Error::Kube {
-            source: kube::Error::Api(_),
-            ..
-        }) => "server_error",
-        Err(Error::KubeTimeout { .. }) => "timeout",
-        Err(_) => "transport",
-    };
-    metrics.kube_request(call, outcome);
-    result
-}
 
 /// Whether `secret` carries the finalizer that holds it as a connection Secret, and is not
 /// being deleted.
@@ -1386,35 +1329,6 @@ impl Pass {
             .await
             .map(drop)
     }
-}
-
-/// Sets `finalizers` (and merges `annotations`, if any) with a merge patch guarded by the
-/// object's resourceVersion: a concurrent change makes it fail (and the reconcile retry)
-/// instead of dropping someone else's finalizer.
-pub(crate) async fn patch_finalizers<K>(
-    metrics: &Metrics,
-    api: &Api<K>,
-    object: &K,
-    finalizers: Vec<String>,
-    annotations: Option<serde_json::Value>,
-) -> Result<K, Error>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let meta = object.meta();
-    let mut patch = json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": meta.resource_version,
-        }
-    });
-    if let Some(annotations) = annotations {
-        patch["metadata"]["annotations"] = annotations;
-    }
-    let name = meta.name.as_deref().unwrap_or_default();
-    let (params, patch) = (PatchParams::default(), Patch::Merge(patch));
-    let request = api.patch(name, &params, &patch);
-    kube_call(metrics, "finalizer_patch", request).await
 }
 
 /// Longer than any communication user id ACS mints (`8:acs:<guid>_<suffix>`), with room.

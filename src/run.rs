@@ -28,10 +28,11 @@ use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     OPERATOR_ANNOTATION_PREFIX,
 };
+use crate::kube_call::{Error, KUBE_CALL_TIMEOUT};
 use crate::launch::METRICS_LINE;
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
-use crate::reconcile::{Error, KUBE_CALL_TIMEOUT, error_policy, reconcile};
+use crate::reconcile::{error_policy, reconcile};
 
 /// What `run` needs from the command line.
 pub struct RunConfig {

@@ -12,12 +12,13 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use crate::api_version::{ApiVersionPolicy, ApiVersionState};
+use crate::body::read_capped;
 use crate::circuit::Answer;
 use crate::endpoint::{EndpointPolicy, is_azure_host};
 use crate::entra::{EntraCredential, WorkloadIdentity, is_entra_authority};
 use crate::error::{
-    Error, MAX_ANSWER_BYTES, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError,
-    bounded_echo, root_cause,
+    Error, MAX_CODE_BYTES, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, ServiceError, bounded_echo,
+    root_cause,
 };
 use crate::ratelimit::{Operation, Quota, RateLimits, Turn};
 use crate::retry::{self, RetryPolicy};
@@ -790,28 +791,6 @@ fn circuit_answer<T>(outcome: &Result<T, Error>) -> Answer {
         ) => Answer::Outage,
         Err(_) => Answer::Refused,
     }
-}
-
-/// Reads the body, or `None` once it is known to exceed [`MAX_ANSWER_BYTES`]: from
-/// Content-Length before anything is read, else as soon as more has arrived. A loop over
-/// `chunk()` because reqwest offers no capped read, and this is all one takes.
-pub(crate) async fn read_capped(
-    response: &mut reqwest::Response,
-) -> Result<Option<Vec<u8>>, reqwest::Error> {
-    if response
-        .content_length()
-        .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
-    {
-        return Ok(None);
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Ok(None);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Some(body))
 }
 
 fn json<T: serde::Serialize>(body: &T) -> Vec<u8> {

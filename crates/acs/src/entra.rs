@@ -29,7 +29,7 @@ use azure_identity::{
 use reqwest::Url;
 use reqwest::header::HeaderValue;
 
-use crate::client::read_capped;
+use crate::body::read_capped;
 use crate::error::{Error, MAX_ENDPOINT_BYTES, MAX_MESSAGE_BYTES, bounded_echo, root_cause};
 
 /// The scope of a token for the ACS data plane, as Microsoft's SDKs ask for it (the resource
@@ -89,7 +89,8 @@ pub(crate) struct EntraCredential {
 }
 
 impl EntraCredential {
-    /// `http` is the bounded client for the authority (see [`crate::client`]).
+    /// `http` is the bounded client for the authority (no redirects, the private CA only
+    /// outside Azure).
     pub(crate) fn new(
         identity: WorkloadIdentity,
         authority: &Url,

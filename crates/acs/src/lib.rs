@@ -6,6 +6,7 @@
 //! ([`circuit`]).
 
 pub mod api_version;
+mod body;
 pub mod circuit;
 pub mod client;
 pub mod connection;
