@@ -71,7 +71,7 @@ impl Context {
     ) -> Result<AcsClient, Failure> {
         let federated_token = || {
             crate::federated_token::federated_token(
-                &identity.token,
+                identity,
                 self.client.clone(),
                 self.metrics.clone(),
             )

@@ -2,6 +2,7 @@
 //! (what a projected volume would mount, asked of the API server directly), or a projected
 //! token file in the operator's own pod. The acs client exchanges it at Entra.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -9,7 +10,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
 use kube::api::PostParams;
 
-use crate::connection::FederatedTokenSource;
+use crate::connection::{FederatedTokenSource, WorkloadIdentitySource};
 use crate::kube_call::{Error, kube_call};
 use crate::metrics::Metrics;
 
@@ -19,13 +20,17 @@ const REQUESTED_TOKEN_SECONDS: i64 = 3600;
 /// The longest token file read: a projected token is about 1 KiB.
 const MAX_TOKEN_FILE_BYTES: u64 = 16 * 1024;
 
-/// The federated token of `source`.
+/// The annotation by which a ServiceAccount names the Entra application that may act as it
+/// (Azure Workload Identity's own).
+pub const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
+
+/// The federated token of `identity`.
 pub fn federated_token(
-    source: &FederatedTokenSource,
+    identity: &WorkloadIdentitySource,
     client: kube::Client,
     metrics: Arc<Metrics>,
 ) -> Arc<dyn acs::FederatedToken> {
-    match source {
+    match &identity.token {
         FederatedTokenSource::ServiceAccount {
             namespace,
             name,
@@ -35,6 +40,7 @@ pub fn federated_token(
             namespace: namespace.clone(),
             name: name.clone(),
             audience: audience.clone(),
+            client_id: identity.client_id.clone(),
             metrics,
         }),
         FederatedTokenSource::File(path) => Arc::new(TokenFile(path.clone())),
@@ -46,12 +52,46 @@ struct ServiceAccountToken {
     namespace: String,
     name: String,
     audience: String,
+    client_id: String,
     metrics: Arc<Metrics>,
+}
+
+/// Whether a ServiceAccount with `annotations` lets the Entra application `client_id` act as
+/// it: only then does the operator request a token of it, so that naming a ServiceAccount in a
+/// connection is not enough to borrow its identity.
+pub fn consents(annotations: Option<&BTreeMap<String, String>>, client_id: &str) -> bool {
+    let named = annotations.and_then(|all| all.get(CLIENT_ID_ANNOTATION));
+    named.is_some_and(|named| named.trim().eq_ignore_ascii_case(client_id))
+}
+
+impl ServiceAccountToken {
+    /// Why the ServiceAccount cannot be used, if it cannot: missing, or not consenting.
+    async fn refusal(&self) -> Option<String> {
+        let (name, namespace, client_id) = (&self.name, &self.namespace, &self.client_id);
+        let read = kube_call(
+            &self.metrics,
+            "serviceaccount_get",
+            self.accounts.get_opt(name),
+        );
+        match read.await {
+            Ok(Some(account)) if consents(account.metadata.annotations.as_ref(), client_id) => None,
+            Ok(Some(_)) => Some(format!(
+                "ServiceAccount {name:?} in namespace {namespace:?} does not name the application: annotate it with {CLIENT_ID_ANNOTATION}={client_id} (kubectl -n {namespace} annotate serviceaccount {name} {CLIENT_ID_ANNOTATION}={client_id})"
+            )),
+            Ok(None) => Some(format!(
+                "ServiceAccount {name:?} was not found in namespace {namespace:?}; create it, or fix spec.workloadIdentity.serviceAccountRef"
+            )),
+            Err(error) => Some(error.to_string()),
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl acs::FederatedToken for ServiceAccountToken {
     async fn token(&self) -> Result<String, String> {
+        if let Some(refusal) = self.refusal().await {
+            return Err(refusal);
+        }
         let request = TokenRequest {
             spec: Some(TokenRequestSpec {
                 audiences: Some(vec![self.audience.clone()]),
@@ -72,12 +112,6 @@ impl acs::FederatedToken for ServiceAccountToken {
                 .ok_or_else(|| {
                     format!("the API server issued no token for ServiceAccount {name:?}")
                 }),
-            Err(Error::Kube {
-                source: kube::Error::Api(status),
-                ..
-            }) if status.code == 404 => Err(format!(
-                "ServiceAccount {name:?} was not found in namespace {namespace:?}; create it, or fix spec.workloadIdentity.serviceAccountRef"
-            )),
             Err(Error::Kube {
                 source: kube::Error::Api(status),
                 ..
@@ -111,6 +145,33 @@ impl acs::FederatedToken for TokenFile {
         match text.trim() {
             "" => Err(format!("the federated token file {path:?} is empty")),
             token => Ok(token.to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_account_consents_by_naming_the_application() {
+        let client = "4a1e0b3f-5c6d-4e7f-8a9b-0c1d2e3f4a5b";
+        let annotated =
+            |value: &str| BTreeMap::from([(CLIENT_ID_ANNOTATION.to_owned(), value.to_owned())]);
+        let other = BTreeMap::from([("example.com/x".to_owned(), client.to_owned())]);
+        let cases = [
+            ("no annotations", None, false),
+            ("another annotation", Some(other), false),
+            ("this application", Some(annotated(client)), true),
+            ("in capitals", Some(annotated(&client.to_uppercase())), true),
+            (
+                "another application",
+                Some(annotated("0b6a4f21-7c3d-4e5f-9a8b-1c2d3e4f5a6b")),
+                false,
+            ),
+        ];
+        for (name, annotations, expected) in cases {
+            assert_eq!(consents(annotations.as_ref(), client), expected, "{name}");
         }
     }
 }

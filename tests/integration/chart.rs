@@ -77,6 +77,7 @@ const NEEDS: &[(&str, &str, &[&str])] = &[
     ),
     ("acs-operator.io", "acsconnections/status", &["patch"]),
     // Workload identity: the token of the ServiceAccount a connection names.
+    ("", "serviceaccounts", &["get"]),
     ("", "serviceaccounts/token", &["create"]),
 ];
 

@@ -5,7 +5,8 @@
 use acs_identity_operator::crd::{
     CONNECTION_SECRET_FINALIZER, REFRESH_REQUESTED_ANNOTATION, reason,
 };
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use acs_identity_operator::federated_token::CLIENT_ID_ANNOTATION;
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
@@ -368,7 +369,17 @@ fn workload_identity_connection(
     })
 }
 
-/// Sets the cluster connection's client id (a server-side apply of that field alone).
+/// Names `client_id` in the ServiceAccount's Azure Workload Identity annotation: the
+/// ServiceAccount's consent to that application acting as it.
+async fn let_act_as(accounts: &Api<ServiceAccount>, name: &str, client_id: &str) {
+    let patch = json!({ "metadata": { "annotations": { CLIENT_ID_ANNOTATION: client_id } } });
+    accounts
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+/// Sets the cluster connection's client id (a merge patch of that field alone).
 async fn set_client_id(connections: &Api<DynamicObject>, name: &str, client_id: &str) {
     let patch = json!({ "spec": { "workloadIdentity": { "clientId": client_id } } });
     connections
@@ -385,9 +396,12 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
     let jwks = cluster_jwks_file(&files).await;
     // The operator's namespace and its ServiceAccount, which the Entra application trusts.
     let operator_ns = TestNamespace::new("wi-operator").await;
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = operator_ns.api();
-    let account: k8s_openapi::api::core::v1::ServiceAccount =
-        serde_json::from_value(json!({ "metadata": { "name": "acs-operator" } })).unwrap();
+    let accounts: Api<ServiceAccount> = operator_ns.api();
+    let account: ServiceAccount = serde_json::from_value(json!({ "metadata": {
+        "name": "acs-operator",
+        "annotations": { CLIENT_ID_ANNOTATION: CLIENT_ID },
+    } }))
+    .unwrap();
     accounts
         .create(&Default::default(), &account)
         .await
@@ -466,13 +480,38 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
         }
     }
 
-    // An Entra outage while a new client id needs a token: a clear condition, then recovery.
+    // Another application, which the ServiceAccount does not name: no token is requested.
+    set_client_id(&connections, &name, OTHER_CLIENT_ID).await;
+    crate::support::apply_identity(&a, "alice-2", spec.clone()).await;
+    let refused = wait_condition(
+        &a,
+        "alice-2",
+        "False",
+        reason::FEDERATED_TOKEN_UNAVAILABLE,
+        PROMPTLY,
+    )
+    .await;
+    let message = ready_message(&refused);
+    assert!(
+        message.contains(&format!(
+            "does not name the application: annotate it with {CLIENT_ID_ANNOTATION}={OTHER_CLIENT_ID}"
+        )),
+        "{message}"
+    );
+
+    // Named, during an Entra outage: a clear condition, then recovery.
     emulator
         .admin_post("entra/outage", json!({ "seconds": 600 }))
         .await;
-    set_client_id(&connections, &name, OTHER_CLIENT_ID).await;
-    crate::support::apply_identity(&a, "alice-2", spec.clone()).await;
-    let waiting = wait_condition(&a, "alice-2", "False", reason::ENTRA_UNAVAILABLE, PROMPTLY).await;
+    let_act_as(&accounts, "acs-operator", OTHER_CLIENT_ID).await;
+    let waiting = wait_condition(
+        &a,
+        "alice-2",
+        "False",
+        reason::ENTRA_UNAVAILABLE,
+        AFTER_A_FIX,
+    )
+    .await;
     let message = ready_message(&waiting);
     assert!(
         message.contains(&format!(
@@ -485,6 +524,7 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
     wait_ready(&a, "alice-2", AFTER_A_FIX).await;
 
     // A client id Entra does not know: its AADSTS code in the condition, then the fix.
+    let_act_as(&accounts, "acs-operator", UNKNOWN_CLIENT_ID).await;
     set_client_id(&connections, &name, UNKNOWN_CLIENT_ID).await;
     crate::support::apply_identity(&b, "bob-2", spec.clone()).await;
     let refused = wait_condition(
@@ -506,6 +546,7 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
         !message.contains("eyJ"),
         "no token in the message: {message}"
     );
+    let_act_as(&accounts, "acs-operator", CLIENT_ID).await;
     set_client_id(&connections, &name, CLIENT_ID).await;
     wait_ready(&b, "bob-2", AFTER_A_FIX).await;
 }
