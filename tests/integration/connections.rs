@@ -84,6 +84,17 @@ async fn team_connection(setup: &Setup) -> Api<DynamicObject> {
     connections
 }
 
+/// Waits until `name` is not Ready with `reason`, and returns its message.
+async fn failing_with(
+    identities: &Api<acs_identity_operator::crd::CommunicationIdentity>,
+    name: &str,
+    reason: &str,
+    deadline: std::time::Duration,
+) -> String {
+    let resource = wait_condition(identities, name, "False", reason, deadline).await;
+    ready_message(&resource)
+}
+
 /// Waits until the connection's status satisfies `check`, and returns it.
 async fn wait_connection_status(
     api: &Api<DynamicObject>,
@@ -255,15 +266,13 @@ async fn a_cluster_connection_serves_the_namespaces_it_allows_and_refuses_the_ot
     crate::support::apply_identity(&refused_identities, "bob", spec).await;
 
     wait_ready(&allowed_identities, "alice", PROMPTLY).await;
-    let bob = wait_condition(
+    let message = failing_with(
         &refused_identities,
         "bob",
-        "False",
         reason::NAMESPACE_NOT_ALLOWED,
         PROMPTLY,
     )
     .await;
-    let message = ready_message(&bob);
     assert!(
         message.contains(&format!(
             "ClusterAcsConnection {name:?} does not allow namespace {:?}",
@@ -271,6 +280,7 @@ async fn a_cluster_connection_serves_the_namespaces_it_allows_and_refuses_the_ot
         )),
         "{message}"
     );
+    let bob = refused_identities.get("bob").await.unwrap();
     assert!(bob.finalizers().is_empty(), "nothing reached ACS for bob");
     let stats = emulator.stats().await;
     assert_eq!(
@@ -483,15 +493,7 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
     // Another application, which the ServiceAccount does not name: no token is requested.
     set_client_id(&connections, &name, OTHER_CLIENT_ID).await;
     crate::support::apply_identity(&a, "alice-2", spec.clone()).await;
-    let refused = wait_condition(
-        &a,
-        "alice-2",
-        "False",
-        reason::FEDERATED_TOKEN_UNAVAILABLE,
-        PROMPTLY,
-    )
-    .await;
-    let message = ready_message(&refused);
+    let message = failing_with(&a, "alice-2", reason::FEDERATED_TOKEN_UNAVAILABLE, PROMPTLY).await;
     assert!(
         message.contains(&format!(
             "does not name the application: annotate it with {CLIENT_ID_ANNOTATION}={OTHER_CLIENT_ID}"
@@ -504,15 +506,7 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
         .admin_post("entra/outage", json!({ "seconds": 600 }))
         .await;
     let_act_as(&accounts, "acs-operator", OTHER_CLIENT_ID).await;
-    let waiting = wait_condition(
-        &a,
-        "alice-2",
-        "False",
-        reason::ENTRA_UNAVAILABLE,
-        AFTER_A_FIX,
-    )
-    .await;
-    let message = ready_message(&waiting);
+    let message = failing_with(&a, "alice-2", reason::ENTRA_UNAVAILABLE, AFTER_A_FIX).await;
     assert!(
         message.contains(&format!(
             "could not get a Microsoft Entra ID token from {}: HTTP 503 for ClusterAcsConnection {name:?}",
@@ -527,15 +521,7 @@ async fn a_cluster_connection_with_workload_identity_serves_allowed_namespaces_a
     let_act_as(&accounts, "acs-operator", UNKNOWN_CLIENT_ID).await;
     set_client_id(&connections, &name, UNKNOWN_CLIENT_ID).await;
     crate::support::apply_identity(&b, "bob-2", spec.clone()).await;
-    let refused = wait_condition(
-        &b,
-        "bob-2",
-        "False",
-        reason::ENTRA_AUTHENTICATION_FAILED,
-        PROMPTLY,
-    )
-    .await;
-    let message = ready_message(&refused);
+    let message = failing_with(&b, "bob-2", reason::ENTRA_AUTHENTICATION_FAILED, PROMPTLY).await;
     assert!(
         message.starts_with(&format!(
             "Microsoft Entra ID refused the workload identity of ClusterAcsConnection {name:?} (HTTP 400, AADSTS700016: "
@@ -586,15 +572,13 @@ async fn an_expired_federated_token_file_gives_a_clear_condition_until_the_file_
     let spec = spec_via("ClusterAcsConnection", &name);
     crate::support::apply_identity(&identities, "alice", spec).await;
 
-    let refused = wait_condition(
+    let message = failing_with(
         &identities,
         "alice",
-        "False",
         reason::ENTRA_AUTHENTICATION_FAILED,
         PROMPTLY,
     )
     .await;
-    let message = ready_message(&refused);
     assert!(
         message.contains("(HTTP 401, AADSTS700024: ")
             && message.contains("Client assertion is not within its valid time range"),
