@@ -3,7 +3,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::wire::{API_VERSION_WITH_CUSTOM_ID, API_VERSIONS, NEWEST_GA_API_VERSION};
+use crate::ratelimit::Operation;
+use crate::wire::{API_VERSION_WITH_CUSTOM_ID, API_VERSIONS, NEWEST_GA_API_VERSION, has_custom_id};
+
+/// Whether `version` has `operation`: every one but the GET of an identity, which only the
+/// versions with `customId` have.
+pub(crate) fn serves(operation: Operation, version: &str) -> bool {
+    operation != Operation::GetIdentity || has_custom_id(version)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ApiVersionPolicy {

@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use crate::api_version::{ApiVersionPolicy, ApiVersionState};
+use crate::api_version::{ApiVersionPolicy, ApiVersionState, serves};
 use crate::body::read_capped;
 use crate::circuit::Answer;
 use crate::endpoint::{EndpointPolicy, is_azure_host};
@@ -523,7 +523,7 @@ impl AcsClient {
     /// `GET /identities/{id}` (preview): the identity's customId and last token issue time;
     /// `None` when the api-version in use has no such operation (the GA versions).
     pub async fn get_identity(&self, id: &str) -> Result<Option<IdentityDetails>, Error> {
-        if !has_custom_id(self.api_version()) {
+        if !serves(Operation::GetIdentity, self.api_version()) {
             return Ok(None);
         }
         let call = plan(
@@ -533,8 +533,13 @@ impl AcsClient {
             None,
             &[StatusCode::OK],
         );
-        let (status, bytes) = self.execute(&call).await?;
-        decode(call.operation, status, &bytes).map(Some)
+        match self.execute(&call).await {
+            Ok((status, bytes)) => decode(call.operation, status, &bytes).map(Some),
+            // The service refused the preview during this call: the GA version it fell back
+            // to has no GET to ask.
+            Err(_) if !serves(Operation::GetIdentity, self.api_version()) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// Proves the credentials with a request that changes nothing: revoking the tokens of an
@@ -637,7 +642,10 @@ impl AcsClient {
                 self.inner
                     .observer
                     .on_api_version_fallback(version, self.api_version());
-                continue;
+                if serves(operation, self.api_version()) {
+                    continue;
+                }
+                return Err(error);
             }
             if operation == Operation::CreateIdentity
                 && !has_custom_id(version)
@@ -681,7 +689,7 @@ impl AcsClient {
             .request(call.method.clone(), call.url.clone())
             .timeout(timeout)
             .header(ACCEPT, "application/json");
-        let bearer = matches!(presented, Presented::Bearer(_));
+        let with_bearer = matches!(presented, Presented::Bearer(_));
         request = match presented {
             Presented::Bearer(bearer) => request.header(AUTHORIZATION, bearer),
             Presented::Signature(key) => {
@@ -758,7 +766,7 @@ impl AcsClient {
             inner.observer.on_throttled(call.operation);
         }
         Err(match classify(call, status, &headers, &bytes) {
-            Error::Unauthorized(error) if bearer => Error::TokenRejected(error),
+            Error::Unauthorized(error) if with_bearer => Error::TokenRejected(error),
             other => other,
         })
     }

@@ -98,7 +98,7 @@ impl EntraCredential {
         timeout: Duration,
     ) -> Result<Self, String> {
         let mut cloud = CustomConfiguration::default();
-        cloud.authority_host = authority.as_str().trim_end_matches('/').to_owned();
+        cloud.authority_host = cloud_authority(authority).to_owned();
         let client_options = ClientOptions {
             transport: Some(Transport::new(Arc::new(BoundedTransport { http, timeout }))),
             retry: RetryOptions::none(),

@@ -94,6 +94,24 @@ async fn a_retired_preview_moves_the_client_to_the_newest_ga_version() {
 }
 
 #[tokio::test]
+async fn a_get_that_meets_the_retired_preview_falls_back_without_asking_ga() {
+    let emulator = emulator(&["2025-03-02-preview"]).await;
+    let seen = Arc::new(Seen::default());
+    let acs = client(&emulator, ApiVersionPolicy::default(), seen.clone());
+    let id = "8:acs:00000000-0000-0000-0000-000000000000_00000000-0000-0000-0000-000000000001";
+    // GA has no GET: nothing can be told, which is not "no such identity".
+    assert_eq!(acs.get_identity(id).await.unwrap(), None);
+    assert_eq!(acs.api_version(), "2026-09-23");
+    let stats = stats(&emulator).await;
+    assert_eq!(
+        stats["requests"]["getIdentity"],
+        serde_json::json!({ "400": 1 }),
+        "one GET, refused for its version, and none at GA: {stats}"
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_pinned_version_is_kept_whatever_the_service_answers() {
     let emulator = emulator(&["2025-03-02-preview"]).await;
     let seen = Arc::new(Seen::default());
