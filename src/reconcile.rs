@@ -462,11 +462,11 @@ impl Pass {
         let unanswered_before = self.resource.create_attempted();
         self.prepare_for_acs(true, connection).await?;
         let created = self.create_in_acs(&acs, entry).await;
-        let lost_now = matches!(&created, Err((_, error)) if error.is_lost_answer());
+        let lost_now = matches!(&created, Err(error) if error.is_lost_answer());
         if !acs.creates_exactly_once() && (unanswered_before || lost_now) {
             self.note_possible_orphan(&acs).await;
         }
-        let created = created.map_err(|(failure, _)| failure)?;
+        let created = created.map_err(|error| self.failure_from_acs(&error, None))?;
         info!(identity = %created.id, existing = !created.created, "identity created");
         Ok(self.to_issued(created.id, created.token, endpoint)?)
     }
@@ -475,11 +475,10 @@ impl Pass {
         &self,
         acs: &acs::AcsClient,
         entry: &TokenEntry<'_>,
-    ) -> Result<acs::CreatedIdentity, (Failure, acs::Error)> {
+    ) -> Result<acs::CreatedIdentity, acs::Error> {
         let minutes = entry.token_lifetime_minutes().unwrap_or_default() as u32;
         acs.create_identity_with_token(&self.uid, &entry.scope_names(), minutes)
             .await
-            .map_err(|error| (self.failure_from_acs(&error, None), error))
     }
 
     /// A Warning that an identity may have been left in ACS without a resource recording it
@@ -1036,7 +1035,7 @@ impl Pass {
                 let created = self
                     .create_in_acs(&acs, &self.resource.spec.entries()[0])
                     .await
-                    .map_err(|(failure, _)| failure)?;
+                    .map_err(|error| self.failure_from_acs(&error, None))?;
                 info!(identity = %created.id, "learned the identity of a create whose answer was lost");
                 created.id
             }
