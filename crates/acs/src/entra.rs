@@ -283,7 +283,29 @@ impl HttpClient for BoundedTransport {
                 "it answered with a redirect (HTTP {status}), which is not followed"
             )));
         }
+        if (200..300).contains(&status) && !expires_in_plausible(&body) {
+            return Err(failed(format!(
+                "its token answer's expires_in is not a number of seconds from 0 to {MAX_EXPIRES_IN_SECONDS}"
+            )));
+        }
         Ok(AsyncRawResponse::from_bytes(status.into(), headers, body))
+    }
+}
+
+/// The longest `expires_in` taken from an authority: a week, beyond any Entra token's day.
+const MAX_EXPIRES_IN_SECONDS: i64 = 7 * 24 * 60 * 60;
+
+/// Whether a token answer's `expires_in`, if it is an integer, is one `azure_identity` can add
+/// to the current time: it adds it unchecked, and a value far out of range (a hostile
+/// authority's `9223372036854775807`) would panic there. Anything else that is wrong with the
+/// answer is left to its parser, which fails without panicking.
+fn expires_in_plausible(body: &[u8]) -> bool {
+    let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return true;
+    };
+    match answer.get("expires_in").and_then(serde_json::Value::as_i64) {
+        Some(seconds) => (0..=MAX_EXPIRES_IN_SECONDS).contains(&seconds),
+        None => true,
     }
 }
 
@@ -340,6 +362,39 @@ mod tests {
         ];
         for (name, text, expected) in cases {
             assert_eq!(without_tokens(text), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_an_expiry_that_can_be_added_to_now_passes() {
+        let cases = [
+            ("an hour", r#"{"expires_in":3599,"access_token":"t"}"#, true),
+            ("zero", r#"{"expires_in":0}"#, true),
+            (
+                "the largest integer",
+                r#"{"expires_in":9223372036854775807}"#,
+                false,
+            ),
+            (
+                "the smallest",
+                r#"{"expires_in":-9223372036854775808}"#,
+                false,
+            ),
+            ("over a week", r#"{"expires_in":604801}"#, false),
+            (
+                "absent: the parser refuses it",
+                r#"{"access_token":"t"}"#,
+                true,
+            ),
+            (
+                "a string: the parser refuses it",
+                r#"{"expires_in":"3599"}"#,
+                true,
+            ),
+            ("not JSON: the parser refuses it", "<html>", true),
+        ];
+        for (name, body, expected) in cases {
+            assert_eq!(expires_in_plausible(body.as_bytes()), expected, "{name}");
         }
     }
 
