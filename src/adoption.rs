@@ -1,6 +1,8 @@
 //! Whether an identity named in `spec.identityId` may be adopted. Pure: the reconciler passes
 //! the CommunicationIdentities it knows (its watch cache).
 
+use std::borrow::Borrow;
+
 use kube::ResourceExt;
 
 use crate::crd::CommunicationIdentity;
@@ -9,11 +11,11 @@ use crate::crd::CommunicationIdentity;
 /// adopted it (it is in its status), or one that asks to adopt it too and came first (older,
 /// then the smaller UID). Ids are printed in columns and Events, so without this anyone sharing
 /// the ACS resource could take over another resource's identity and revoke or delete it.
-pub fn claimed_by<'a>(
+pub fn claimed_by<Other: Borrow<CommunicationIdentity>>(
     identity_id: &str,
     claimant: &CommunicationIdentity,
-    others: impl IntoIterator<Item = &'a CommunicationIdentity>,
-) -> Option<&'a CommunicationIdentity> {
+    others: impl IntoIterator<Item = Other>,
+) -> Option<Other> {
     let order = |resource: &CommunicationIdentity| {
         (
             resource.creation_timestamp().map(|t| t.0),
@@ -21,6 +23,7 @@ pub fn claimed_by<'a>(
         )
     };
     others.into_iter().find(|other| {
+        let other = other.borrow();
         if other.uid() == claimant.uid() {
             return false;
         }
@@ -111,7 +114,7 @@ mod tests {
             ),
         ];
         for (name, others, expected) in cases {
-            let found = claimed_by(ID, &me, &others).and_then(|r| r.uid());
+            let found = claimed_by(ID, &me, &others).and_then(ResourceExt::uid);
             assert_eq!(found.as_deref(), expected, "{name}");
         }
     }

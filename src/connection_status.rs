@@ -23,14 +23,12 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::warn;
 
+use crate::cached::CachedIdentity;
 use crate::connection::{
     AcsConnection, ClusterAcsConnection, ConnectionSource, ConnectionStatus, SourceAuth,
 };
 use crate::context::Context;
-use crate::crd::{
-    CONNECTION_SECRET_FINALIZER, CommunicationIdentity, ConnectionKind, FIELD_MANAGER,
-    READY_CONDITION,
-};
+use crate::crd::{CONNECTION_SECRET_FINALIZER, ConnectionKind, FIELD_MANAGER, READY_CONDITION};
 use crate::kube_call::{Error, kube_call, patch_finalizers};
 use crate::status::Failure;
 
@@ -50,8 +48,8 @@ pub trait ConnectionResource:
     fn connection_source(&self, operator_namespace: &str) -> Result<ConnectionSource, Failure>;
     fn api(client: kube::Client, namespace: Option<&str>) -> Api<Self>;
     /// The connection `identity` names, if it is of this kind.
-    fn named_by(identity: &CommunicationIdentity) -> Option<ObjectRef<Self>> {
-        let reference = identity.spec.connection_ref.as_ref()?;
+    fn named_by(identity: &CachedIdentity) -> Option<ObjectRef<Self>> {
+        let reference = identity.connection_ref()?;
         let named = ObjectRef::new(&reference.name);
         match (Self::KIND, reference.kind) {
             (ConnectionKind::AcsConnection, ConnectionKind::AcsConnection) => {
@@ -64,14 +62,10 @@ pub trait ConnectionResource:
         }
     }
     /// Whether `identity` names this connection.
-    fn is_named_by(&self, identity: &CommunicationIdentity) -> bool {
-        let named = identity
-            .spec
-            .connection_ref
-            .as_ref()
-            .is_some_and(|reference| {
-                reference.kind == Self::KIND && Some(&reference.name) == self.meta().name.as_ref()
-            });
+    fn is_named_by(&self, identity: &CachedIdentity) -> bool {
+        let named = identity.connection_ref().is_some_and(|reference| {
+            reference.kind == Self::KIND && Some(&reference.name) == self.meta().name.as_ref()
+        });
         let same_scope = match Self::KIND {
             ConnectionKind::AcsConnection => identity.namespace() == self.namespace(),
             ConnectionKind::ClusterAcsConnection => true,

@@ -9,10 +9,11 @@ use acs::{AcsClient, ApiVersionPolicy, ClientOptions, ConnectionString, Endpoint
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Client;
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
 
+use crate::cached::CachedIdentity;
 use crate::connection::{ConnectionSource, SourceAuth, WorkloadIdentitySource};
 use crate::crd::CommunicationIdentity;
 use crate::crd::ConnectionSecretRef;
@@ -51,7 +52,7 @@ pub struct Context {
     /// The operator's writes to CommunicationIdentities not yet in the cache.
     pub own_writes: OwnWrites,
     /// The controller's cache of CommunicationIdentities.
-    pub identities: Store<CommunicationIdentity>,
+    pub identities: Store<CachedIdentity>,
     pub metrics: Arc<Metrics>,
     /// Calls a resource back when its turn for an ACS budget comes.
     pub turns: Turns,
@@ -84,7 +85,7 @@ impl Context {
         reporter: Reporter,
         settings: AcsSettings,
         metrics: Arc<Metrics>,
-        identities: Store<CommunicationIdentity>,
+        identities: Store<CachedIdentity>,
         turns: Turns,
     ) -> Self {
         Self {
@@ -120,17 +121,17 @@ impl Context {
 /// (the controller folds repeated triggers of one resource into one pass).
 #[derive(Clone)]
 pub struct Turns {
-    sender: UnboundedSender<ObjectRef<CommunicationIdentity>>,
+    sender: UnboundedSender<ObjectRef<CachedIdentity>>,
 }
 
 impl Turns {
-    pub fn new() -> (Self, UnboundedReceiver<ObjectRef<CommunicationIdentity>>) {
+    pub fn new() -> (Self, UnboundedReceiver<ObjectRef<CachedIdentity>>) {
         let (sender, receiver) = unbounded();
         (Self { sender }, receiver)
     }
 
     /// A reconcile of `resource` now.
-    pub fn send(&self, resource: ObjectRef<CommunicationIdentity>) {
+    pub fn send(&self, resource: ObjectRef<CachedIdentity>) {
         // Fails only once the controller stopped, when no pass is wanted any more.
         let _ = self.sender.unbounded_send(resource);
     }
@@ -138,7 +139,8 @@ impl Turns {
     /// The turn of `resource`: a reconcile of it.
     pub fn of(&self, resource: &CommunicationIdentity) -> acs::Turn {
         let turns = self.clone();
-        let reference = ObjectRef::from_obj(resource);
+        let reference =
+            ObjectRef::new(&resource.name_any()).within(&resource.namespace().unwrap_or_default());
         Arc::new(move || turns.send(reference.clone()))
     }
 }

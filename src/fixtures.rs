@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
+use crate::cached::CachedIdentity;
 use crate::context::{AcsSettings, Context, Turns};
 use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
@@ -335,9 +336,9 @@ type Respond = tower_test::mock::SendResponse<Response<Body>>;
 struct Operator {
     ctx: Arc<Context>,
     api: ApiHandle,
-    cache: Writer<CommunicationIdentity>,
+    cache: Writer<CachedIdentity>,
     /// The passes the ACS queues called back, as the controller would run them.
-    turn_triggers: UnboundedReceiver<ObjectRef<CommunicationIdentity>>,
+    turn_triggers: UnboundedReceiver<ObjectRef<CachedIdentity>>,
 }
 
 impl Operator {
@@ -542,7 +543,7 @@ impl Harness {
     pub fn cache(&mut self, other: CommunicationIdentity) {
         self.operator
             .cache
-            .apply_watcher_event(&watcher::Event::Apply(other));
+            .apply_watcher_event(&watcher::Event::Apply(other.into()));
     }
 
     /// The operator's metadata watch of its Secrets lists what the API server holds.
@@ -566,7 +567,7 @@ impl Harness {
     /// operator knew of its own writes in flight is gone.
     pub fn watch_relists_identities(&self) {
         let writes = &self.operator.ctx.own_writes;
-        writes.observe(&watcher::Event::Init);
+        writes.observe(&watcher::Event::<CachedIdentity>::Init);
     }
 
     /// When the resource's next pass is due, as its last pass set it.

@@ -7,6 +7,7 @@ use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
+use crate::cached::UnpackError;
 use crate::metrics::Metrics;
 use crate::status::bounded;
 
@@ -25,6 +26,8 @@ pub enum Error {
     KubeTimeout { call: &'static str },
     #[error("the resource has no {0}; it was not read from the API server")]
     MissingMetadata(&'static str),
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
 }
 
 impl Error {
@@ -33,6 +36,7 @@ impl Error {
         match self {
             Error::Kube { call, .. } | Error::KubeTimeout { call } => call,
             Error::MissingMetadata(_) => "metadata",
+            Error::Unpack(_) => "cache_unpack",
         }
     }
 }

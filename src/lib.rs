@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod adoption;
+pub mod cached;
 pub mod connection;
 pub mod connection_status;
 pub mod context;

@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use kube::ResourceExt;
 use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
 
 use crate::crd::CommunicationIdentity;
 use crate::known_secrets::{parse_uid, parse_version};
@@ -55,7 +55,7 @@ impl OwnWrites {
     }
 
     /// Takes in one event of the CommunicationIdentity watch, before it reaches the cache.
-    pub fn observe(&self, event: &Event<CommunicationIdentity>) {
+    pub fn observe(&self, event: &Event<impl Resource>) {
         match event {
             // A relist shows every object as it is now; what it misses of a write in flight
             // costs one redundant pass, not a wrong one.
@@ -128,7 +128,7 @@ mod tests {
     fn a_relist_or_a_deletion_ends_what_was_recorded() {
         let writes = OwnWrites::default();
         writes.wrote(UID, &at("12"));
-        writes.observe(&Event::Init);
+        writes.observe(&Event::<CommunicationIdentity>::Init);
         assert!(!writes.cache_is_behind(&at("10")));
         writes.wrote(UID, &at("12"));
         writes.observe(&Event::Delete(at("11")));

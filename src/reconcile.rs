@@ -12,6 +12,7 @@ use acs::{Class, Ticket};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
@@ -20,6 +21,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::adoption::claimed_by;
+use crate::cached::CachedIdentity;
 use crate::connection::{self, AcsConnection, ClusterAcsConnection, ConnectionSource, SourceAuth};
 use crate::context::Context;
 use crate::crd::{
@@ -140,11 +142,7 @@ enum Applied {
     Changed,
 }
 
-pub fn error_policy(
-    _resource: Arc<CommunicationIdentity>,
-    error: &Error,
-    _ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy(_resource: Arc<CachedIdentity>, error: &Error, _ctx: Arc<Context>) -> Action {
     warn!(%error, "reconcile failed; retrying");
     Action::requeue(KUBE_ERROR_RETRY)
 }
@@ -562,16 +560,24 @@ impl Pass {
 
     /// An identity is adopted only if it exists and no other resource of this cluster holds it.
     async fn check_adoption(&self, acs: &acs::AcsClient, identity_id: &str) -> Result<(), Failure> {
+        // Adoption is rare, so the cached resources are unpacked for it one at a time. One that
+        // cannot be read back (never expected) might hold the identity: it counts as holding it.
         let known = self.ctx.identities.state();
-        let others = known.iter().map(|other| other.as_ref());
-        if let Some(holder) = claimed_by(identity_id, &self.resource, others) {
+        let mut unreadable = None;
+        let others = known.iter().map_while(|cached| match cached.unpack() {
+            Ok(other) => Some(other),
+            Err(_) => {
+                unreadable = Some(cached.clone());
+                None
+            }
+        });
+        let holder = claimed_by(identity_id, &self.resource, others)
+            .map(|holder| (holder.namespace(), holder.name_any()))
+            .or_else(|| unreadable.map(|holder| (holder.namespace(), holder.name_any())));
+        if let Some((namespace, name)) = holder {
             return Err(Failure::IdentityInUse {
                 identity_id: identity_id.to_owned(),
-                holder: format!(
-                    "{}/{}",
-                    holder.namespace().unwrap_or_default(),
-                    holder.name_any()
-                ),
+                holder: format!("{}/{name}", namespace.unwrap_or_default()),
             });
         }
         // Under a GA api-version there is no GET: the token issue that follows tells a missing
@@ -1070,18 +1076,20 @@ impl Pass {
     /// (filtered by the Secret's name), so of two resources finishing at once the later one
     /// always sees the other gone.
     async fn release_connection_secret(&self, secret_name: &str) -> Result<(), Error> {
-        let uses_it = |other: &CommunicationIdentity| {
-            let reference = other.spec.connection_secret_ref.as_ref();
-            other.uid().as_deref() != Some(self.uid.as_str())
+        let uses_it = |other: &ObjectMeta, reference: Option<&ConnectionSecretRef>| {
+            other.uid.as_deref() != Some(self.uid.as_str())
                 && reference.is_some_and(|reference| reference.name == secret_name)
-                && other.finalizers().iter().any(|f| f == FINALIZER)
+                && other.finalizers.iter().flatten().any(|f| f == FINALIZER)
         };
         let live_user = self.ctx.identities.state().iter().any(|other| {
             other.namespace().as_deref() == Some(self.namespace.as_str())
-                && other.metadata.deletion_timestamp.is_none()
-                && uses_it(other)
+                && other.meta().deletion_timestamp.is_none()
+                && uses_it(other.meta(), other.connection_secret_ref())
         });
-        if live_user || self.any_user_left(secret_name, uses_it).await? {
+        let listed_user = |other: &CommunicationIdentity| {
+            uses_it(&other.metadata, other.spec.connection_secret_ref.as_ref())
+        };
+        if live_user || self.any_user_left(secret_name, listed_user).await? {
             return Ok(());
         }
         let secret = self

@@ -21,13 +21,11 @@ use tracing::{Instrument, info, info_span, warn};
 const RECONCILE_CONCURRENCY: u16 = 64;
 
 use crate::admin::{self, Health, Phase};
+use crate::cached::CachedIdentity;
 use crate::connection::{AcsConnection, ClusterAcsConnection};
 use crate::connection_status::{self, ConnectionResource};
 use crate::context::{AcsSettings, Context, Turns};
-use crate::crd::{
-    CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
-    OPERATOR_ANNOTATION_PREFIX,
-};
+use crate::crd::{CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::kube_call::{Error, KUBE_CALL_TIMEOUT};
 use crate::launch::METRICS_LINE;
 use crate::leader::{LeaderElection, LeaseSettings};
@@ -146,17 +144,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             })
             .touched_objects()
     };
-    // The cache keeps CommunicationIdentities without what the reconcile never reads (kube.rs's
-    // "pruning fields" advice; the stream API it needs is behind kube's unstable-runtime flag).
-    // Each event is noted in `own_writes` once the cache holds it.
-    // Each identity event also reconciles the connection it names (its count, its finalizer).
+    // The cache keeps CommunicationIdentities packed (`CachedIdentity`; the stream API it needs
+    // is behind kube's unstable-runtime flag). Each event is noted in `own_writes` once the
+    // cache holds it, and reconciles the connection it names (its count, its finalizer).
     let (namespaced_connections, namespaced_triggers) = futures::channel::mpsc::unbounded();
     let (cluster_connections, cluster_triggers) = futures::channel::mpsc::unbounded();
     let identity_events = {
         let context = context.clone();
         watcher(identities, watcher::Config::default())
             .default_backoff()
-            .modify(trim_for_cache)
+            .map_ok(packed)
             .reflect(writer)
             .map_ok(move |event| {
                 context.own_writes.observe(&event);
@@ -266,58 +263,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Drops from a cached CommunicationIdentity what the reconcile never reads: managedFields
-/// (most of an object's size), labels, owner references and every annotation but the
-/// operator's own (kubectl's last-applied copy of the object, GitOps tools' bookkeeping). A
-/// pass that writes works from the API server's answers, not from the cache, for anything it
-/// sends back. The create mark goes too once status records the identity: it only tells a
-/// deletion that a create of an unrecorded identity may have reached ACS, and a map of one
-/// annotation costs ~600 bytes per resource.
-fn trim_for_cache(resource: &mut CommunicationIdentity) {
-    let recorded = resource
-        .status
-        .as_ref()
-        .is_some_and(|status| status.identity_id.is_some());
-    let metadata = &mut resource.metadata;
-    metadata.managed_fields = None;
-    metadata.labels = None;
-    metadata.owner_references = None;
-    if let Some(annotations) = &mut metadata.annotations {
-        annotations.retain(|key, _| {
-            key.starts_with(OPERATOR_ANNOTATION_PREFIX)
-                && !(recorded && key == CREATE_ATTEMPTED_ANNOTATION)
-        });
-        if annotations.is_empty() {
-            metadata.annotations = None;
-        }
-    }
-    shrink_vectors(resource);
-}
-
-/// Gives back the spare room of the cached object's vectors. serde grows a vector from a JSON
-/// array it cannot size ahead, so a single condition or finalizer is held in room for four:
-/// ~0.4 KiB of nothing per cached resource.
-fn shrink_vectors(resource: &mut CommunicationIdentity) {
-    if let Some(finalizers) = &mut resource.metadata.finalizers {
-        finalizers.shrink_to_fit();
-    }
-    let spec = &mut resource.spec;
-    spec.scopes.shrink_to_fit();
-    spec.rollout_restart_targets.shrink_to_fit();
-    spec.tokens.shrink_to_fit();
-    for token in &mut spec.tokens {
-        token.scopes.shrink_to_fit();
-    }
-    if let Some(status) = &mut resource.status {
-        status.token_scopes.shrink_to_fit();
-        status.conditions.shrink_to_fit();
-        status.tokens.shrink_to_fit();
-        for token in &mut status.tokens {
-            token.scopes.shrink_to_fit();
-        }
-        if let Some(restart) = &mut status.rollout_restart {
-            restart.failed_targets.shrink_to_fit();
-        }
+/// The event with its resource packed for the cache.
+fn packed(event: watcher::Event<CommunicationIdentity>) -> watcher::Event<CachedIdentity> {
+    match event {
+        watcher::Event::Apply(resource) => watcher::Event::Apply(resource.into()),
+        watcher::Event::InitApply(resource) => watcher::Event::InitApply(resource.into()),
+        watcher::Event::Delete(resource) => watcher::Event::Delete(resource.into()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
     }
 }
 
@@ -325,18 +278,25 @@ fn shrink_vectors(resource: &mut CommunicationIdentity) {
 /// only entered while the future is created, not while it runs, so without this span the log
 /// lines of a reconcile would not say which resource they are about.
 async fn reconcile_measured(
-    resource: Arc<CommunicationIdentity>,
+    cached: Arc<CachedIdentity>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     // `resource`, not `name`: JSON logs put the span's own name under `name`.
     let span = info_span!(
         "reconcile",
-        namespace = %resource.namespace().unwrap_or_default(),
-        resource = %resource.name_any()
+        namespace = %cached.namespace().unwrap_or_default(),
+        resource = %cached.name_any()
     );
-    ctx.metrics.observe_resource(&resource);
     let started = Instant::now();
-    let result = reconcile(resource, ctx.clone()).instrument(span).await;
+    let result = match cached.unpack() {
+        Ok(resource) => {
+            ctx.metrics.observe_resource(&resource);
+            reconcile(Arc::new(resource), ctx.clone())
+                .instrument(span)
+                .await
+        }
+        Err(error) => Err(error.into()),
+    };
     ctx.metrics.reconciled(
         started.elapsed(),
         result.as_ref().err().map(Error::metric_label),
@@ -359,63 +319,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn the_cache_keeps_what_the_reconcile_reads() {
-        let mut resource: CommunicationIdentity = serde_json::from_value(json!({
-            "apiVersion": "acs-operator.io/v1alpha1",
-            "kind": "CommunicationIdentity",
-            "metadata": {
-                "name": "alice",
-                "namespace": "team",
-                "uid": "u-1",
-                "resourceVersion": "42",
-                "generation": 3,
-                "finalizers": ["acs-operator.io/cleanup"],
-                "labels": { "team": "a" },
-                "ownerReferences": [{ "apiVersion": "v1", "kind": "ConfigMap", "name": "app", "uid": "u-0" }],
-                "annotations": {
-                    "acs-operator.io/identity-create-attempted": "true",
-                    "acs-operator.io/refresh-requested-at": "r1",
-                    "argocd.argoproj.io/tracking-id": "app:acs-operator.io/CommunicationIdentity:team/alice",
-                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}"
-                },
-                "managedFields": [{ "manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}} }]
-            },
-            "spec": { "connectionSecretRef": { "name": "acs" }, "scopes": ["chat"] },
-            "status": { "identityId": "8:acs:x" }
-        }))
-        .unwrap();
-        let mut unrecorded = resource.clone();
-        unrecorded.status = None;
-        trim_for_cache(&mut unrecorded);
-        assert!(
-            unrecorded.create_attempted(),
-            "needed while no identity is recorded"
-        );
-        let before = resource.clone();
-        trim_for_cache(&mut resource);
-        assert!(!resource.create_attempted());
-        assert!(resource.managed_fields().is_empty());
-        assert!(resource.labels().is_empty() && resource.owner_references().is_empty());
-        assert_eq!(
-            resource.annotations().keys().collect::<Vec<_>>(),
-            ["acs-operator.io/refresh-requested-at"]
-        );
-        assert_eq!(resource.spec, before.spec);
-        assert_eq!(resource.status, before.status);
-        assert_eq!(resource.finalizers(), before.finalizers());
-        let finalizers = resource.metadata.finalizers.as_ref().map(Vec::capacity);
-        assert_eq!(finalizers, Some(1), "no room kept for more");
-        assert_eq!(resource.resource_version(), before.resource_version());
-        assert_eq!(resource.metadata.generation, before.metadata.generation);
-        assert_eq!(resource.uid(), before.uid());
     }
 }

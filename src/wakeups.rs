@@ -16,6 +16,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::Notify;
 
+use crate::cached::CachedIdentity;
 use crate::context::Turns;
 use crate::crd::CommunicationIdentity;
 use crate::known_secrets::parse_uid;
@@ -102,7 +103,7 @@ impl Wakeups {
 
     /// Removes the waits due by `now` and returns their resources, with the second the next
     /// remaining wait is due.
-    fn take_due(&self, now: Timestamp) -> (Vec<ObjectRef<CommunicationIdentity>>, Option<i64>) {
+    fn take_due(&self, now: Timestamp) -> (Vec<ObjectRef<CachedIdentity>>, Option<i64>) {
         let now = now.as_second();
         let mut inner = self.lock();
         let mut due = Vec::new();
