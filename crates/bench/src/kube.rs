@@ -216,6 +216,8 @@ struct TrackState {
     present: HashSet<Key>,
     ready: HashSet<Key>,
     first_ready: HashMap<Key, Instant>,
+    /// When each first had a condition: the operator's first pass over it wrote its status.
+    first_condition: HashMap<Key, Instant>,
     /// Filled during a (re)list, swapped in when it is complete.
     relist: Option<(HashSet<Key>, HashSet<Key>)>,
     synced: bool,
@@ -240,6 +242,12 @@ impl std::ops::Deref for Tracker {
     fn deref(&self) -> &Tracked {
         &self.tracked
     }
+}
+
+fn has_condition(object: &DynamicObject) -> bool {
+    object.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|conditions| !conditions.is_empty())
 }
 
 fn is_ready(object: &DynamicObject) -> bool {
@@ -272,6 +280,9 @@ impl Tracker {
                         watcher::Event::Init => s.relist = Some(Default::default()),
                         watcher::Event::InitApply(object) => {
                             let k = key(&object);
+                            if has_condition(&object) {
+                                s.first_condition.entry(k.clone()).or_insert(now);
+                            }
                             let ready = is_ready(&object);
                             if ready {
                                 s.first_ready.entry(k.clone()).or_insert(now);
@@ -292,6 +303,9 @@ impl Tracker {
                         }
                         watcher::Event::Apply(object) => {
                             let k = key(&object);
+                            if has_condition(&object) {
+                                s.first_condition.entry(k.clone()).or_insert(now);
+                            }
                             if is_ready(&object) {
                                 s.first_ready.entry(k.clone()).or_insert(now);
                                 s.ready.insert(k.clone());
@@ -335,6 +349,19 @@ impl Tracked {
 
     pub fn present(&self) -> usize {
         self.lock().present.len()
+    }
+
+    /// How many resources of `namespace` exist whose status the operator has not written yet.
+    pub fn without_condition(&self, namespace: &str) -> usize {
+        let state = self.lock();
+        (state.present.iter())
+            .filter(|k| k.namespace == namespace && !state.first_condition.contains_key(k))
+            .count()
+    }
+
+    /// When each resource first had a condition.
+    pub fn first_condition(&self) -> HashMap<Key, Instant> {
+        self.lock().first_condition.clone()
     }
 
     pub fn first_ready(&self) -> HashMap<Key, Instant> {

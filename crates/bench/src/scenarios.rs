@@ -1288,6 +1288,10 @@ pub async fn refresh_under_burst(common: &Common, burst: usize, due: usize) -> a
             move |t| a_ready(t),
         )
         .await?;
+    // A's resources no pass has written a status to yet: each first pass still to come
+    // competes with B's passes for the operator's reconcile workers.
+    let a_unpassed = tracker.without_condition(A);
+    let due_at = Instant::now();
     let value = format!("bench-{}", jiff::Timestamp::now().as_second());
     let annotated = k::apply_all(
         &env.client,
@@ -1338,6 +1342,15 @@ pub async fn refresh_under_burst(common: &Common, burst: usize, due: usize) -> a
     results.data("due", json!(due));
     results.data("burstStillQueuedWhenDue", json!(queued_a));
     results.data("burstReadyWhenBDone", json!(a_ready_at_end));
+    results.data("burstWithoutStatusWhenDue", json!(a_unpassed));
+    let a_first_passes_done = (tracker.first_condition().iter())
+        .filter(|(key, _)| key.namespace == A)
+        .map(|(_, at)| at.saturating_duration_since(due_at).as_secs_f64())
+        .fold(0.0, f64::max);
+    results.data(
+        "burstFirstPassesDoneAfterDueSeconds",
+        json!(round(a_first_passes_done, 2)),
+    );
     let (p50, p99, max) = (
         quantile(&mut delays, 0.5),
         quantile(&mut delays, 0.99),
