@@ -22,6 +22,7 @@ use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
 use crate::own_writes::OwnWrites;
 use crate::status::Failure;
+use crate::waiting_notes::WaitingNotes;
 use crate::wakeups::Wakeups;
 
 /// Settings from the command line that shape how ACS is reached.
@@ -58,6 +59,8 @@ pub struct Context {
     pub turns: Turns,
     /// When each resource's next refresh is due.
     pub wakeups: Wakeups,
+    /// Bounds the passes that write the `WaitingForAcs` condition at once.
+    pub waiting_notes: WaitingNotes,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
 
@@ -100,6 +103,7 @@ impl Context {
             metrics,
             turns,
             wakeups: Wakeups::default(),
+            waiting_notes: WaitingNotes::default(),
             clock: Box::new(Timestamp::now),
         }
     }

@@ -26,6 +26,7 @@ pub mod secret;
 pub mod status;
 pub mod tokens;
 pub mod urgency;
+pub mod waiting_notes;
 pub mod wakeups;
 
 #[cfg(test)]
