@@ -6,22 +6,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use acs::{AcsClient, ApiVersionPolicy, ClientOptions, ConnectionString, EndpointPolicy};
-use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, ResourceExt};
+use kube::runtime::reflector::Store;
 
 use crate::cached::CachedIdentity;
 use crate::connection::{ConnectionSource, SourceAuth, WorkloadIdentitySource};
-use crate::crd::CommunicationIdentity;
 use crate::crd::ConnectionSecretRef;
 use crate::held::HeldTokens;
 use crate::known_secrets::KnownSecrets;
 use crate::metrics::Metrics;
 use crate::own_writes::OwnWrites;
 use crate::status::Failure;
+use crate::turns::Turns;
 use crate::waiting_notes::WaitingNotes;
 use crate::wakeups::Wakeups;
 
@@ -116,36 +115,6 @@ impl Context {
 
     pub fn now(&self) -> Timestamp {
         (self.clock)()
-    }
-}
-
-/// Calls resources back: a pass that waits for an ACS budget returns instead of holding a
-/// reconcile worker, and its turn ([`acs::Turn`]) sends it here, a stream the controller
-/// reconciles on. Unbounded, yet no larger than the resources whose slot came up meanwhile
-/// (the controller folds repeated triggers of one resource into one pass).
-#[derive(Clone)]
-pub struct Turns {
-    sender: UnboundedSender<ObjectRef<CachedIdentity>>,
-}
-
-impl Turns {
-    pub fn new() -> (Self, UnboundedReceiver<ObjectRef<CachedIdentity>>) {
-        let (sender, receiver) = unbounded();
-        (Self { sender }, receiver)
-    }
-
-    /// A reconcile of `resource` now.
-    pub fn send(&self, resource: ObjectRef<CachedIdentity>) {
-        // Fails only once the controller stopped, when no pass is wanted any more.
-        let _ = self.sender.unbounded_send(resource);
-    }
-
-    /// The turn of `resource`: a reconcile of it.
-    pub fn of(&self, resource: &CommunicationIdentity) -> acs::Turn {
-        let turns = self.clone();
-        let reference =
-            ObjectRef::new(&resource.name_any()).within(&resource.namespace().unwrap_or_default());
-        Arc::new(move || turns.send(reference.clone()))
     }
 }
 

@@ -28,13 +28,14 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::cached::CachedIdentity;
-use crate::context::{AcsSettings, Context, Turns};
+use crate::context::{AcsSettings, Context};
 use crate::crd::{
     CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
     FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
 };
 use crate::kube_call::Error;
 use crate::reconcile::reconcile;
+use crate::turns::Turns;
 use futures::channel::mpsc::UnboundedReceiver;
 use kube::runtime::reflector::ObjectRef;
 

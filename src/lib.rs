@@ -25,6 +25,7 @@ pub mod run;
 pub mod secret;
 pub mod status;
 pub mod tokens;
+pub mod turns;
 pub mod urgency;
 pub mod waiting_notes;
 pub mod wakeups;

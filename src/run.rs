@@ -24,13 +24,14 @@ use crate::admin::{self, Health, Phase};
 use crate::cached::CachedIdentity;
 use crate::connection::{AcsConnection, ClusterAcsConnection};
 use crate::connection_status::{self, ConnectionResource};
-use crate::context::{AcsSettings, Context, Turns};
+use crate::context::{AcsSettings, Context};
 use crate::crd::{CommunicationIdentity, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::kube_call::{Error, KUBE_CALL_TIMEOUT};
 use crate::launch::METRICS_LINE;
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::reconcile::{error_policy, reconcile};
+use crate::turns::Turns;
 
 /// What `run` needs from the command line.
 pub struct RunConfig {
@@ -183,7 +184,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let controller = Controller::for_stream(identity_events, store)
         .owns_stream(secret_events)
         // A pass that waits for an ACS budget longer than a moment returns, and comes back
-        // through here when its slot is granted (see `context::Turns`).
+        // through here when its slot is granted (see `turns::Turns`).
         .reconcile_on(turn_triggers)
         // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
         // cheap scheduler entries instead of thousands of live reconcile futures.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::cached::CachedIdentity;
-use crate::context::Turns;
+use crate::turns::Turns;
 
 /// Passes writing the condition at once: a quarter of the reconcile workers.
 pub const MAX_WRITING: usize = 16;

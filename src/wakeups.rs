@@ -17,9 +17,9 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::Notify;
 
 use crate::cached::CachedIdentity;
-use crate::context::Turns;
 use crate::crd::CommunicationIdentity;
 use crate::known_secrets::parse_uid;
+use crate::turns::Turns;
 
 /// The longest the firing loop sleeps before it looks at the clock again, so that a wall clock
 /// stepped forward (a suspended VM) is noticed within this.
