@@ -20,6 +20,11 @@ use tracing::{Instrument, info, info_span, warn};
 /// in flight keep that pace with room to spare.
 const RECONCILE_CONCURRENCY: u16 = 64;
 
+/// Objects per page of a watch's (re)list, against kube's 500: a page is read whole and
+/// decoded at once, managed fields and all, and the cache's small long-lived entries made
+/// meanwhile pin the pages the allocator took for it (docs/benchmarks.md, eleventh round).
+const LIST_PAGE_SIZE: u32 = 100;
+
 use crate::admin::{self, Health, Phase};
 use crate::cached::CachedIdentity;
 use crate::connection::{AcsConnection, ClusterAcsConnection};
@@ -133,8 +138,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Only the Secrets the operator labels are watched, as metadata only and without a cache,
     // so memory does not grow with the cluster's Secret count; each event is noted in
     // `known_secrets` (a resourceVersion per Secret) before it triggers its owner's pass.
-    let owned_secrets =
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let owned_secrets = watcher::Config::default()
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
+        .page_size(LIST_PAGE_SIZE);
     let secret_events = {
         let context = context.clone();
         watcher(secrets, owned_secrets)
@@ -152,34 +158,37 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (cluster_connections, cluster_triggers) = futures::channel::mpsc::unbounded();
     let identity_events = {
         let context = context.clone();
-        watcher(identities, watcher::Config::default())
-            .default_backoff()
-            .map_ok(packed)
-            .reflect(writer)
-            .map_ok(move |event| {
-                context.own_writes.observe(&event);
-                if let watcher::Event::Apply(identity)
-                | watcher::Event::InitApply(identity)
-                | watcher::Event::Delete(identity) = &event
-                {
-                    if let Some(named) = AcsConnection::named_by(identity) {
-                        let _ = namespaced_connections.unbounded_send(named);
-                    }
-                    if let Some(named) = ClusterAcsConnection::named_by(identity) {
-                        let _ = cluster_connections.unbounded_send(named);
-                    }
+        watcher(
+            identities,
+            watcher::Config::default().page_size(LIST_PAGE_SIZE),
+        )
+        .default_backoff()
+        .map_ok(packed)
+        .reflect(writer)
+        .map_ok(move |event| {
+            context.own_writes.observe(&event);
+            if let watcher::Event::Apply(identity)
+            | watcher::Event::InitApply(identity)
+            | watcher::Event::Delete(identity) = &event
+            {
+                if let Some(named) = AcsConnection::named_by(identity) {
+                    let _ = namespaced_connections.unbounded_send(named);
                 }
-                if let watcher::Event::Delete(gone) = &event {
-                    // Its places in the ACS queues would be granted to nobody, and its
-                    // refresh is not due any more.
-                    if let Some(uid) = gone.uid() {
-                        acs::RateLimits::withdraw_everywhere(&uid);
-                        context.wakeups.cancel(&uid);
-                    }
+                if let Some(named) = ClusterAcsConnection::named_by(identity) {
+                    let _ = cluster_connections.unbounded_send(named);
                 }
-                event
-            })
-            .applied_objects()
+            }
+            if let watcher::Event::Delete(gone) = &event {
+                // Its places in the ACS queues would be granted to nobody, and its
+                // refresh is not due any more.
+                if let Some(uid) = gone.uid() {
+                    acs::RateLimits::withdraw_everywhere(&uid);
+                    context.wakeups.cancel(&uid);
+                }
+            }
+            event
+        })
+        .applied_objects()
     };
     let controller = Controller::for_stream(identity_events, store)
         .owns_stream(secret_events)
