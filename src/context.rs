@@ -21,7 +21,6 @@ use crate::metrics::Metrics;
 use crate::own_writes::OwnWrites;
 use crate::status::Failure;
 use crate::turns::Turns;
-use crate::waiting_notes::WaitingNotes;
 use crate::wakeups::Wakeups;
 
 /// Settings from the command line that shape how ACS is reached.
@@ -58,8 +57,6 @@ pub struct Context {
     pub turns: Turns,
     /// When each resource's next refresh is due.
     pub wakeups: Wakeups,
-    /// Bounds the passes that write the `WaitingForAcs` condition at once.
-    pub waiting_notes: WaitingNotes,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
 }
 
@@ -102,7 +99,6 @@ impl Context {
             metrics,
             turns,
             wakeups: Wakeups::default(),
-            waiting_notes: WaitingNotes::default(),
             clock: Box::new(Timestamp::now),
         }
     }

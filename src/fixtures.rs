@@ -540,23 +540,6 @@ impl Harness {
         std::iter::from_fn(|| self.operator.turn_triggers.try_recv().ok()).count()
     }
 
-    /// Other resources' passes take every place to write the `WaitingForAcs` condition, until
-    /// the places returned are dropped.
-    pub fn take_every_waiting_note_place(&self) -> Vec<crate::waiting_notes::Writing> {
-        let ctx = &self.operator.ctx;
-        (0..crate::waiting_notes::MAX_WRITING)
-            .map(|number| {
-                let other = ObjectRef::new(&format!("other-{number}")).within(NAMESPACE);
-                (ctx.waiting_notes.enter(&other, &ctx.turns)).expect("a free place")
-            })
-            .collect()
-    }
-
-    /// Passes waiting for a place to write the `WaitingForAcs` condition.
-    pub fn waiting_notes_deferred(&self) -> usize {
-        self.operator.ctx.waiting_notes.deferred()
-    }
-
     /// Puts `other` into the controller's cache of CommunicationIdentities.
     pub fn cache(&mut self, other: CommunicationIdentity) {
         self.operator

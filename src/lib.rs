@@ -27,7 +27,6 @@ pub mod status;
 pub mod tokens;
 pub mod turns;
 pub mod urgency;
-pub mod waiting_notes;
 pub mod wakeups;
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -947,14 +946,8 @@ impl Pass {
         {
             // Waiting for budget is no failure: said once in the condition (the time it waits
             // since does not change while it waits), without an Event, as a burst queues
-            // thousands, and by a few passes at a time (`WaitingNotes`).
+            // thousands.
             if status != self.status {
-                let reference = ObjectRef::new(&self.resource.name_any()).within(&self.namespace);
-                let notes = &self.ctx.waiting_notes;
-                let Some(_writing) = notes.enter(&reference, &self.ctx.turns) else {
-                    debug!(%since, "waiting in the ACS queue; the condition is written later");
-                    return Ok(requeue(delay));
-                };
                 self.patch_status(&status).await?;
             }
             debug!(%since, "waiting in the ACS queue");

@@ -1379,35 +1379,6 @@ async fn a_new_resource_behind_a_burst_writes_only_its_condition_until_its_creat
 }
 
 #[tokio::test]
-async fn with_every_waiting_note_place_taken_a_queued_pass_writes_nothing_until_called_back() {
-    let mut h = Harness::new(identity(json!({}))).await;
-    let (limits, burst) = fill_create_budget(&h).await;
-    let places = h.take_every_waiting_note_place();
-
-    // Every place is taken by other resources' passes: this one writes nothing and returns.
-    h.start_pass();
-    h.expect_token_secret_get().await;
-    h.expect_connection_secret_get().await;
-    h.finish_pass().await;
-    assert_eq!(h.acs.calls().await, Vec::<String>::new());
-    assert_eq!(h.waiting_notes_deferred(), 1);
-    assert_eq!(h.turns_called(), 0);
-
-    // A place frees: this resource is called back, and its pass writes the condition.
-    drop(places);
-    assert_eq!(h.turns_called(), 1);
-    h.start_pass();
-    h.expect_token_secret_get().await;
-    h.expect_connection_secret_get().await;
-    let status = h.expect_status_apply().await;
-    h.finish_pass().await;
-    assert_eq!(ready(&status), ("False", reason::WAITING_FOR_ACS));
-    for key in &burst {
-        limits.withdraw(key);
-    }
-}
-
-#[tokio::test]
 async fn resources_waiting_in_the_queue_share_one_read_of_their_held_connection_secret() {
     let mut h = Harness::new(identity(json!({}))).await;
     let connection = h
