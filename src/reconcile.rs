@@ -85,6 +85,9 @@ pub async fn reconcile(
         .ok_or(Error::MissingMetadata("namespace"))?;
     // The watch event of the operator's own newer write triggers the pass that matters.
     if ctx.own_writes.cache_is_behind(&resource) {
+        debug!(
+            "the cache is behind the operator's own write; its watch event brings the next pass"
+        );
         return Ok(requeue(CACHE_BEHIND_RETRY));
     }
     let mut resource = resource;

@@ -303,7 +303,7 @@ impl Operator {
             "operator",
             launch
                 .command()
-                .env("RUST_LOG", "info")
+                .env("RUST_LOG", operator_log_filter())
                 .stdout(file.try_clone()?)
                 .stderr(file),
         )?;
@@ -337,4 +337,10 @@ impl Operator {
             operator.log.display()
         )
     }
+}
+
+/// The operators' log filter: `info`, or `ACS_BENCH_OPERATOR_LOG` (e.g.
+/// `info,acs_identity_operator::reconcile=debug` to see why passes wait).
+fn operator_log_filter() -> String {
+    std::env::var("ACS_BENCH_OPERATOR_LOG").unwrap_or_else(|_| "info".to_owned())
 }
