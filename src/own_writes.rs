@@ -54,7 +54,8 @@ impl OwnWrites {
             .is_some_and(|written| version < *written)
     }
 
-    /// Takes in one event of the CommunicationIdentity watch, before it reaches the cache.
+    /// Takes in one event of the CommunicationIdentity watch once the cache holds it: removed
+    /// sooner, an entry would let a pass start from the older cached object unnoticed.
     pub fn observe(&self, event: &Event<impl Resource>) {
         match event {
             // A relist shows every object as it is now; what it misses of a write in flight
