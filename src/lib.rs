@@ -17,6 +17,7 @@ pub mod launch;
 pub mod leader;
 pub mod metrics;
 pub mod own_writes;
+pub mod pass_queue;
 pub mod reconcile;
 pub mod record;
 pub mod refresh;

@@ -9,8 +9,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinError;
 use tokio::time::Instant;
@@ -35,6 +36,7 @@ use crate::kube_call::{Error, KUBE_CALL_TIMEOUT};
 use crate::launch::METRICS_LINE;
 use crate::leader::{LeaderElection, LeaseSettings};
 use crate::metrics::Metrics;
+use crate::pass_queue::{Lane, PassQueue};
 use crate::reconcile::{error_policy, reconcile};
 use crate::turns::Turns;
 
@@ -135,6 +137,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "starting controller"
     );
 
+    // Every trigger goes through `passes`, which decides the order passes start in (see
+    // `pass_queue`); the controller only runs what it hands out, and the retries it schedules.
+    let (passes, handed_out) = PassQueue::new(RECONCILE_CONCURRENCY.into());
+    let passes = Arc::new(passes);
+
     // Only the Secrets the operator labels are watched, as metadata only and without a cache,
     // so memory does not grow with the cluster's Secret count; each event is noted in
     // `known_secrets` (a resourceVersion per Secret) before it triggers its owner's pass.
@@ -142,14 +149,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
         .page_size(LIST_PAGE_SIZE);
     let secret_events = {
-        let context = context.clone();
+        let (context, noting, passes) = (context.clone(), context.clone(), passes.clone());
         watcher(secrets, owned_secrets)
             .default_backoff()
             .map_ok(move |event| {
-                context.known_secrets.observe(&event);
+                noting.known_secrets.observe(&event);
                 event
             })
             .touched_objects()
+            .for_each(move |secret| {
+                if let Ok(secret) = secret {
+                    // An owner the cache does not hold is none of this operator's (another
+                    // namespace in namespaced mode, or already gone).
+                    owners(&secret)
+                        .into_iter()
+                        .filter(|owner| context.identities.get(owner).is_some())
+                        .for_each(|owner| passes.push(owner, Lane::Changed));
+                }
+                std::future::ready(())
+            })
     };
     // The cache keeps CommunicationIdentities packed (`CachedIdentity`; the stream API it needs
     // is behind kube's unstable-runtime flag). Each event is noted in `own_writes` once the
@@ -157,7 +175,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (namespaced_connections, namespaced_triggers) = futures::channel::mpsc::unbounded();
     let (cluster_connections, cluster_triggers) = futures::channel::mpsc::unbounded();
     let identity_events = {
-        let context = context.clone();
+        let (context, passes) = (context.clone(), passes.clone());
         watcher(
             identities,
             watcher::Config::default().page_size(LIST_PAGE_SIZE),
@@ -165,7 +183,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .default_backoff()
         .map_ok(packed)
         .reflect(writer)
-        .map_ok(move |event| {
+        .for_each(move |event| {
+            let Ok(event) = event else {
+                return std::future::ready(());
+            };
             context.own_writes.observe(&event);
             if let watcher::Event::Apply(identity)
             | watcher::Event::InitApply(identity)
@@ -178,26 +199,40 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                     let _ = cluster_connections.unbounded_send(named);
                 }
             }
-            if let watcher::Event::Delete(gone) = &event {
-                // Its places in the ACS queues would be granted to nobody, and its
-                // refresh is not due any more.
-                if let Some(uid) = gone.uid() {
-                    acs::RateLimits::withdraw_everywhere(&uid);
-                    context.wakeups.cancel(&uid);
+            match &event {
+                watcher::Event::Apply(identity) | watcher::Event::InitApply(identity) => {
+                    passes.push(ObjectRef::from_obj(identity), Lane::Changed);
                 }
+                watcher::Event::Delete(gone) => {
+                    // Its places in the ACS queues would be granted to nobody, and its
+                    // refresh is not due any more.
+                    passes.forget(&ObjectRef::from_obj(gone));
+                    if let Some(uid) = gone.uid() {
+                        acs::RateLimits::withdraw_everywhere(&uid);
+                        context.wakeups.cancel(&uid);
+                    }
+                }
+                watcher::Event::Init | watcher::Event::InitDone => {}
             }
-            event
+            std::future::ready(())
         })
-        .applied_objects()
     };
-    let controller = Controller::for_stream(identity_events, store)
-        .owns_stream(secret_events)
+    let called = {
+        let passes = passes.clone();
+        turn_triggers.for_each(move |resource| {
+            passes.push(resource, Lane::Called);
+            std::future::ready(())
+        })
+    };
+    // The watches are driven above, not by the controller: it takes no trigger of its own.
+    let no_triggers = futures::stream::pending::<Result<CachedIdentity, watcher::Error>>();
+    let controller = Controller::for_stream(no_triggers, store)
         // A pass that waits for an ACS budget longer than a moment returns, and comes back
-        // through here when its slot is granted (see `turns::Turns`).
-        .reconcile_on(turn_triggers)
-        // Bounded, so that thousands of resources waiting on the ACS rate limiter queue as
-        // cheap scheduler entries instead of thousands of live reconcile futures.
-        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
+        // through `passes` when its slot is granted (see `turns::Turns`).
+        .reconcile_on(handed_out)
+        // Unbounded here: `passes` bounds what runs, and a bound here too would leave the
+        // controller's scheduler to hold, in no order, what `passes` ordered.
+        .with_config(controller::Config::default().concurrency(0));
     let store = controller.store();
     let caches_synced = async {
         // The first list of CommunicationIdentities is in the cache.
@@ -215,14 +250,37 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             context.wakeups.fire(&context.turns, clock).await;
         }
     };
-    let controller = controller
-        .shutdown_on_signal()
-        .run(reconcile_measured, error_policy, context.clone())
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                warn!(%error, "reconcile error");
+    let controller = {
+        let running = passes.clone();
+        let reconcile = move |cached: Arc<CachedIdentity>, ctx: Arc<Context>| {
+            let passes = running.clone();
+            let resource = ObjectRef::from_obj(&*cached);
+            passes.started(&resource);
+            async move {
+                let result = reconcile_measured(cached, ctx).await;
+                passes.finished(&resource);
+                result
             }
-        });
+        };
+        let passes = passes.clone();
+        controller
+            .shutdown_on_signal()
+            .run(reconcile, error_policy, context.clone())
+            .for_each(move |result| {
+                match result {
+                    Err(controller::Error::ObjectNotFound(gone)) => {
+                        // Handed out, and deleted before it started.
+                        passes.finished(
+                            &ObjectRef::new(&gone.name)
+                                .within(gone.namespace.as_deref().unwrap_or_default()),
+                        );
+                    }
+                    Err(error) => warn!(%error, "reconcile error"),
+                    Ok(_) => {}
+                }
+                std::future::ready(())
+            })
+    };
     let namespaced_connections = connection_status::run(
         context.clone(),
         match &config.watch_namespace {
@@ -247,6 +305,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let controller = async {
         tokio::select! {
             () = controller => {}
+            () = identity_events => {}
+            () = secret_events => {}
+            () = called => {}
             () = wakeups => {}
             () = namespaced_connections => {}
             () = cluster_connections => {}
@@ -271,6 +332,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         election.release().await;
     }
     Ok(())
+}
+
+/// The CommunicationIdentities that own `secret`.
+fn owners(secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<CachedIdentity>> {
+    let namespace = secret.namespace().unwrap_or_default();
+    secret
+        .owner_references()
+        .iter()
+        .filter(|owner| {
+            owner.kind == CommunicationIdentity::kind(&())
+                && owner.api_version == CommunicationIdentity::api_version(&())
+        })
+        .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
+        .collect()
 }
 
 /// The event with its resource packed for the cache.

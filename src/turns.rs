@@ -11,9 +11,9 @@ use crate::cached::CachedIdentity;
 use crate::crd::CommunicationIdentity;
 
 /// Calls resources back: a pass that waits for an ACS budget returns instead of holding a
-/// reconcile worker, and its turn ([`acs::Turn`]) sends it here, a stream the controller
-/// reconciles on. Unbounded, yet no larger than the resources whose slot came up meanwhile
-/// (the controller folds repeated triggers of one resource into one pass).
+/// reconcile worker, and its turn ([`acs::Turn`]) sends it here, a stream that feeds the
+/// called lane of `pass_queue`. Unbounded, yet no larger than the resources whose slot came up
+/// meanwhile (the queue folds repeated triggers of one resource into one pass).
 #[derive(Clone)]
 pub struct Turns {
     sender: UnboundedSender<ObjectRef<CachedIdentity>>,

@@ -1,0 +1,351 @@
+//! Which resources' passes start next, and how many run at once.
+//!
+//! Hand-written in front of kube-runtime's scheduler rather than leaving the order to it: once
+//! its workers are all busy, kube-runtime holds the requests that came due in a `HashSet` and
+//! starts them in hash order, so a burst of thousands in one namespace delays another
+//! namespace's due refresh by however many of the burst the hash puts first (10–13 s with 5,000,
+//! docs/benchmarks.md, eleventh round). Here:
+//!
+//! - passes the ACS queues called back (a granted slot) and due wake-ups come first, in the
+//!   order they came;
+//! - then changes (watch events), taken from each namespace in turn, in arrival order within
+//!   one, so one namespace's burst costs another one pass in two, not a wait behind all of it;
+//! - a resource is queued once; a trigger while its pass runs queues it again for after;
+//! - at most `capacity` passes are handed to the controller at once, so its own scheduler never
+//!   has to hold any.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::ObjectRefExtra as Extra;
+
+use crate::cached::CachedIdentity;
+
+type Resource = ObjectRef<CachedIdentity>;
+
+/// Why a pass is wanted, which decides its place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lane {
+    /// The ACS queue granted it a slot, or its refresh (or owed restart) is due.
+    Called,
+    /// The resource or its Secret changed.
+    Changed,
+}
+
+pub struct PassQueue {
+    inner: Mutex<Queue>,
+    handed: UnboundedSender<Resource>,
+}
+
+impl PassQueue {
+    /// A queue that runs at most `capacity` passes at once; the controller reconciles on the
+    /// stream returned beside it.
+    pub fn new(capacity: usize) -> (Self, UnboundedReceiver<Resource>) {
+        let (handed, receiver) = unbounded();
+        let queue = Self {
+            inner: Mutex::new(Queue::new(capacity)),
+            handed,
+        };
+        (queue, receiver)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wants a pass of `resource`.
+    pub fn push(&self, mut resource: Resource, lane: Lane) {
+        // Kept without its UID and resourceVersion, which take no part in comparing.
+        resource.extra = Extra::default();
+        let mut queue = self.lock();
+        queue.push(resource, lane);
+        self.hand_out(&mut queue);
+    }
+
+    /// A pass of `resource` started (one this queue handed out, or a retry the controller
+    /// scheduled itself).
+    pub fn started(&self, resource: &Resource) {
+        let mut resource = resource.clone();
+        resource.extra = Extra::default();
+        self.lock().started(&resource);
+    }
+
+    /// A pass of `resource` ended, or the controller found no such resource to pass.
+    pub fn finished(&self, resource: &Resource) {
+        let mut queue = self.lock();
+        queue.finished(resource);
+        self.hand_out(&mut queue);
+    }
+
+    /// `resource` was deleted: no pass of it is wanted any more.
+    pub fn forget(&self, resource: &Resource) {
+        self.lock().forget(resource);
+    }
+
+    /// Passes waiting, by lane.
+    pub fn waiting(&self) -> [(Lane, usize); 2] {
+        let queue = self.lock();
+        [Lane::Called, Lane::Changed].map(|lane| (lane, queue.waiting(lane)))
+    }
+
+    fn hand_out(&self, queue: &mut Queue) {
+        while let Some(resource) = queue.next() {
+            // Fails only once the controller stopped, when no pass is wanted any more.
+            let _ = self.handed.unbounded_send(resource);
+        }
+    }
+}
+
+/// The queue itself, without I/O.
+struct Queue {
+    capacity: usize,
+    /// Each resource waiting, with its lane and the number of its place in that lane.
+    queued: HashMap<Resource, (Lane, u64)>,
+    called: VecDeque<(Resource, u64)>,
+    /// Changes, per namespace, and the namespaces with changes waiting in the order they take
+    /// turns.
+    changed: HashMap<String, VecDeque<(Resource, u64)>>,
+    turns: VecDeque<String>,
+    /// Handed out or running.
+    busy: HashMap<Resource, Option<Lane>>,
+    next_place: u64,
+}
+
+impl Queue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            queued: HashMap::new(),
+            called: VecDeque::new(),
+            changed: HashMap::new(),
+            turns: VecDeque::new(),
+            busy: HashMap::new(),
+            next_place: 0,
+        }
+    }
+
+    fn push(&mut self, resource: Resource, lane: Lane) {
+        if let Some(again) = self.busy.get_mut(&resource) {
+            // After the running pass, in the more urgent of the lanes asked for.
+            *again = Some(again.map_or(lane, |before| before.min(lane)));
+            return;
+        }
+        if let Some((queued_in, _)) = self.queued.get(&resource)
+            && *queued_in <= lane
+        {
+            return;
+        }
+        // Queued for the first time or moved to a more urgent lane: the entry in the old lane
+        // no longer matches `queued` and is skipped when reached.
+        let place = self.next_place;
+        self.next_place += 1;
+        self.queued.insert(resource.clone(), (lane, place));
+        match lane {
+            Lane::Called => self.called.push_back((resource, place)),
+            Lane::Changed => {
+                let namespace = resource.namespace.clone().unwrap_or_default();
+                let waiting = self.changed.entry(namespace.clone()).or_default();
+                if waiting.is_empty() {
+                    self.turns.push_back(namespace);
+                }
+                waiting.push_back((resource, place));
+            }
+        }
+    }
+
+    /// The next pass to hand out, if one is waiting and a place to run it is free.
+    fn next(&mut self) -> Option<Resource> {
+        if self.busy.len() >= self.capacity {
+            return None;
+        }
+        let resource = self.pop_called().or_else(|| self.pop_changed())?;
+        self.queued.remove(&resource);
+        self.busy.insert(resource.clone(), None);
+        if self.queued.is_empty() {
+            // A burst's tables would otherwise keep their size for the life of the process.
+            self.release_memory();
+        }
+        Some(resource)
+    }
+
+    fn pop_called(&mut self) -> Option<Resource> {
+        while let Some((resource, place)) = self.called.pop_front() {
+            if self.queued.get(&resource) == Some(&(Lane::Called, place)) {
+                return Some(resource);
+            }
+        }
+        None
+    }
+
+    fn pop_changed(&mut self) -> Option<Resource> {
+        while let Some(namespace) = self.turns.pop_front() {
+            let Some(waiting) = self.changed.get_mut(&namespace) else {
+                continue;
+            };
+            let mut found = None;
+            while let Some((resource, place)) = waiting.pop_front() {
+                if self.queued.get(&resource) == Some(&(Lane::Changed, place)) {
+                    found = Some(resource);
+                    break;
+                }
+            }
+            if waiting.is_empty() {
+                self.changed.remove(&namespace);
+            } else {
+                self.turns.push_back(namespace);
+            }
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+
+    fn release_memory(&mut self) {
+        const KEPT: usize = 64;
+        self.queued.shrink_to(KEPT);
+        self.called.shrink_to(KEPT);
+        self.changed.shrink_to(KEPT);
+        self.turns.shrink_to(KEPT);
+    }
+
+    fn started(&mut self, resource: &Resource) {
+        // A pass that starts sees every change queued before it.
+        self.queued.remove(resource);
+        self.busy.entry(resource.clone()).or_insert(None);
+    }
+
+    fn finished(&mut self, resource: &Resource) {
+        if let Some(Some(again)) = self.busy.remove(resource) {
+            self.push(resource.clone(), again);
+        }
+    }
+
+    fn forget(&mut self, resource: &Resource) {
+        self.queued.remove(resource);
+        if let Some(again) = self.busy.get_mut(resource) {
+            *again = None;
+        }
+    }
+
+    fn waiting(&self, lane: Lane) -> usize {
+        self.queued.values().filter(|(l, _)| *l == lane).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(namespace: &str, name: &str) -> Resource {
+        ObjectRef::new(name).within(namespace)
+    }
+
+    /// Hands out everything the capacity allows, as names.
+    fn drain(queue: &mut Queue) -> Vec<String> {
+        std::iter::from_fn(|| queue.next())
+            .map(|resource| resource.name)
+            .collect()
+    }
+
+    #[test]
+    fn called_passes_come_before_changes_and_each_lane_keeps_arrival_order() {
+        let mut queue = Queue::new(10);
+        queue.push(r("a", "a1"), Lane::Changed);
+        queue.push(r("a", "a2"), Lane::Changed);
+        queue.push(r("a", "turn1"), Lane::Called);
+        queue.push(r("b", "turn2"), Lane::Called);
+        assert_eq!(drain(&mut queue), ["turn1", "turn2", "a1", "a2"]);
+    }
+
+    #[test]
+    fn namespaces_take_turns_so_a_burst_costs_another_namespace_one_pass_in_two() {
+        let mut queue = Queue::new(100);
+        for i in 0..5 {
+            queue.push(r("a", &format!("a{i}")), Lane::Changed);
+        }
+        queue.push(r("b", "b0"), Lane::Changed);
+        queue.push(r("b", "b1"), Lane::Changed);
+        queue.push(r("c", "c0"), Lane::Changed);
+        assert_eq!(
+            drain(&mut queue),
+            ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4"]
+        );
+    }
+
+    #[test]
+    fn a_resource_is_queued_once_and_moves_up_when_called() {
+        let mut queue = Queue::new(10);
+        queue.push(r("a", "x"), Lane::Changed);
+        queue.push(r("a", "y"), Lane::Changed);
+        queue.push(r("a", "x"), Lane::Changed);
+        queue.push(r("a", "y"), Lane::Called);
+        queue.push(r("a", "y"), Lane::Changed);
+        assert_eq!(queue.waiting(Lane::Called), 1);
+        assert_eq!(queue.waiting(Lane::Changed), 1);
+        assert_eq!(drain(&mut queue), ["y", "x"]);
+        assert_eq!(drain(&mut queue), Vec::<String>::new());
+    }
+
+    #[test]
+    fn no_more_than_the_capacity_runs_and_a_finished_pass_frees_its_place() {
+        let mut queue = Queue::new(2);
+        for name in ["x", "y", "z"] {
+            queue.push(r("a", name), Lane::Changed);
+        }
+        assert_eq!(drain(&mut queue), ["x", "y"]);
+        queue.finished(&r("a", "x"));
+        assert_eq!(drain(&mut queue), ["z"]);
+    }
+
+    #[test]
+    fn a_trigger_while_its_pass_runs_queues_it_again_for_after() {
+        let mut queue = Queue::new(10);
+        queue.push(r("a", "x"), Lane::Changed);
+        assert_eq!(drain(&mut queue), ["x"]);
+        queue.push(r("a", "x"), Lane::Changed);
+        queue.push(r("a", "x"), Lane::Called);
+        assert_eq!(
+            drain(&mut queue),
+            Vec::<String>::new(),
+            "never twice at once"
+        );
+        queue.push(r("a", "other"), Lane::Called);
+        queue.finished(&r("a", "x"));
+        assert_eq!(queue.waiting(Lane::Called), 2, "again, in the urgent lane");
+        assert_eq!(drain(&mut queue), ["other", "x"]);
+    }
+
+    #[test]
+    fn a_pass_the_controller_started_itself_takes_a_place_and_answers_what_was_queued() {
+        let mut queue = Queue::new(1);
+        queue.push(r("a", "x"), Lane::Changed);
+        queue.started(&r("a", "x"));
+        queue.push(r("a", "y"), Lane::Changed);
+        assert_eq!(
+            drain(&mut queue),
+            Vec::<String>::new(),
+            "its place is taken"
+        );
+        queue.finished(&r("a", "x"));
+        assert_eq!(drain(&mut queue), ["y"], "x's change was seen by its pass");
+    }
+
+    #[test]
+    fn a_deleted_resource_is_passed_no_more() {
+        let mut queue = Queue::new(1);
+        queue.push(r("a", "running"), Lane::Changed);
+        queue.push(r("a", "waiting"), Lane::Changed);
+        assert_eq!(drain(&mut queue), ["running"]);
+        queue.push(r("a", "running"), Lane::Changed);
+        queue.forget(&r("a", "running"));
+        queue.forget(&r("a", "waiting"));
+        queue.finished(&r("a", "running"));
+        assert_eq!(drain(&mut queue), Vec::<String>::new());
+        assert_eq!(queue.busy.len(), 0);
+    }
+}
