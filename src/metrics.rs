@@ -37,7 +37,13 @@ pub struct Metrics {
     acs_api_version_fallbacks: Family<ApiVersionFallbackLabels, Counter>,
     acs_possible_orphans: Counter,
     kube_requests: Family<KubeRequestLabels, Counter>,
+    passes_waiting: Family<LaneLabel, Gauge>,
     leader: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabel {
+    lane: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,6 +107,7 @@ impl Default for Metrics {
             acs_api_version_fallbacks: Family::default(),
             acs_possible_orphans: Counter::default(),
             kube_requests: Family::default(),
+            passes_waiting: Family::default(),
             leader: Gauge::default(),
             registry: Registry::with_prefix(PREFIX),
         };
@@ -175,6 +182,11 @@ impl Default for Metrics {
             "kube_requests",
             "Kubernetes API requests of the reconciles, by call and outcome (success, client_error, server_error, transport, timeout)",
             metrics.kube_requests.clone(),
+        );
+        registry.register(
+            "passes_waiting",
+            "Reconcile passes wanted and not started yet, by lane (called: an ACS slot granted or a refresh due; changed: a watch event)",
+            metrics.passes_waiting.clone(),
         );
         registry.register(
             "leader",
@@ -334,6 +346,12 @@ impl Metrics {
         self.kube_requests
             .get_or_create(&KubeRequestLabels { call, outcome })
             .inc();
+    }
+
+    pub fn set_passes_waiting(&self, lane: &'static str, waiting: usize) {
+        self.passes_waiting
+            .get_or_create(&LaneLabel { lane })
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
 
     pub fn set_leader(&self, leading: bool) {

@@ -15,13 +15,14 @@
 //!   has to hold any.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::ObjectRefExtra as Extra;
 
 use crate::cached::CachedIdentity;
+use crate::metrics::Metrics;
 
 type Resource = ObjectRef<CachedIdentity>;
 
@@ -34,20 +35,34 @@ pub enum Lane {
     Changed,
 }
 
+impl Lane {
+    const ALL: [Lane; 2] = [Lane::Called, Lane::Changed];
+
+    fn label(self) -> &'static str {
+        match self {
+            Lane::Called => "called",
+            Lane::Changed => "changed",
+        }
+    }
+}
+
 pub struct PassQueue {
     inner: Mutex<Queue>,
     handed: UnboundedSender<Resource>,
+    metrics: Arc<Metrics>,
 }
 
 impl PassQueue {
     /// A queue that runs at most `capacity` passes at once; the controller reconciles on the
     /// stream returned beside it.
-    pub fn new(capacity: usize) -> (Self, UnboundedReceiver<Resource>) {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Self, UnboundedReceiver<Resource>) {
         let (handed, receiver) = unbounded();
         let queue = Self {
             inner: Mutex::new(Queue::new(capacity)),
             handed,
+            metrics,
         };
+        queue.hand_out(&mut queue.lock());
         (queue, receiver)
     }
 
@@ -71,7 +86,9 @@ impl PassQueue {
     pub fn started(&self, resource: &Resource) {
         let mut resource = resource.clone();
         resource.extra = Extra::default();
-        self.lock().started(&resource);
+        let mut queue = self.lock();
+        queue.started(&resource);
+        self.hand_out(&mut queue);
     }
 
     /// A pass of `resource` ended, or the controller found no such resource to pass.
@@ -83,19 +100,20 @@ impl PassQueue {
 
     /// `resource` was deleted: no pass of it is wanted any more.
     pub fn forget(&self, resource: &Resource) {
-        self.lock().forget(resource);
+        let mut queue = self.lock();
+        queue.forget(resource);
+        self.hand_out(&mut queue);
     }
 
-    /// Passes waiting, by lane.
-    pub fn waiting(&self) -> [(Lane, usize); 2] {
-        let queue = self.lock();
-        [Lane::Called, Lane::Changed].map(|lane| (lane, queue.waiting(lane)))
-    }
-
+    /// Hands out what may start, and shows what waits.
     fn hand_out(&self, queue: &mut Queue) {
         while let Some(resource) = queue.next() {
             // Fails only once the controller stopped, when no pass is wanted any more.
             let _ = self.handed.unbounded_send(resource);
+        }
+        for lane in Lane::ALL {
+            self.metrics
+                .set_passes_waiting(lane.label(), queue.waiting(lane));
         }
     }
 }
@@ -110,7 +128,9 @@ struct Queue {
     /// turns.
     changed: HashMap<String, VecDeque<(Resource, u64)>>,
     turns: VecDeque<String>,
-    /// Handed out or running.
+    /// How many of `queued` wait in each lane.
+    waiting: [usize; 2],
+    /// Handed out or running, each with the lane to queue it in again once it ends.
     busy: HashMap<Resource, Option<Lane>>,
     next_place: u64,
 }
@@ -123,6 +143,7 @@ impl Queue {
             called: VecDeque::new(),
             changed: HashMap::new(),
             turns: VecDeque::new(),
+            waiting: [0; 2],
             busy: HashMap::new(),
             next_place: 0,
         }
@@ -143,7 +164,9 @@ impl Queue {
         // no longer matches `queued` and is skipped when reached.
         let place = self.next_place;
         self.next_place += 1;
+        self.unqueue(&resource);
         self.queued.insert(resource.clone(), (lane, place));
+        self.waiting[lane as usize] += 1;
         match lane {
             Lane::Called => self.called.push_back((resource, place)),
             Lane::Changed => {
@@ -163,7 +186,7 @@ impl Queue {
             return None;
         }
         let resource = self.pop_called().or_else(|| self.pop_changed())?;
-        self.queued.remove(&resource);
+        self.unqueue(&resource);
         self.busy.insert(resource.clone(), None);
         if self.queued.is_empty() {
             // A burst's tables would otherwise keep their size for the life of the process.
@@ -215,7 +238,7 @@ impl Queue {
 
     fn started(&mut self, resource: &Resource) {
         // A pass that starts sees every change queued before it.
-        self.queued.remove(resource);
+        self.unqueue(resource);
         self.busy.entry(resource.clone()).or_insert(None);
     }
 
@@ -226,14 +249,20 @@ impl Queue {
     }
 
     fn forget(&mut self, resource: &Resource) {
-        self.queued.remove(resource);
+        self.unqueue(resource);
         if let Some(again) = self.busy.get_mut(resource) {
             *again = None;
         }
     }
 
+    fn unqueue(&mut self, resource: &Resource) {
+        if let Some((lane, _)) = self.queued.remove(resource) {
+            self.waiting[lane as usize] -= 1;
+        }
+    }
+
     fn waiting(&self, lane: Lane) -> usize {
-        self.queued.values().filter(|(l, _)| *l == lane).count()
+        self.waiting[lane as usize]
     }
 }
 

@@ -139,7 +139,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     // Every trigger goes through `passes`, which decides the order passes start in (see
     // `pass_queue`); the controller only runs what it hands out, and the retries it schedules.
-    let (passes, handed_out) = PassQueue::new(RECONCILE_CONCURRENCY.into());
+    let (passes, handed_out) =
+        PassQueue::new(RECONCILE_CONCURRENCY.into(), context.metrics.clone());
     let passes = Arc::new(passes);
 
     // Only the Secrets the operator labels are watched, as metadata only and without a cache,
