@@ -6,10 +6,12 @@
 //! namespace's due refresh by however many of the burst the hash puts first (10–13 s with 5,000,
 //! docs/benchmarks.md, eleventh round). Here:
 //!
-//! - passes the ACS queues called back (a granted slot) and due wake-ups come first, in the
-//!   order they came;
-//! - then changes (watch events), taken from each namespace in turn, in arrival order within
-//!   one, so one namespace's burst costs another one pass in two, not a wait behind all of it;
+//! - the namespaces with passes waiting take turns, so one namespace's burst costs another
+//!   namespace one pass in two, not a wait behind all of it (not even behind the burst's
+//!   passes called back for ACS slots: a window's budget granted to a burst at once is a
+//!   thousand of those);
+//! - within a namespace, passes the ACS queues called back (a granted slot) and due wake-ups
+//!   come first, then changes (watch events), each in the order they came;
 //! - a resource is queued once; a trigger while its pass runs queues it again for after;
 //! - at most `capacity` passes are handed to the controller at once, so its own scheduler never
 //!   has to hold any.
@@ -123,10 +125,9 @@ struct Queue {
     capacity: usize,
     /// Each resource waiting, with its lane and the number of its place in that lane.
     queued: HashMap<Resource, (Lane, u64)>,
-    called: VecDeque<(Resource, u64)>,
-    /// Changes, per namespace, and the namespaces with changes waiting in the order they take
-    /// turns.
-    changed: HashMap<String, VecDeque<(Resource, u64)>>,
+    /// What waits in each namespace, and the namespaces with passes waiting in the order they
+    /// take turns.
+    namespaces: HashMap<String, Lanes>,
     turns: VecDeque<String>,
     /// How many of `queued` wait in each lane.
     waiting: [usize; 2],
@@ -135,13 +136,17 @@ struct Queue {
     next_place: u64,
 }
 
+/// One namespace's places, in arrival order per lane. An entry whose number no longer matches
+/// `queued` (moved up, started, forgotten) is skipped when reached.
+#[derive(Default)]
+struct Lanes([VecDeque<(Resource, u64)>; 2]);
+
 impl Queue {
     fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
             queued: HashMap::new(),
-            called: VecDeque::new(),
-            changed: HashMap::new(),
+            namespaces: HashMap::new(),
             turns: VecDeque::new(),
             waiting: [0; 2],
             busy: HashMap::new(),
@@ -160,32 +165,48 @@ impl Queue {
         {
             return;
         }
-        // Queued for the first time or moved to a more urgent lane: the entry in the old lane
-        // no longer matches `queued` and is skipped when reached.
         let place = self.next_place;
         self.next_place += 1;
         self.unqueue(&resource);
         self.queued.insert(resource.clone(), (lane, place));
         self.waiting[lane as usize] += 1;
-        match lane {
-            Lane::Called => self.called.push_back((resource, place)),
-            Lane::Changed => {
-                let namespace = resource.namespace.clone().unwrap_or_default();
-                let waiting = self.changed.entry(namespace.clone()).or_default();
-                if waiting.is_empty() {
-                    self.turns.push_back(namespace);
-                }
-                waiting.push_back((resource, place));
-            }
+        let namespace = resource.namespace.clone().unwrap_or_default();
+        let lanes = self.namespaces.entry(namespace.clone()).or_default();
+        if lanes.0.iter().all(VecDeque::is_empty) {
+            self.turns.push_back(namespace);
         }
+        lanes.0[lane as usize].push_back((resource, place));
     }
 
-    /// The next pass to hand out, if one is waiting and a place to run it is free.
+    /// The next pass to hand out, if one is waiting and a place to run it is free: from the
+    /// namespace whose turn it is, its called lane first.
     fn next(&mut self) -> Option<Resource> {
         if self.busy.len() >= self.capacity {
             return None;
         }
-        let resource = self.pop_called().or_else(|| self.pop_changed())?;
+        let resource = loop {
+            let namespace = self.turns.pop_front()?;
+            let Some(lanes) = self.namespaces.get_mut(&namespace) else {
+                continue;
+            };
+            let found = Lane::ALL.into_iter().find_map(|lane| {
+                let waiting = &mut lanes.0[lane as usize];
+                while let Some((resource, place)) = waiting.pop_front() {
+                    if self.queued.get(&resource) == Some(&(lane, place)) {
+                        return Some(resource);
+                    }
+                }
+                None
+            });
+            if lanes.0.iter().all(VecDeque::is_empty) {
+                self.namespaces.remove(&namespace);
+            } else {
+                self.turns.push_back(namespace);
+            }
+            if let Some(resource) = found {
+                break resource;
+            }
+        };
         self.unqueue(&resource);
         self.busy.insert(resource.clone(), None);
         if self.queued.is_empty() {
@@ -195,44 +216,10 @@ impl Queue {
         Some(resource)
     }
 
-    fn pop_called(&mut self) -> Option<Resource> {
-        while let Some((resource, place)) = self.called.pop_front() {
-            if self.queued.get(&resource) == Some(&(Lane::Called, place)) {
-                return Some(resource);
-            }
-        }
-        None
-    }
-
-    fn pop_changed(&mut self) -> Option<Resource> {
-        while let Some(namespace) = self.turns.pop_front() {
-            let Some(waiting) = self.changed.get_mut(&namespace) else {
-                continue;
-            };
-            let mut found = None;
-            while let Some((resource, place)) = waiting.pop_front() {
-                if self.queued.get(&resource) == Some(&(Lane::Changed, place)) {
-                    found = Some(resource);
-                    break;
-                }
-            }
-            if waiting.is_empty() {
-                self.changed.remove(&namespace);
-            } else {
-                self.turns.push_back(namespace);
-            }
-            if found.is_some() {
-                return found;
-            }
-        }
-        None
-    }
-
     fn release_memory(&mut self) {
         const KEPT: usize = 64;
         self.queued.shrink_to(KEPT);
-        self.called.shrink_to(KEPT);
-        self.changed.shrink_to(KEPT);
+        self.namespaces.shrink_to(KEPT);
         self.turns.shrink_to(KEPT);
     }
 
@@ -282,12 +269,12 @@ mod tests {
     }
 
     #[test]
-    fn called_passes_come_before_changes_and_each_lane_keeps_arrival_order() {
+    fn within_a_namespace_called_passes_come_before_changes_each_in_arrival_order() {
         let mut queue = Queue::new(10);
         queue.push(r("a", "a1"), Lane::Changed);
         queue.push(r("a", "a2"), Lane::Changed);
         queue.push(r("a", "turn1"), Lane::Called);
-        queue.push(r("b", "turn2"), Lane::Called);
+        queue.push(r("a", "turn2"), Lane::Called);
         assert_eq!(drain(&mut queue), ["turn1", "turn2", "a1", "a2"]);
     }
 
@@ -297,12 +284,14 @@ mod tests {
         for i in 0..5 {
             queue.push(r("a", &format!("a{i}")), Lane::Changed);
         }
+        // A window's budget granted to the burst: its called-back passes take turns too.
+        queue.push(r("a", "granted"), Lane::Called);
         queue.push(r("b", "b0"), Lane::Changed);
         queue.push(r("b", "b1"), Lane::Changed);
-        queue.push(r("c", "c0"), Lane::Changed);
+        queue.push(r("c", "c0"), Lane::Called);
         assert_eq!(
             drain(&mut queue),
-            ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4"]
+            ["granted", "b0", "c0", "a0", "b1", "a1", "a2", "a3", "a4"]
         );
     }
 
