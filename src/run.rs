@@ -159,13 +159,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             })
             .touched_objects()
             .for_each(move |secret| {
-                if let Ok(secret) = secret {
+                match secret {
                     // An owner the cache does not hold is none of this operator's (another
                     // namespace in namespaced mode, or already gone).
-                    owners(&secret)
+                    Ok(secret) => owners(&secret)
                         .into_iter()
                         .filter(|owner| context.identities.get(owner).is_some())
-                        .for_each(|owner| passes.push(owner, Lane::Changed));
+                        .for_each(|owner| passes.push(owner, Lane::Changed)),
+                    Err(error) => warn!(%error, "watching the operator's Secrets failed; retrying"),
                 }
                 std::future::ready(())
             })
@@ -185,8 +186,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .map_ok(packed)
         .reflect(writer)
         .for_each(move |event| {
-            let Ok(event) = event else {
-                return std::future::ready(());
+            let event = match event {
+                Ok(event) => event,
+                Err(error) => {
+                    warn!(%error, "watching CommunicationIdentities failed; retrying");
+                    return std::future::ready(());
+                }
             };
             context.own_writes.observe(&event);
             if let watcher::Event::Apply(identity)
