@@ -30,8 +30,8 @@ use tokio::task::JoinHandle;
 use crate::cached::CachedIdentity;
 use crate::context::{AcsSettings, Context};
 use crate::crd::{
-    CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity, CommunicationIdentityStatus, FIELD_MANAGER,
-    FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    CONNECTION_SECRET_FINALIZER, CREATE_ATTEMPTED_ANNOTATION, CommunicationIdentity,
+    CommunicationIdentityStatus, FIELD_MANAGER, FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
 };
 use crate::kube_call::Error;
 use crate::reconcile::reconcile;
@@ -684,6 +684,27 @@ impl Harness {
         secret.metadata.resource_version = Some(rv);
         let answer = secret.clone();
         call.reply(StatusCode::OK, &answer);
+    }
+
+    /// The finalizer patch of the connection Secret, refused with 409: another pass held the
+    /// Secret first (its finalizer and a new resourceVersion are on it now).
+    pub async fn refuse_connection_secret_finalizer_patch_held_meanwhile(&mut self) {
+        let call = self.next("finalizer patch of the connection Secret").await;
+        call.assert_is(
+            "finalizer patch",
+            Method::PATCH,
+            &secret_path(CONNECTION_SECRET),
+            &[],
+        );
+        let rv = self.cluster.next_resource_version();
+        let secret = (self.cluster.connection_secret.as_mut()).expect("a connection Secret");
+        secret.metadata.finalizers = Some(vec![CONNECTION_SECRET_FINALIZER.to_owned()]);
+        secret.metadata.resource_version = Some(rv);
+        call.refuse(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "Operation cannot be fulfilled on secrets: the object has been modified",
+        );
     }
 
     pub async fn expect_token_secret_get(&mut self) {

@@ -757,10 +757,30 @@ impl Pass {
         }
         let secret = match holds_connection(&secret) {
             true => secret,
-            false => Arc::new(
-                self.add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER)
-                    .await?,
-            ),
+            false => match self
+                .add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER)
+                .await
+            {
+                Ok(held) => Arc::new(held),
+                // Changed since it was read: most often another first pass of a burst held it
+                // a moment before. Read once more instead of failing into a 5-s retry.
+                Err(Error::Kube {
+                    source: kube::Error::Api(status),
+                    ..
+                }) if status.code == 409 => {
+                    let name = secret.name_any();
+                    let read = self.secrets.get(&name);
+                    let fresh = self.kube("connection_secret_get", read).await?;
+                    match holds_connection(&fresh) {
+                        true => Arc::new(fresh),
+                        false => Arc::new(
+                            self.add_finalizer(&self.secrets, &fresh, CONNECTION_SECRET_FINALIZER)
+                                .await?,
+                        ),
+                    }
+                }
+                Err(error) => return Err(error),
+            },
         };
         self.ctx
             .connection_secrets

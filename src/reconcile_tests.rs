@@ -215,6 +215,23 @@ async fn a_new_resource_gets_an_identity_its_token_secret_and_ready_in_one_pass(
     assert_waits_until(&h, &created.action, next);
 }
 
+#[tokio::test]
+async fn a_first_pass_that_loses_the_race_for_the_connection_secret_reads_it_again_and_goes_on() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_finalizer_and_create_mark().await;
+    // Another first pass of a burst held it a moment before: read again, already held, so no
+    // second patch, and no 5-s retry.
+    h.refuse_connection_secret_finalizer_patch_held_meanwhile()
+        .await;
+    h.expect_connection_secret_get().await;
+    let created = finish_first_pass(&mut h).await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+    assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
+}
+
 /// The resource as the first pass's finalizer patch left it, before its status writes.
 fn before_status_writes(h: &Harness) -> crate::crd::CommunicationIdentity {
     let mut stale = h.cluster.identity.clone();
