@@ -665,7 +665,7 @@ impl Harness {
 
     /// The merge patch that sets the connection Secret's finalizers to `expected`, guarded by
     /// its resourceVersion.
-    pub async fn expect_connection_secret_finalizer_patch(&mut self, expected: &[&str]) {
+    async fn next_connection_secret_finalizer_patch(&mut self) -> Call {
         let call = self.next("finalizer patch of the connection Secret").await;
         call.assert_is(
             "finalizer patch",
@@ -673,6 +673,11 @@ impl Harness {
             &secret_path(CONNECTION_SECRET),
             &[],
         );
+        call
+    }
+
+    pub async fn expect_connection_secret_finalizer_patch(&mut self, expected: &[&str]) {
+        let call = self.next_connection_secret_finalizer_patch().await;
         let rv = self.cluster.next_resource_version();
         let secret = self
             .cluster
@@ -689,13 +694,7 @@ impl Harness {
     /// The finalizer patch of the connection Secret, refused with 409: another pass held the
     /// Secret first (its finalizer and a new resourceVersion are on it now).
     pub async fn refuse_connection_secret_finalizer_patch_held_meanwhile(&mut self) {
-        let call = self.next("finalizer patch of the connection Secret").await;
-        call.assert_is(
-            "finalizer patch",
-            Method::PATCH,
-            &secret_path(CONNECTION_SECRET),
-            &[],
-        );
+        let call = self.next_connection_secret_finalizer_patch().await;
         let rv = self.cluster.next_resource_version();
         let secret = (self.cluster.connection_secret.as_mut()).expect("a connection Secret");
         secret.metadata.finalizers = Some(vec![CONNECTION_SECRET_FINALIZER.to_owned()]);
