@@ -75,21 +75,17 @@ impl PassQueue {
     }
 
     /// Wants a pass of `resource`.
-    pub fn push(&self, mut resource: Resource, lane: Lane) {
-        // Kept without its UID and resourceVersion, which take no part in comparing.
-        resource.extra = Extra::default();
+    pub fn push(&self, resource: Resource, lane: Lane) {
         let mut queue = self.lock();
-        queue.push(resource, lane);
+        queue.push(bare(resource), lane);
         self.hand_out(&mut queue);
     }
 
     /// A pass of `resource` started (one this queue handed out, or a retry the controller
     /// scheduled itself).
     pub fn started(&self, resource: &Resource) {
-        let mut resource = resource.clone();
-        resource.extra = Extra::default();
         let mut queue = self.lock();
-        queue.started(&resource);
+        queue.started(&bare(resource.clone()));
         self.hand_out(&mut queue);
     }
 
@@ -118,6 +114,13 @@ impl PassQueue {
                 .set_passes_waiting(lane.label(), queue.waiting(lane));
         }
     }
+}
+
+/// `resource` without its UID and resourceVersion, which take no part in comparing: kept in
+/// the tables, they would only cost memory.
+fn bare(mut resource: Resource) -> Resource {
+    resource.extra = Extra::default();
+    resource
 }
 
 /// The queue itself, without I/O.
@@ -209,18 +212,7 @@ impl Queue {
         };
         self.unqueue(&resource);
         self.busy.insert(resource.clone(), None);
-        if self.queued.is_empty() {
-            // A burst's tables would otherwise keep their size for the life of the process.
-            self.release_memory();
-        }
         Some(resource)
-    }
-
-    fn release_memory(&mut self) {
-        const KEPT: usize = 64;
-        self.queued.shrink_to(KEPT);
-        self.namespaces.shrink_to(KEPT);
-        self.turns.shrink_to(KEPT);
     }
 
     fn started(&mut self, resource: &Resource) {
@@ -245,7 +237,21 @@ impl Queue {
     fn unqueue(&mut self, resource: &Resource) {
         if let Some((lane, _)) = self.queued.remove(resource) {
             self.waiting[lane as usize] -= 1;
+            if self.queued.is_empty() {
+                self.release_memory();
+            }
         }
+    }
+
+    /// With nothing queued every place left in the lanes is stale: dropped, and a burst's
+    /// tables give back their room instead of keeping it for the life of the process.
+    fn release_memory(&mut self) {
+        const KEPT: usize = 64;
+        self.namespaces.clear();
+        self.turns.clear();
+        self.queued.shrink_to(KEPT);
+        self.namespaces.shrink_to(KEPT);
+        self.turns.shrink_to(KEPT);
     }
 
     fn waiting(&self, lane: Lane) -> usize {
@@ -365,5 +371,9 @@ mod tests {
         queue.finished(&r("a", "running"));
         assert_eq!(drain(&mut queue), Vec::<String>::new());
         assert_eq!(queue.busy.len(), 0);
+        assert!(
+            queue.namespaces.is_empty() && queue.turns.is_empty(),
+            "no stale places"
+        );
     }
 }
