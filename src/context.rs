@@ -152,6 +152,8 @@ impl Events {
 #[derive(Default)]
 pub struct RecentSecrets {
     by_name: Mutex<HashMap<NamespacedName, (Instant, Arc<Secret>)>>,
+    /// One gate per connection Secret a pass is holding right now (see [`Self::hold_gate`]).
+    hold_gates: Mutex<HashMap<NamespacedName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// namespace, name.
@@ -177,6 +179,21 @@ impl RecentSecrets {
     pub fn forget(&self, namespace: &str, name: &str) {
         let mut by_name = self.by_name.lock().expect("connection Secret cache lock");
         by_name.remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Waits until no other pass of this process is putting the finalizer on this Secret: the
+    /// first passes of a burst read it before any of them held it, and would each patch it (all
+    /// but one refused with 409). Behind the gate, the Secret the first one remembered serves.
+    pub async fn hold_gate(&self, namespace: &str, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let gate = {
+            let mut gates = self.hold_gates.lock().expect("connection Secret gate lock");
+            // A gate nobody waits on or holds is only its map entry: at most the Secrets being
+            // held at this moment stay.
+            gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+            let key = (namespace.to_owned(), name.to_owned());
+            gates.entry(key).or_default().clone()
+        };
+        gate.lock_owned().await
     }
 }
 

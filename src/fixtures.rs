@@ -25,6 +25,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
+use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
 use crate::cached::CachedIdentity;
@@ -704,6 +705,26 @@ impl Harness {
             "Conflict",
             "Operation cannot be fulfilled on secrets: the object has been modified",
         );
+    }
+
+    /// Another pass of this process starts putting its finalizer on the connection Secret:
+    /// until the gate is handed to [`Harness::other_pass_held_connection_secret`], a pass that
+    /// would hold it waits.
+    pub async fn other_pass_holds_connection_secret(&self) -> OwnedMutexGuard<()> {
+        let recent = &self.operator.ctx.connection_secrets;
+        recent.hold_gate(NAMESPACE, CONNECTION_SECRET).await
+    }
+
+    /// That other pass held the connection Secret (its finalizer and a new resourceVersion are
+    /// on it, as the operator remembers it) and lets the gate go.
+    pub fn other_pass_held_connection_secret(&mut self, gate: OwnedMutexGuard<()>) {
+        let rv = self.cluster.next_resource_version();
+        let secret = (self.cluster.connection_secret.as_mut()).expect("a connection Secret");
+        secret.metadata.finalizers = Some(vec![CONNECTION_SECRET_FINALIZER.to_owned()]);
+        secret.metadata.resource_version = Some(rv);
+        let recent = &self.operator.ctx.connection_secrets;
+        recent.remember(NAMESPACE, Arc::new(secret.clone()));
+        drop(gate);
     }
 
     pub async fn expect_token_secret_get(&mut self) {

@@ -755,37 +755,45 @@ impl Pass {
         if secret.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
-        let secret = match holds_connection(&secret) {
-            true => secret,
-            false => match self
-                .add_finalizer(&self.secrets, &secret, CONNECTION_SECRET_FINALIZER)
-                .await
-            {
-                Ok(held) => Arc::new(held),
-                // Changed since it was read: most often another first pass of a burst held it
-                // a moment before. Read once more instead of failing into a 5-s retry.
-                Err(Error::Kube {
-                    source: kube::Error::Api(status),
-                    ..
-                }) if status.code == 409 => {
-                    let name = secret.name_any();
-                    let read = self.secrets.get(&name);
-                    let fresh = self.kube("connection_secret_get", read).await?;
-                    match holds_connection(&fresh) {
-                        true => Arc::new(fresh),
-                        false => Arc::new(
-                            self.add_finalizer(&self.secrets, &fresh, CONNECTION_SECRET_FINALIZER)
-                                .await?,
-                        ),
+        let (recent, name) = (&self.ctx.connection_secrets, secret.name_any());
+        if holds_connection(&secret) {
+            recent.remember(&self.namespace, secret);
+            return Ok(());
+        }
+        // Behind the gate, a pass of this process that held it meanwhile left it in `recent`.
+        let _gate = recent.hold_gate(&self.namespace, &name).await;
+        let held = match recent.get(&self.namespace, &name) {
+            Some(held) if holds_connection(&held) => held,
+            _ => Arc::new(self.add_connection_finalizer(&secret).await?),
+        };
+        recent.remember(&self.namespace, held);
+        Ok(())
+    }
+
+    async fn add_connection_finalizer(&self, secret: &Secret) -> Result<Secret, Error> {
+        match self
+            .add_finalizer(&self.secrets, secret, CONNECTION_SECRET_FINALIZER)
+            .await
+        {
+            // Changed since it was read (another process, or its owner, wrote it): read once
+            // more instead of failing into a 5-s retry.
+            Err(Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.code == 409 => {
+                let name = secret.name_any();
+                let read = self.secrets.get(&name);
+                let fresh = self.kube("connection_secret_get", read).await?;
+                match holds_connection(&fresh) {
+                    true => Ok(fresh),
+                    false => {
+                        self.add_finalizer(&self.secrets, &fresh, CONNECTION_SECRET_FINALIZER)
+                            .await
                     }
                 }
-                Err(error) => return Err(error),
-            },
-        };
-        self.ctx
-            .connection_secrets
-            .remember(&self.namespace, secret);
-        Ok(())
+            }
+            written => written,
+        }
     }
 
     /// Writes the Secret with the new tokens (and the others as they were), then the status

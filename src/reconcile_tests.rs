@@ -232,6 +232,21 @@ async fn a_first_pass_that_loses_the_race_for_the_connection_secret_reads_it_aga
     assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
 }
 
+#[tokio::test]
+async fn first_passes_of_a_burst_put_the_finalizer_on_their_connection_secret_once() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    let gate = h.other_pass_holds_connection_secret().await;
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    h.expect_connection_secret_get().await;
+    h.expect_finalizer_and_create_mark().await;
+    // It waits for the other pass, then takes the Secret that pass held: no patch, no read.
+    h.other_pass_held_connection_secret(gate);
+    let created = finish_first_pass(&mut h).await;
+    assert_eq!(h.acs.calls().await, ["createIdentityWithToken 201"]);
+    assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
+}
+
 /// The resource as the first pass's finalizer patch left it, before its status writes.
 fn before_status_writes(h: &Harness) -> crate::crd::CommunicationIdentity {
     let mut stale = h.cluster.identity.clone();
