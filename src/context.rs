@@ -181,10 +181,21 @@ impl RecentSecrets {
         by_name.remove(&(namespace.to_owned(), name.to_owned()));
     }
 
-    /// Waits until no other pass of this process is putting the finalizer on this Secret: the
-    /// first passes of a burst read it before any of them held it, and would each patch it (all
-    /// but one refused with 409). Behind the gate, the Secret the first one remembered serves.
-    pub async fn hold_gate(&self, namespace: &str, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    /// How long a pass waits at [`Self::hold_gate`]: a patch takes far less, and one that stalls
+    /// (up to the 30-s timeout of every Kubernetes call) must not hold the passes behind it one
+    /// after another. After this a pass patches on its own: at worst refused with 409, it then
+    /// reads the Secret again.
+    pub const GATE_PATIENCE: Duration = Duration::from_secs(2);
+
+    /// Waits until no other pass of this process is putting the finalizer on this Secret, for at
+    /// most [`Self::GATE_PATIENCE`] (then `None`): the first passes of a burst read it before any
+    /// of them held it, and would each patch it (all but one refused with 409). Behind the gate,
+    /// the Secret the first one remembered serves.
+    pub async fn hold_gate(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         let gate = {
             let mut gates = self.hold_gates.lock().expect("connection Secret gate lock");
             // A gate nobody waits on or holds is only its map entry: at most the Secrets being
@@ -193,7 +204,9 @@ impl RecentSecrets {
             let key = (namespace.to_owned(), name.to_owned());
             gates.entry(key).or_default().clone()
         };
-        gate.lock_owned().await
+        tokio::time::timeout(Self::GATE_PATIENCE, gate.lock_owned())
+            .await
+            .ok()
     }
 }
 

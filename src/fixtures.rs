@@ -712,7 +712,8 @@ impl Harness {
     /// would hold it waits.
     pub async fn other_pass_holds_connection_secret(&self) -> OwnedMutexGuard<()> {
         let recent = &self.operator.ctx.connection_secrets;
-        recent.hold_gate(NAMESPACE, CONNECTION_SECRET).await
+        let gate = recent.hold_gate(NAMESPACE, CONNECTION_SECRET).await;
+        gate.expect("no pass holds the gate yet")
     }
 
     /// That other pass held the connection Secret (its finalizer and a new resourceVersion are

@@ -760,7 +760,8 @@ impl Pass {
             recent.remember(&self.namespace, secret);
             return Ok(());
         }
-        // Behind the gate, a pass of this process that held it meanwhile left it in `recent`.
+        // Behind the gate (or after its patience), a pass of this process that held it
+        // meanwhile left it in `recent`.
         let _gate = recent.hold_gate(&self.namespace, &name).await;
         let held = match recent.get(&self.namespace, &name) {
             Some(held) if holds_connection(&held) => held,

@@ -247,6 +247,18 @@ async fn first_passes_of_a_burst_put_the_finalizer_on_their_connection_secret_on
     assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
 }
 
+#[tokio::test]
+async fn a_pass_that_waits_too_long_for_another_to_hold_the_connection_secret_holds_it_itself() {
+    let mut h = Harness::new(identity(json!({}))).await;
+    // The other pass's patch stalls; after the gate's patience this one patches on its own.
+    let _stalled = h.other_pass_holds_connection_secret().await;
+    h.start_pass();
+    h.expect_token_secret_get().await;
+    prepare_first_create(&mut h).await;
+    let created = finish_first_pass(&mut h).await;
+    assert_eq!(ready(&created.status), ("True", reason::TOKEN_ISSUED));
+}
+
 /// The resource as the first pass's finalizer patch left it, before its status writes.
 fn before_status_writes(h: &Harness) -> crate::crd::CommunicationIdentity {
     let mut stale = h.cluster.identity.clone();
