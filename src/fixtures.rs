@@ -696,10 +696,7 @@ impl Harness {
     /// Secret first (its finalizer and a new resourceVersion are on it now).
     pub async fn refuse_connection_secret_finalizer_patch_held_meanwhile(&mut self) {
         let call = self.next_connection_secret_finalizer_patch().await;
-        let rv = self.cluster.next_resource_version();
-        let secret = (self.cluster.connection_secret.as_mut()).expect("a connection Secret");
-        secret.metadata.finalizers = Some(vec![CONNECTION_SECRET_FINALIZER.to_owned()]);
-        secret.metadata.resource_version = Some(rv);
+        self.connection_secret_held_elsewhere();
         call.refuse(
             StatusCode::CONFLICT,
             "Conflict",
@@ -719,13 +716,20 @@ impl Harness {
     /// That other pass held the connection Secret (its finalizer and a new resourceVersion are
     /// on it, as the operator remembers it) and lets the gate go.
     pub fn other_pass_held_connection_secret(&mut self, gate: OwnedMutexGuard<()>) {
+        let held = self.connection_secret_held_elsewhere();
+        let recent = &self.operator.ctx.connection_secrets;
+        recent.remember(NAMESPACE, Arc::new(held));
+        drop(gate);
+    }
+
+    /// Another pass put the operator's finalizer on the connection Secret (with a new
+    /// resourceVersion); returns the Secret as it is now.
+    fn connection_secret_held_elsewhere(&mut self) -> Secret {
         let rv = self.cluster.next_resource_version();
         let secret = (self.cluster.connection_secret.as_mut()).expect("a connection Secret");
         secret.metadata.finalizers = Some(vec![CONNECTION_SECRET_FINALIZER.to_owned()]);
         secret.metadata.resource_version = Some(rv);
-        let recent = &self.operator.ctx.connection_secrets;
-        recent.remember(NAMESPACE, Arc::new(secret.clone()));
-        drop(gate);
+        secret.clone()
     }
 
     pub async fn expect_token_secret_get(&mut self) {
